@@ -1,0 +1,3 @@
+"""phalanx: robust and private decentralized training of large language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,91 @@
+"""The channel abstraction: a link from this stage to one peer, carrying validated frames.
+
+The base class owns what every transport must do the same way: stamp outgoing frames with the
+link's addresses and a per-link sequence number, and check both on every incoming frame, so a
+replayed, reordered or misaddressed frame is refused whatever the transport.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from phalanx.wire import Frame, FrameError, Header, Limits
+
+
+class ChannelError(RuntimeError):
+    """The link cannot deliver (the peer is gone or the transport failed)."""
+
+
+class ChannelClosed(ChannelError):
+    """The peer closed the link or exited."""
+
+
+class ChannelTimeout(ChannelError):
+    """No frame arrived before the deadline."""
+
+
+class Channel(ABC):
+    """A bidirectional link between stage ``me`` and stage ``peer``."""
+
+    def __init__(self, me: int, peer: int, limits: Limits = Limits()) -> None:
+        self.me = me
+        self.peer = peer
+        self.limits = limits
+        self._send_seq = 0
+        self._recv_seq = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def send(self, frame: Frame) -> None:
+        """Send ``frame`` to the peer; the channel sets its addresses and sequence number."""
+        frame.src, frame.dst = self.me, self.peer
+        self._send_seq += 1
+        frame.seq = self._send_seq
+        self.bytes_sent += self._transmit(frame)
+
+    def recv(self, timeout: float | None = None) -> Frame:
+        """Next frame from the peer; raises :class:`ChannelTimeout` after ``timeout`` seconds."""
+        frame = self._receive(timeout)
+        self._check(frame)
+        return frame
+
+    def poll(self) -> Frame | None:
+        """The next frame if one has already arrived, else ``None``."""
+        try:
+            return self.recv(timeout=0.0)
+        except ChannelTimeout:
+            return None
+
+    def flush(self) -> None:
+        """Wait until every frame sent so far has left this process."""
+
+    def close(self) -> None:
+        """Release the link's resources."""
+
+    def _check(self, frame: Frame) -> None:
+        if frame.src != self.peer or frame.dst != self.me:
+            raise FrameError(
+                f"frame addressed {frame.src}->{frame.dst} arrived on link {self.peer}->{self.me}"
+            )
+        if frame.seq != self._recv_seq + 1:
+            raise FrameError(
+                f"frame from stage {self.peer} has sequence number {frame.seq}, expected "
+                f"{self._recv_seq + 1} (replayed, reordered or lost)"
+            )
+        self._recv_seq = frame.seq
+
+    def _check_header(self, header: Header) -> None:
+        """Early address check, before a payload buffer is allocated."""
+        if header.src != self.peer or header.dst != self.me:
+            raise FrameError(
+                f"frame addressed {header.src}->{header.dst} arrived on link {self.peer}->{self.me}"
+            )
+
+    @abstractmethod
+    def _transmit(self, frame: Frame) -> int:
+        """Put the frame on the transport; returns the number of bytes sent."""
+
+    @abstractmethod
+    def _receive(self, timeout: float | None) -> Frame:
+        """Take the next frame off the transport, decoded and validated as a frame."""
+

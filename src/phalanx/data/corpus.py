@@ -1,0 +1,108 @@
+"""Corpora to fixed-length token blocks, split deterministically into train and validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from phalanx.errors import PhalanxError
+from phalanx.models.tokenizer import Tokenizer
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the text comes from and how it is cut."""
+
+    corpus: str = "pydoc"  # "pydoc" (bundled Python reference docs) or a text file / folder
+    seq_len: int = 128  # tokens per sequence
+    val_fraction: float = 0.1  # share of blocks held out for validation
+    seed: int = 0  # split and shuffling seed
+
+
+def load_documents(corpus: str) -> list[tuple[str, str]]:
+    """(name, text) pairs of the corpus, in a deterministic order."""
+    if corpus == "pydoc":
+        from pydoc_data.topics import topics
+
+        return sorted(topics.items())
+    path = Path(corpus).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise PhalanxError(
+                f"data.corpus={corpus!r} holds no text files ({', '.join(TEXT_SUFFIXES)})"
+            )
+    else:
+        raise PhalanxError(
+            f"data.corpus={corpus!r} does not exist: use data.corpus=pydoc or a text file / folder"
+        )
+    docs = []
+    for f in files:
+        try:
+            docs.append((str(f), f.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PhalanxError(f"cannot read {f} as UTF-8 text ({exc}); fix or remove it") from None
+    return docs
+
+
+@dataclass
+class TokenData:
+    """Train and validation blocks, each row ``seq_len`` tokens."""
+
+    train: torch.Tensor  # (N_train, T) int64
+    val: torch.Tensor  # (N_val, T) int64
+    seed: int
+
+    def batch(self, step: int, batch_size: int) -> torch.Tensor:
+        """The training batch (B, T) of ``step``: a deterministic function of the step, so a
+        resumed run sees exactly the batches an uninterrupted one would."""
+        n = self.train.shape[0]
+        if batch_size > n:
+            raise PhalanxError(
+                f"train.batch_size={batch_size} exceeds the {n} training sequences: lower it, "
+                "shorten data.seq_len or use a larger corpus"
+            )
+        per_epoch = n // batch_size
+        epoch, k = divmod(step, per_epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=g)
+        return self.train[order[k * batch_size : (k + 1) * batch_size]]
+
+    def val_batches(self, batch_size: int, max_batches: int) -> list[torch.Tensor]:
+        """Fixed validation batches (the same every time)."""
+        count = min(max_batches, self.val.shape[0] // batch_size)
+        if count == 0:
+            raise PhalanxError(
+                f"the validation split has {self.val.shape[0]} sequences, fewer than "
+                f"train.batch_size={batch_size}: raise data.val_fraction or lower the batch size"
+            )
+        return [self.val[i * batch_size : (i + 1) * batch_size] for i in range(count)]
+
+
+def build_data(cfg: DataConfig, tokenizer: Tokenizer) -> TokenData:
+    """Tokenize the corpus, cut it into blocks and split them into train / validation."""
+    if cfg.seq_len < 2:
+        raise PhalanxError(f"data.seq_len={cfg.seq_len} must be at least 2")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise PhalanxError(f"data.val_fraction={cfg.val_fraction} must be in (0, 1)")
+    ids: list[int] = []
+    for _, text in load_documents(cfg.corpus):
+        ids.extend(tokenizer.encode(text))
+        ids.append(tokenizer.eos_id)
+    n = len(ids) // cfg.seq_len
+    if n < 2:
+        raise PhalanxError(
+            f"data.corpus={cfg.corpus!r} yields {len(ids)} tokens, too few for two sequences of "
+            f"data.seq_len={cfg.seq_len}"
+        )
+    blocks = torch.tensor(ids[: n * cfg.seq_len], dtype=torch.int64).view(n, cfg.seq_len)
+    g = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(n, generator=g)
+    n_val = max(1, round(n * cfg.val_fraction))
+    return TokenData(train=blocks[perm[n_val:]], val=blocks[perm[:n_val]], seed=cfg.seed)

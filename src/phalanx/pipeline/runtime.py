@@ -1,0 +1,131 @@
+"""Runtimes: drive the stage workers through iterations. Local = all stages in this process."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from phalanx.comm import LocalFabric
+from phalanx.models.stages import StageModule
+from phalanx.pipeline.config import PipelineConfig
+from phalanx.pipeline.optim import OptimConfig, StageOptimizer
+from phalanx.pipeline.schedule import Action, eval_actions, train_actions
+from phalanx.pipeline.worker import IterationResult, StageWorker
+
+
+def split_micro(batch: torch.Tensor, micro: int) -> list[torch.Tensor]:
+    """Cut a batch (B, T) into ``micro`` equal micro-batches."""
+    if batch.shape[0] % micro:
+        raise ValueError(f"batch of {batch.shape[0]} does not split into {micro} micro-batches")
+    return list(batch.chunk(micro))
+
+
+class Runtime(ABC):
+    """Runs iterations of the pipeline; results are reported where stage 0 lives."""
+
+    def __init__(self, cfg: PipelineConfig, num_stages: int, tied: bool) -> None:
+        self.cfg = cfg
+        self.num_stages = num_stages
+        self.tied = tied
+
+    @property
+    @abstractmethod
+    def workers(self) -> list[StageWorker]:
+        """The workers of the stages in this process."""
+
+    @property
+    def is_driver(self) -> bool:
+        """True in the process that holds stage 0 (and so the data and the results)."""
+        return any(w.me == 0 for w in self.workers)
+
+    def plan(self, stage: int, step: bool = True) -> list[Action]:
+        """Actions of one training iteration of ``stage``."""
+        return train_actions(self.cfg.schedule, stage, self.num_stages, self.cfg.micro_batches,
+                             self.tied, step=step)
+
+    def train_step(self, step: int, batch: torch.Tensor | None, *, optimize: bool = True
+                   ) -> IterationResult | None:
+        """One iteration on ``batch`` (needed on the driver only); ``optimize=False`` stops
+        before the optimizer step, leaving the reduced gradients on the parameters."""
+        M = self.cfg.micro_batches
+        inputs = split_micro(batch, M) if batch is not None else None
+        plans = {w.me: self.plan(w.me, step=optimize) for w in self.workers}
+        return self._iterate(step, M, inputs, True, plans)
+
+    def evaluate(self, batches: list[torch.Tensor] | None, step: int = 0) -> float | None:
+        """Mean validation loss over ``batches`` (forward only); ``None`` off the driver."""
+        inputs = None
+        if batches is not None:
+            inputs = [mb for b in batches for mb in split_micro(b, self.cfg.micro_batches)]
+        count = self.agree(len(inputs) if inputs is not None else 0)
+        plans = {w.me: eval_actions(w.me, count) for w in self.workers}
+        result = self._iterate(step, count, inputs, False, plans)
+        return result.loss if result is not None else None
+
+    @abstractmethod
+    def _iterate(self, step: int, micro: int, inputs: list[torch.Tensor] | None, train: bool,
+                 plans: dict[int, list[Action]]) -> IterationResult | None:
+        """Run one iteration with the given per-stage plans."""
+
+    def agree(self, value: int) -> int:
+        """The driver's ``value``, known to every process."""
+        return value
+
+    def barrier(self) -> None:
+        """Wait until every process reaches this point."""
+
+    def close(self) -> None:
+        """Release links and processes."""
+
+
+def simulate(workers: list[StageWorker], plans: dict[int, list[Action]]) -> None:
+    """Run every worker's plan in one thread, each action as soon as its frames have arrived.
+
+    Deterministic: workers are visited in stage order; a pass without progress is a schedule
+    deadlock and raises.
+    """
+    pos = {w.me: 0 for w in workers}
+    while True:
+        progress = False
+        done = True
+        for w in workers:
+            plan = plans[w.me]
+            while pos[w.me] < len(plan) and w.ready(plan[pos[w.me]]):
+                w.execute(plan[pos[w.me]])
+                pos[w.me] += 1
+                progress = True
+            done &= pos[w.me] == len(plan)
+        if done:
+            return
+        if not progress:
+            stuck = {w.me: plans[w.me][pos[w.me]] for w in workers if pos[w.me] < len(plans[w.me])}
+            raise RuntimeError(f"pipeline schedule deadlock; waiting actions: {stuck}")
+
+
+class LocalRuntime(Runtime):
+    """All stages in this process, stepped by :func:`simulate`: the research simulator."""
+
+    def __init__(self, stages: list[StageModule], cfg: PipelineConfig, optim: OptimConfig,
+                 total_steps: int) -> None:
+        super().__init__(cfg, len(stages), tied=any(s.tied for s in stages))
+        fabric = LocalFabric(len(stages))
+        self._workers = [
+            StageWorker(s, fabric.channels(s.index), StageOptimizer(s, optim, total_steps),
+                        timeout=None, dtype=_dtype_of(s))
+            for s in stages
+        ]
+
+    @property
+    def workers(self) -> list[StageWorker]:
+        return self._workers
+
+    def _iterate(self, step, micro, inputs, train, plans):  # noqa: ANN001, ANN202
+        for w in self._workers:
+            w.begin(step, micro, inputs if w.me == 0 else None, train)
+        simulate(self._workers, plans)
+        return self._workers[0].result
+
+
+def _dtype_of(stage: StageModule) -> torch.dtype:
+    return next(stage.parameters()).dtype

@@ -1,0 +1,325 @@
+"""StageWorker: executes one stage's actions over channels; the same code in both runtimes.
+
+The worker holds the stage module, its optimizer and its links. Frames that arrive before they
+are needed wait in a stash keyed by (peer, kind, micro-batch), so the order of arrivals never
+matters; a frame of another iteration is stale and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from phalanx.comm import Channel, ChannelTimeout
+from phalanx.models.stages import StageModule, lm_loss
+from phalanx.pipeline.optim import StageOptimizer, clip_coefficient
+from phalanx.pipeline.schedule import Action, Op
+from phalanx.wire import Frame, FrameError, Kind
+
+log = logging.getLogger(__name__)
+
+REPORT_FIELDS = ("loss_sum", "loss_count", "compute_s", "wait_s", "tokens")
+
+
+@dataclass
+class StageStats:
+    """What a stage did in one iteration."""
+
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    compute_s: float = 0.0
+    wait_s: float = 0.0
+    tokens: int = 0
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.tensor([getattr(self, f) for f in REPORT_FIELDS], dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> StageStats:
+        if t.shape != (len(REPORT_FIELDS),):
+            raise FrameError(f"a report has shape {tuple(t.shape)}, expected ({len(REPORT_FIELDS)},)")
+        v = t.tolist()
+        return cls(loss_sum=v[0], loss_count=int(v[1]), compute_s=v[2], wait_s=v[3],
+                   tokens=int(v[4]))
+
+
+@dataclass
+class IterationResult:
+    """Stage 0's view of a finished iteration: every stage's statistics and the global norm."""
+
+    stats: list[StageStats] = field(default_factory=list)
+    grad_norm: float = float("nan")
+
+    @property
+    def loss(self) -> float:
+        s = sum(x.loss_sum for x in self.stats)
+        n = sum(x.loss_count for x in self.stats)
+        return s / n if n else float("nan")
+
+
+class StageWorker:
+    """Runs the actions of stage ``stage.index`` of ``stage.num_stages``."""
+
+    def __init__(
+        self, stage: StageModule, channels: dict[int, Channel],
+        optimizer: StageOptimizer | None = None, *, timeout: float | None = 300.0,
+        hidden_size: int | None = None, dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.stage = stage
+        self.me = stage.index
+        self.n = stage.num_stages
+        self.last = self.n - 1
+        self.channels = channels
+        self.optimizer = optimizer
+        self.timeout = timeout
+        self.hidden_size = hidden_size or int(stage.config.hidden_size if hasattr(
+            stage.config, "hidden_size") else stage.config.n_embd)
+        self.dtype = dtype
+        self.tied = sorted(stage.tied.items(), key=lambda kv: kv[1])  # (local, canonical)
+        self._params = dict(stage.named_parameters())
+        self._stash: dict[tuple[int, Kind, int], Frame] = {}
+        self.step = 0
+        self.micro = 1
+        self.train = True
+        self.inputs: list[torch.Tensor] = []
+        self._saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._labels: dict[int, torch.Tensor] = {}
+        self._norm_sq = 0.0
+        self.global_norm = float("nan")
+        self.stats = StageStats()
+        self.result: IterationResult | None = None
+
+    # -- iteration lifecycle --------------------------------------------------------------------
+    def begin(
+        self, step: int, micro: int, inputs: list[torch.Tensor] | None = None, train: bool = True
+    ) -> None:
+        """Start iteration ``step`` of ``micro`` micro-batches; stage 0 gets their token ids."""
+        if self.me == 0 and (not inputs or len(inputs) != micro):
+            raise ValueError(f"stage 0 needs the {micro} micro-batches of the iteration")
+        self.step, self.micro, self.train = step, micro, train
+        self.inputs = list(inputs or [])
+        self._saved.clear()
+        self._labels.clear()
+        self.stats = StageStats()
+        self.result = None
+        self.global_norm = float("nan")
+        self.stage.train(train)
+        self._stash = {k: f for k, f in self._stash.items() if f.step >= step}
+
+    def run(self, actions: list[Action]) -> None:
+        """Execute ``actions`` in order, blocking on each frame they need (distributed runtime)."""
+        for action in actions:
+            self.execute(action)
+        for ch in self.channels.values():
+            ch.flush()
+
+    # -- readiness (simulator) --------------------------------------------------------------------
+    def needs(self, action: Action) -> list[tuple[int, Kind, int]]:
+        """The frames ``action`` waits for, as (peer, kind, micro) keys."""
+        op, m = action.op, action.micro
+        if op is Op.FORWARD:
+            keys = [] if self.me == 0 else [(self.me - 1, Kind.ACTIVATION, m)]
+            if self.me == self.last and self.me != 0:
+                keys.append((0, Kind.LABELS, m))
+            return keys
+        if op is Op.BACKWARD:
+            return [] if self.me == self.last else [(self.me + 1, Kind.GRADIENT, m)]
+        if op is Op.RECV_TIED:
+            return [(self._tied_peer(), Kind.TIED_GRAD, 0)]
+        if op is Op.GATHER_NORM:
+            return [(p, Kind.NORM, 0) for p in range(1, self.n)]
+        if op is Op.RECV_NORM:
+            return [(0, Kind.NORM_TOTAL, 0)]
+        if op is Op.GATHER_REPORT:
+            return [(p, Kind.REPORT, 0) for p in range(1, self.n)]
+        return []
+
+    def ready(self, action: Action) -> bool:
+        """Whether every frame ``action`` needs has arrived (never blocks)."""
+        keys = self.needs(action)
+        for peer in {k[0] for k in keys}:
+            while (frame := self.channels[peer].poll()) is not None:
+                self._file(frame)
+        return all(k in self._stash for k in keys)
+
+    # -- actions -------------------------------------------------------------------------------
+    def execute(self, action: Action) -> None:
+        """Perform one action."""
+        handler = getattr(self, "_do_" + action.op.name.lower())
+        handler(action.micro)
+
+    def _do_forward(self, m: int) -> None:
+        if self.me == 0:
+            x = self.inputs[m]
+        else:
+            x = self._check_activation(self._take(self.me - 1, Kind.ACTIVATION, m).tensor)
+            if self.train:
+                x.requires_grad_()
+        if self.me == 0 and self.me != self.last:
+            self._send(self.last, Kind.LABELS, m, self.inputs[m])
+        labels = None
+        if self.me == self.last:
+            labels = self.inputs[m] if self.me == 0 else self._check_labels(
+                self._take(0, Kind.LABELS, m).tensor)
+        t0 = time.perf_counter()
+        with torch.set_grad_enabled(self.train):
+            out = self.stage(x)
+            if labels is not None:
+                if labels.shape != out.shape[:2]:
+                    raise FrameError(f"labels of shape {tuple(labels.shape)} do not match the "
+                                     f"micro-batch {tuple(out.shape[:2])}")
+                loss = lm_loss(out, labels)
+                self.stats.loss_sum += float(loss.detach())
+                self.stats.loss_count += 1
+                self.stats.tokens += labels.numel()
+                out = loss
+        self.stats.compute_s += time.perf_counter() - t0
+        if self.me != self.last:
+            self._send(self.me + 1, Kind.ACTIVATION, m, out.detach())
+        if self.train:
+            self._saved[m] = (x, out)
+
+    def _do_backward(self, m: int) -> None:
+        x, out = self._saved.pop(m)
+        if self.me == self.last:
+            grad = None
+            out = out / self.micro  # the iteration's loss is the mean over micro-batches
+        else:
+            grad = self._take(self.me + 1, Kind.GRADIENT, m).tensor
+            if grad.shape != out.shape or grad.dtype != out.dtype:
+                raise FrameError(
+                    f"stage {self.me + 1} sent a gradient of {tuple(grad.shape)} {grad.dtype}, "
+                    f"expected {tuple(out.shape)} {out.dtype}"
+                )
+        t0 = time.perf_counter()
+        torch.autograd.backward(out, grad)
+        self.stats.compute_s += time.perf_counter() - t0
+        if self.me != 0:
+            self._send(self.me - 1, Kind.GRADIENT, m, x.grad)
+
+    def _do_send_tied(self, _: int) -> None:
+        self._send(self._tied_peer(), Kind.TIED_GRAD, 0, self._tied_grads().clone())
+
+    def _do_recv_tied(self, _: int) -> None:
+        other = self._take(self._tied_peer(), Kind.TIED_GRAD, 0).tensor
+        mine = self._tied_grads()
+        if other.shape != mine.shape or other.dtype != mine.dtype:
+            raise FrameError(f"tied gradient of {tuple(other.shape)} {other.dtype}, expected "
+                             f"{tuple(mine.shape)} {mine.dtype}")
+        offset = 0
+        for local, _ in self.tied:
+            p = self._params[local]
+            k = p.numel()
+            p.grad.add_(other[offset : offset + k].view_as(p))  # both ends: g_first + g_last
+            offset += k
+
+    def _do_send_norm(self, _: int) -> None:
+        self._send(0, Kind.NORM, 0, torch.tensor([self._local_norm_sq()], dtype=torch.float64))
+
+    def _do_gather_norm(self, _: int) -> None:
+        total = self._local_norm_sq()
+        for p in range(1, self.n):
+            total += float(self._take(p, Kind.NORM, 0).tensor.reshape(-1)[0])
+        self.global_norm = math.sqrt(total) if total >= 0 else float("nan")
+        for p in range(1, self.n):
+            self._send(p, Kind.NORM_TOTAL, 0, torch.tensor([total], dtype=torch.float64))
+
+    def _do_recv_norm(self, _: int) -> None:
+        t = self._take(0, Kind.NORM_TOTAL, 0).tensor
+        if t.shape != (1,):
+            raise FrameError(f"a global norm frame has shape {tuple(t.shape)}, expected (1,)")
+        self.global_norm = math.sqrt(max(float(t[0]), 0.0))
+
+    def _do_step(self, _: int) -> None:
+        if self.optimizer is None:
+            raise RuntimeError(f"stage {self.me} has no optimizer to step")
+        t0 = time.perf_counter()
+        self.optimizer.step(clip_coefficient(self.global_norm, self.optimizer.cfg.clip))
+        self.optimizer.zero_grad()
+        self.stats.compute_s += time.perf_counter() - t0
+
+    def _do_send_report(self, _: int) -> None:
+        self._send(0, Kind.REPORT, 0, self.stats.as_tensor())
+
+    def _do_gather_report(self, _: int) -> None:
+        stats = [self.stats]
+        for p in range(1, self.n):
+            stats.append(StageStats.from_tensor(self._take(p, Kind.REPORT, 0).tensor))
+        self.result = IterationResult(stats=stats, grad_norm=self.global_norm)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _tied_peer(self) -> int:
+        return self.last if self.me == 0 else 0
+
+    def _tied_grads(self) -> torch.Tensor:
+        grads = []
+        for local, _ in self.tied:
+            p = self._params[local]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad.reshape(-1))
+        return torch.cat(grads)
+
+    def _local_norm_sq(self) -> float:
+        """Squared norm of this stage's gradients; a tied copy counts once (on stage 0)."""
+        skip = {id(self._params[local]) for local, _ in self.tied} if self.me != 0 else set()
+        total = 0.0
+        for p in self.stage.parameters():
+            if p.grad is not None and id(p) not in skip:
+                total += float(p.grad.double().pow(2).sum())
+        return total
+
+    def _send(self, peer: int, kind: Kind, micro: int, tensor: torch.Tensor) -> None:
+        self.channels[peer].send(Frame(kind=kind, step=self.step, micro=micro, src=self.me,
+                                       dst=peer, tensor=tensor))
+
+    def _file(self, frame: Frame) -> None:
+        if frame.step < self.step:
+            log.warning("stage %d dropped a stale %s frame of step %d from stage %d",
+                        self.me, frame.kind.name, frame.step, frame.src)
+            return
+        self._stash[(frame.src, frame.kind, frame.micro)] = frame
+
+    def _take(self, peer: int, kind: Kind, micro: int) -> Frame:
+        key = (peer, kind, micro)
+        t0 = time.perf_counter()
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        try:
+            while key not in self._stash:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if left == 0.0:
+                    raise ChannelTimeout(
+                        f"stage {self.me} waited {self.timeout} s for {kind.name} of micro-batch "
+                        f"{micro} (step {self.step}) from stage {peer}"
+                    )
+                try:
+                    self._file(self.channels[peer].recv(timeout=left))
+                except ChannelTimeout:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise ChannelTimeout(
+                            f"stage {self.me} waited {self.timeout} s for {kind.name} of "
+                            f"micro-batch {micro} (step {self.step}) from stage {peer}"
+                        ) from None
+        finally:
+            self.stats.wait_s += time.perf_counter() - t0
+        return self._stash.pop(key)
+
+    def _check_activation(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size or x.dtype != self.dtype:
+            raise FrameError(
+                f"stage {self.me - 1} sent an activation of {tuple(x.shape)} {x.dtype}; expected "
+                f"(batch, seq, {self.hidden_size}) {self.dtype}"
+            )
+        return x
+
+    def _check_labels(self, y: torch.Tensor) -> torch.Tensor:
+        if y.dim() != 2 or y.dtype != torch.int64:
+            raise FrameError(f"labels of {tuple(y.shape)} {y.dtype}; expected (batch, seq) int64")
+        vocab = self.stage.head.out_features
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= vocab):
+            raise FrameError(f"labels outside the vocabulary [0, {vocab})")
+        return y
