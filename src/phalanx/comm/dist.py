@@ -2,25 +2,29 @@
 
 A frame travels as two messages on the same link: a fixed-size header, then (if non-empty) the
 payload, whose size the receiver learns from the validated header before allocating anything.
-Sends are asynchronous (``isend``); a receive posts an ``irecv`` and waits for it under the
-caller's deadline. An abandoned receive is kept and resumed by the next ``recv``, so a late frame
-is still read in order and the process group stays usable.
+Sends are asynchronous (``isend``) and completed by :meth:`DistChannel.flush`.
+
+Receiving: gloo's point-to-point works report completion only through a blocking ``wait()``, and
+a ``wait`` that times out leaves the link unusable (measured on torch 2.13). So each link has a
+receiver thread that blocks in ``wait()`` and hands decoded frames to a queue; callers wait on the
+queue under their own deadline, and a late frame simply stays queued, in order. A peer that exits
+makes the blocking wait raise, which the channel reports as :class:`ChannelClosed`.
 """
 
 from __future__ import annotations
 
-import time
-from datetime import timedelta
+import queue
+import threading
 
 import torch
 import torch.distributed as dist
 
-from phalanx.comm.channel import Channel, ChannelClosed, ChannelError, ChannelTimeout
-from phalanx.wire import HEADER_SIZE, Frame, Header, Limits, decode_header, decode_payload
+from phalanx.comm.channel import Channel, ChannelClosed, ChannelTimeout
+from phalanx.wire import HEADER_SIZE, Frame, FrameError, Kind, Limits, decode_header, decode_payload
 from phalanx.wire.frame import encode_header, payload_tensor
 
-_POLL_MIN_S = 5e-5
-_POLL_MAX_S = 2e-3
+_BYE = Kind.CONTROL  # a CONTROL frame with micro == BYE_MICRO ends a link
+BYE_MICRO = 0xFFFFFFFF
 
 
 class DistChannel(Channel):
@@ -31,13 +35,12 @@ class DistChannel(Channel):
     ) -> None:
         super().__init__(me, peer, limits)
         self.device = device or torch.device("cpu")
-        self._blocking_wait = self.device.type != "cpu"  # NCCL works are waited on, not polled
-        self._pending_sends: list[tuple[dist.Work, torch.Tensor]] = []
-        self._hdr_buf: torch.Tensor | None = None
-        self._hdr_work: dist.Work | None = None
-        self._header: Header | None = None
-        self._pay_buf: torch.Tensor | None = None
-        self._pay_work: dist.Work | None = None
+        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self._inbox: queue.Queue = queue.Queue()
+        self._closed = False
+        self._receiver = threading.Thread(target=self._receive_loop, daemon=True,
+                                          name=f"phalanx-recv-{peer}->{me}")
+        self._receiver.start()
 
     # -- sending ---------------------------------------------------------------------------
     def _transmit(self, frame: Frame) -> int:
@@ -48,7 +51,6 @@ class DistChannel(Channel):
         self._isend(header)
         if payload.numel():
             self._isend(payload)
-        self._pending_sends = [(w, t) for w, t in self._pending_sends if not w.is_completed()]
         return HEADER_SIZE + payload.numel()
 
     def _isend(self, tensor: torch.Tensor) -> None:
@@ -56,68 +58,73 @@ class DistChannel(Channel):
             work = dist.isend(tensor, dst=self.peer)
         except RuntimeError as exc:
             raise ChannelClosed(f"cannot send to stage {self.peer}: {exc}") from exc
-        self._pending_sends.append((work, tensor))  # keep the buffer alive until sent
+        self._pending.append((work, tensor))  # keeps the buffer alive until flushed
 
     def flush(self) -> None:
-        for work, _ in self._pending_sends:
+        pending, self._pending = self._pending, []
+        for work, _ in pending:
             try:
                 work.wait()
             except RuntimeError as exc:
                 raise ChannelClosed(f"send to stage {self.peer} failed: {exc}") from exc
-        self._pending_sends.clear()
 
     # -- receiving -------------------------------------------------------------------------
-    def _receive(self, timeout: float | None) -> Frame:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if self._header is None:
-            if self._hdr_work is None:
-                self._hdr_buf = torch.empty(HEADER_SIZE, dtype=torch.uint8, device=self.device)
-                self._hdr_work = self._irecv(self._hdr_buf)
-            self._wait(self._hdr_work, deadline)
-            self._hdr_work = None
-            header = decode_header(self._hdr_buf.cpu().numpy().tobytes(), self.limits)
-            self._check_header(header)
-            self._header = header
-        header = self._header
-        if header.nbytes:
-            if self._pay_work is None:
-                self._pay_buf = torch.empty(header.nbytes, dtype=torch.uint8, device=self.device)
-                self._pay_work = self._irecv(self._pay_buf)
-            self._wait(self._pay_work, deadline)
-            self._pay_work = None
-            payload = self._pay_buf
-        else:
-            payload = torch.empty(0, dtype=torch.uint8)
-        self._header = None
-        self.bytes_received += HEADER_SIZE + header.nbytes
-        frame = decode_payload(header, payload.cpu() if payload.is_cuda else payload)
-        return frame
-
-    def _irecv(self, buf: torch.Tensor) -> dist.Work:
-        try:
-            return dist.irecv(buf, src=self.peer)
-        except RuntimeError as exc:
-            raise ChannelClosed(f"cannot receive from stage {self.peer}: {exc}") from exc
-
-    def _wait(self, work: dist.Work, deadline: float | None) -> None:
-        try:
-            if self._blocking_wait:
-                if deadline is None:
-                    work.wait()
-                else:
-                    work.wait(timeout=timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+    def _receive_loop(self) -> None:
+        """Runs in the receiver thread: read frames until the peer says goodbye or fails."""
+        while True:
+            try:
+                hdr = self._recv_exact(HEADER_SIZE)
+                header = decode_header(hdr.cpu().numpy().tobytes(), self.limits)
+                self._check_header(header)
+                payload = self._recv_exact(header.nbytes) if header.nbytes else \
+                    torch.empty(0, dtype=torch.uint8)
+                frame = decode_payload(header, payload.cpu())
+            except FrameError as exc:
+                # The byte stream can no longer be trusted to be in step: report and stop.
+                self._inbox.put(exc)
+                self._inbox.put(ChannelClosed(f"link from stage {self.peer} closed after a "
+                                              "malformed frame"))
                 return
-            pause = _POLL_MIN_S
-            while not work.is_completed():
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise ChannelTimeout(f"no frame from stage {self.peer} before the deadline")
-                time.sleep(pause)
-                pause = min(pause * 2, _POLL_MAX_S)
-            work.wait()  # surfaces a transport error, returns at once when completed
-        except ChannelError:
-            raise
-        except RuntimeError as exc:
-            raise ChannelClosed(f"link to stage {self.peer} failed: {exc}") from exc
+            except RuntimeError as exc:
+                self._inbox.put(ChannelClosed(f"link to stage {self.peer} failed: {exc}"))
+                return
+            if frame.kind is _BYE and frame.micro == BYE_MICRO:
+                self._inbox.put(ChannelClosed(f"stage {self.peer} closed the link"))
+                return
+            self.bytes_received += HEADER_SIZE + header.nbytes
+            self._inbox.put(frame)
+
+    def _recv_exact(self, nbytes: int) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        dist.irecv(buf, src=self.peer).wait()
+        return buf
+
+    def _receive(self, timeout: float | None) -> Frame:
+        try:
+            if timeout is not None and timeout <= 0:
+                item = self._inbox.get_nowait()
+            else:
+                item = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise ChannelTimeout(f"no frame from stage {self.peer} within {timeout} s") from None
+        if isinstance(item, Exception):
+            self._inbox.put(item) if isinstance(item, ChannelClosed) else None  # stays closed
+            raise item
+        return item
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Say goodbye to the peer and wait (bounded) for its goodbye, so neither side is left
+        blocked in a receive when the process group is destroyed."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.send(Frame(kind=_BYE, step=0, micro=BYE_MICRO, src=self.me, dst=self.peer,
+                            tensor=torch.empty(0, dtype=torch.uint8)))
+            self.flush()
+        except ChannelClosed:
+            pass
+        self._receiver.join(timeout)
 
 
 def dist_channels(

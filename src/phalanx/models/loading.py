@@ -71,6 +71,39 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     return loaded
 
 
+def prepare(cfg: ModelConfig) -> int:
+    """Check that the model can be loaded (converting the SmolLM2 cache once, so that parallel
+    workers find it ready) and return its number of layers, without loading the weights."""
+    from transformers import AutoConfig
+
+    if cfg.name in ("tiny", "tiny-llama", "tiny-gpt2"):
+        return tiny_config(cfg.name).num_hidden_layers
+    if cfg.name == "smollm2":
+        gguf = smollm2_gguf()
+        cache = cache_root(cfg) / "models" / gguf.stem
+        if not _cache_valid(cache):
+            _write_cache(_from_gguf(gguf.parent, gguf.name), cache)
+        path = cache
+    else:
+        path = Path(cfg.name).expanduser()
+        if not path.exists():
+            raise PhalanxError(
+                f"model {cfg.name!r} not found: use model.name=smollm2, tiny, tiny-gpt2, or a "
+                "path to a Hugging Face model directory or .gguf file"
+            )
+        if path.suffix == ".gguf":
+            return load_model(cfg).model.config.num_hidden_layers
+        if not (path / "config.json").is_file():
+            raise PhalanxError(f"{path} has no config.json: point model.name at a Hugging Face "
+                               "model dir")
+    try:
+        conf = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise PhalanxError(f"{path}/config.json cannot be read: {exc}") from None
+    family_of(getattr(conf, "model_type", "?"), str(path))
+    return int(conf.num_hidden_layers)
+
+
 def family_of(model_type: str, where: str) -> str:
     """``llama`` or ``gpt2`` for a supported Hugging Face ``model_type``."""
     if model_type in LLAMA_TYPES:
@@ -221,6 +254,8 @@ def _write_cache(loaded: LoadedModel, cache: Path) -> None:
                  "source": loaded.source}
         (tmp / "phalanx-cache.json").write_text(json.dumps(stamp))
         if cache.exists():
+            if _cache_valid(cache):
+                return  # another process finished the same conversion first
             shutil.rmtree(cache)
         os.replace(tmp, cache)
     finally:

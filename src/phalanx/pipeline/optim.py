@@ -85,13 +85,13 @@ class StageOptimizer:
             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         )
         self.steps_done = 0
-        self._set_lr()
+        self.refresh_lr()
 
     @property
     def lr(self) -> float:
         return self.opt.param_groups[0]["lr"]
 
-    def _set_lr(self) -> None:
+    def refresh_lr(self) -> None:
         c = self.cfg
         lr = c.lr * lr_factor(self.steps_done, self.total_steps, c.warmup_steps, c.decay,
                               c.min_lr_ratio)
@@ -106,7 +106,7 @@ class StageOptimizer:
                     p.grad.mul_(scale)
         self.opt.step()
         self.steps_done += 1
-        self._set_lr()
+        self.refresh_lr()
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)

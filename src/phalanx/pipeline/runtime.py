@@ -72,6 +72,10 @@ class Runtime(ABC):
         """The driver's ``value``, known to every process."""
         return value
 
+    def gather(self, values: dict[int, torch.Tensor]) -> dict[int, torch.Tensor] | None:
+        """Per-stage tensors of every process, collected at the driver (``None`` elsewhere)."""
+        return values
+
     def barrier(self) -> None:
         """Wait until every process reaches this point."""
 

@@ -251,6 +251,15 @@ class StageWorker:
             stats.append(StageStats.from_tensor(self._take(p, Kind.REPORT, 0).tensor))
         self.result = IterationResult(stats=stats, grad_norm=self.global_norm)
 
+    # -- control messages (between iterations) ---------------------------------------------------
+    def send_control(self, peer: int, tag: int, tensor: torch.Tensor) -> None:
+        """Send a control tensor; ``tag`` pairs it with the receiver's :meth:`take_control`."""
+        self._send(peer, Kind.CONTROL, tag, tensor)
+
+    def take_control(self, peer: int, tag: int) -> torch.Tensor:
+        """The control tensor ``peer`` sent with ``tag``."""
+        return self._take(peer, Kind.CONTROL, tag).tensor
+
     # -- helpers ---------------------------------------------------------------------------------
     def _tied_peer(self) -> int:
         return self.last if self.me == 0 else 0

@@ -1,0 +1,1 @@
+"""The command line: phalanx demo | train | launch | check | bench."""

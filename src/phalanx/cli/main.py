@@ -1,0 +1,204 @@
+"""``phalanx`` — demo, train, launch, check, bench. User errors: one line, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from phalanx.errors import PhalanxError
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="phalanx", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="fine-tune SmolLM2-135M as a 4-stage pipeline; ppl before/after")
+    d.add_argument("--out", default="runs/demo", help="run directory")
+    d.add_argument("overrides", nargs="*", help="config overrides, key=value")
+
+    t = sub.add_parser("train", help="train a pipeline from a TOML config and overrides")
+    t.add_argument("--config", help="TOML config file")
+    t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    t.add_argument("overrides", nargs="*", help="config overrides, e.g. pipeline.stages=4")
+
+    la = sub.add_parser("launch", help="run a phalanx command as one local process per stage")
+    la.add_argument("--nproc", type=int, required=True, help="number of processes (= stages)")
+    la.add_argument("args", nargs=argparse.REMAINDER, help="the phalanx command, after --")
+
+    c = sub.add_parser("check", help="correctness checks")
+    c.add_argument("what", choices=["equivalence"])
+    c.add_argument("--model", default="smollm2")
+    c.add_argument("--stages", type=int, default=4)
+    c.add_argument("--schedule", default="1f1b")
+    c.add_argument("--runtime", default="local")
+    c.add_argument("--micro-batches", type=int, default=4)
+    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--seq-len", type=int, default=64)
+
+    b = sub.add_parser("bench", help="benchmarks (code in benchmarks/)")
+    b.add_argument("name", choices=["pipeline"])
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
+
+    w = sub.add_parser("worker", help=argparse.SUPPRESS)  # one rank of a spawned job
+    w.add_argument("job", choices=["equivalence"])
+    w.add_argument("--out", required=True)
+    w.add_argument("overrides", nargs="*")
+    return ap
+
+
+def _config(path: str | None, overrides: list[str]):  # noqa: ANN202
+    from phalanx.config import load_config
+    from phalanx.train import Config
+
+    cfg = load_config(Config, path, overrides)
+    cfg.validate()
+    return cfg
+
+
+def _preflight(cfg) -> None:  # noqa: ANN001
+    """Catch bad input before any process is spawned or any weight is loaded."""
+    from phalanx.data import load_documents
+    from phalanx.models.loading import prepare
+    from phalanx.models.stages import resolve_bounds
+
+    layers = prepare(cfg.model)
+    resolve_bounds(layers, cfg.pipeline.stages, cfg.pipeline.boundaries or None)
+    load_documents(cfg.data.corpus)
+
+
+def _spawned(cfg, argv: list[str]) -> int | None:  # noqa: ANN001
+    """Re-run this command under torchrun when a distributed run was started by hand."""
+    from phalanx.pipeline.distributed import under_launcher
+
+    if cfg.pipeline.runtime != "distributed" or under_launcher():
+        return None
+    from phalanx.cli.launch import spawn
+
+    code = spawn(cfg.pipeline.stages, argv)
+    if code:
+        raise SystemExit(f"phalanx: error: the distributed run failed (exit {code}); "
+                         "see the messages above")
+    return 0
+
+
+def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
+    from phalanx.train import Trainer
+
+    cfg = _config(a.config, a.overrides)
+    from phalanx.pipeline.distributed import under_launcher
+
+    if not under_launcher():
+        _preflight(cfg)
+    if (code := _spawned(cfg, argv)) is not None:
+        return code
+    trainer = Trainer(cfg, resume=a.resume)
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    if summary is not None:
+        keys = ("val_ppl_start", "val_ppl_end", "tokens_per_s", "peak_rss_mb", "wall_s")
+        print(json.dumps({k: summary[k] for k in keys}))
+        print(f"run directory: {cfg.train.out_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from phalanx.cli.demo import run_demo
+
+    return run_demo(a.out, a.overrides)
+
+
+def cmd_launch(a: argparse.Namespace) -> int:
+    from phalanx.cli.launch import spawn
+
+    args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    if not args:
+        raise PhalanxError("give the command to launch after --, e.g. "
+                           "phalanx launch --nproc 4 -- train pipeline.runtime=distributed")
+    if a.nproc < 1:
+        raise PhalanxError("--nproc must be at least 1")
+    return spawn(a.nproc, args)
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    from phalanx.train import equivalence as eq
+
+    cfg = _config(None, [
+        f"model.name={json.dumps(a.model)}", f"pipeline.stages={a.stages}",
+        f'pipeline.schedule="{a.schedule}"', f'pipeline.runtime="{a.runtime}"',
+        f"pipeline.micro_batches={a.micro_batches}", f"train.batch_size={a.batch_size}",
+        f"data.seq_len={a.seq_len}",
+    ])
+    _preflight(cfg)
+    if cfg.pipeline.runtime == "local":
+        rec = eq.check_local(cfg)
+    else:
+        from phalanx.cli.launch import spawn
+        from phalanx.config import to_dict, to_overrides
+        from phalanx.models import load_model
+
+        loaded = load_model(cfg.model)
+        loss_ref, ref = eq.reference_step(loaded.model, eq.first_batch(cfg, loaded.tokenizer))
+        del loaded
+        with tempfile.TemporaryDirectory(prefix="phalanx-eq-") as tmp:
+            code = spawn(cfg.pipeline.stages,
+                         ["worker", "equivalence", "--out", tmp, *to_overrides(to_dict(cfg))],
+                         timeout=cfg.pipeline.timeout_s * 2)
+            if code:
+                raise SystemExit(f"phalanx: error: the distributed check failed (exit {code})")
+            loss_pipe, pipe = eq.collect(Path(tmp), cfg.pipeline.stages)
+        rec = eq.report(cfg, loss_ref, ref, loss_pipe, pipe)
+    print(json.dumps(rec))
+    return 0 if rec["ok"] else 1
+
+
+def cmd_worker(a: argparse.Namespace) -> int:
+    from phalanx.config import load_config
+    from phalanx.train import Config
+    from phalanx.train.equivalence import worker_main
+
+    worker_main(load_config(Config, None, a.overrides), Path(a.out))
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    import runpy
+
+    root = Path(__file__).resolve().parents[3]
+    script = root / "benchmarks" / f"{a.name}.py"
+    if not script.is_file():
+        raise PhalanxError(f"benchmark {script} not found: run from a phalanx source checkout")
+    sys.argv = [str(script), *(a.args[1:] if a.args[:1] == ["--"] else a.args)]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=os.environ.get("PHALANX_LOG", "WARNING"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    a = _parser().parse_args(argv)
+    try:
+        if a.command == "train":
+            return cmd_train(a, argv)
+        handlers = {"demo": cmd_demo, "launch": cmd_launch, "check": cmd_check,
+                    "bench": cmd_bench, "worker": cmd_worker}
+        return handlers[a.command](a)
+    except PhalanxError as exc:
+        print(f"phalanx: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("phalanx: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

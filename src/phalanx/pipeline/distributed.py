@@ -1,0 +1,119 @@
+"""The distributed runtime: one stage per process over torch.distributed, started by torchrun."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from phalanx.comm.dist import dist_channels
+from phalanx.errors import PhalanxError
+from phalanx.models.stages import StageModule
+from phalanx.pipeline.config import PipelineConfig
+from phalanx.pipeline.optim import OptimConfig, StageOptimizer
+from phalanx.pipeline.runtime import Runtime
+from phalanx.pipeline.worker import StageWorker
+
+
+def under_launcher() -> bool:
+    """True when this process was started by torchrun (or ``phalanx launch``)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def init_distributed(cfg: PipelineConfig) -> tuple[int, int, torch.device]:
+    """Join the process group torchrun set up; returns (rank, world size, device)."""
+    if not dist.is_initialized():
+        if not under_launcher():
+            raise PhalanxError(
+                "pipeline.runtime=distributed needs the processes started by torchrun or "
+                "`phalanx launch`"
+            )
+        backend = cfg.backend
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl" and not torch.cuda.is_available():
+            raise PhalanxError("pipeline.backend=nccl needs a GPU; use gloo on CPU")
+        dist.init_process_group(backend, timeout=timedelta(seconds=max(cfg.timeout_s, 60.0)))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != cfg.stages:
+        raise PhalanxError(
+            f"{world} processes were launched for pipeline.stages={cfg.stages}: launch one per stage"
+        )
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cfg.threads or max(1, cores // world))
+    return rank, world, device
+
+
+class DistributedRuntime(Runtime):
+    """This process's stage, talking to its peers through :class:`DistChannel` links."""
+
+    def __init__(self, stage: StageModule, cfg: PipelineConfig, optim: OptimConfig,
+                 total_steps: int, device: torch.device) -> None:
+        super().__init__(cfg, stage.num_stages, tied=bool(stage.tied))
+        self.rank = dist.get_rank()
+        stage.to(device)
+        channels = dist_channels(self.rank, dist.get_world_size(), device=device)
+        self._worker = StageWorker(stage, channels, StageOptimizer(stage, optim, total_steps),
+                                   timeout=cfg.timeout_s, dtype=next(stage.parameters()).dtype)
+        self._tag = 0
+
+    @property
+    def workers(self) -> list[StageWorker]:
+        return [self._worker]
+
+    def _iterate(self, step, micro, inputs, train, plans):  # noqa: ANN001, ANN202
+        w = self._worker
+        w.begin(step, micro, inputs, train)
+        w.run(plans[w.me])
+        return w.result if self.rank == 0 else None
+
+    def _next_tag(self) -> int:
+        self._tag += 1
+        return self._tag
+
+    def agree(self, value: int) -> int:
+        tag, w = self._next_tag(), self._worker
+        if self.rank == 0:
+            for p in range(1, self.num_stages):
+                w.send_control(p, tag, torch.tensor([value], dtype=torch.int64))
+            return value
+        return int(w.take_control(0, tag).reshape(-1)[0])
+
+    def gather(self, values: dict[int, torch.Tensor]) -> dict[int, torch.Tensor] | None:
+        tag, w = self._next_tag(), self._worker
+        if self.rank != 0:
+            w.send_control(0, tag, values[self.rank])
+            return None
+        out = {0: values[0]}
+        for p in range(1, self.num_stages):
+            out[p] = w.take_control(p, tag)
+        return out
+
+    def barrier(self) -> None:
+        tag, w = self._next_tag(), self._worker
+        token = torch.zeros(1, dtype=torch.uint8)
+        if self.rank == 0:
+            for p in range(1, self.num_stages):
+                w.take_control(p, tag)
+            for p in range(1, self.num_stages):
+                w.send_control(p, tag, token)
+        else:
+            w.send_control(0, tag, token)
+            w.take_control(0, tag)
+        for ch in w.channels.values():
+            ch.flush()
+
+    def close(self) -> None:
+        for ch in self._worker.channels.values():
+            ch.flush()
+        for ch in self._worker.channels.values():
+            ch.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+

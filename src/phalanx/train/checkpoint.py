@@ -1,0 +1,146 @@
+"""Checkpoints: per-stage safetensors (parameters + optimizer state) and a JSON manifest of hashes.
+
+Every file is written atomically (temp file + rename) and verified by SHA-256 on load; nothing is
+unpickled. Layout: ``DIR/step_<k>/stage_<i>.safetensors``, ``DIR/step_<k>/manifest.json`` and
+``DIR/latest.json`` naming the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from phalanx.errors import PhalanxError
+from phalanx.pipeline.worker import StageWorker
+
+FORMAT = "phalanx-checkpoint-1"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def stage_tensors(worker: StageWorker) -> dict[str, torch.Tensor]:
+    """Parameters, AdamW state and RNG state of a stage, as named tensors."""
+    out = {f"param.{n}": p.detach().contiguous() for n, p in worker.stage.named_parameters()}
+    opt = worker.optimizer
+    if opt is not None:
+        for i, p in enumerate(opt.params):
+            for key, value in opt.opt.state.get(p, {}).items():
+                out[f"optim.{i}.{key}"] = value.detach().contiguous()
+        out["meta.steps_done"] = torch.tensor([opt.steps_done], dtype=torch.int64)
+    out["meta.rng"] = torch.get_rng_state()
+    return out
+
+
+def save_stage(directory: Path, worker: StageWorker) -> str:
+    """Write stage ``worker.me``'s file atomically; returns its SHA-256."""
+    path = directory / f"stage_{worker.me}.safetensors"
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=directory)
+    os.close(fd)
+    try:
+        save_file(stage_tensors(worker), tmp, metadata={"format": FORMAT})
+        digest = sha256_file(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest
+
+
+def write_manifest(directory: Path, step: int, hashes: dict[int, str], extra: dict) -> None:
+    """Record the stage files and their hashes, then point ``latest.json`` at this checkpoint."""
+    manifest = {
+        "format": FORMAT, "step": step,
+        "stages": {str(i): {"file": f"stage_{i}.safetensors", "sha256": h}
+                   for i, h in sorted(hashes.items())},
+        **extra,
+    }
+    atomic_write_json(directory / "manifest.json", manifest)
+    atomic_write_json(directory.parent / "latest.json", {"checkpoint": directory.name})
+
+
+def read_manifest(root: Path) -> tuple[Path, dict]:
+    """The newest complete checkpoint under ``root`` and its manifest."""
+    latest = root / "latest.json"
+    try:
+        name = json.loads(latest.read_text())["checkpoint"]
+        directory = root / Path(name).name
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise PhalanxError(f"no checkpoint to resume from in {root}") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PhalanxError(f"checkpoint index in {root} is unreadable ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise PhalanxError(f"{directory}/manifest.json is not a {FORMAT} manifest")
+    return directory, manifest
+
+
+def load_stage(directory: Path, manifest: dict, worker: StageWorker) -> None:
+    """Restore stage ``worker.me`` from its file after checking the file's hash."""
+    entry = manifest.get("stages", {}).get(str(worker.me))
+    if not isinstance(entry, dict):
+        raise PhalanxError(f"checkpoint {directory} has no stage {worker.me}")
+    path = directory / Path(str(entry.get("file", ""))).name
+    if not path.is_file():
+        raise PhalanxError(f"checkpoint file {path} is missing")
+    if sha256_file(path) != entry.get("sha256"):
+        raise PhalanxError(f"checkpoint file {path} does not match its hash: it is corrupt")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise PhalanxError(f"cannot read checkpoint file {path}: {exc}") from None
+    params = dict(worker.stage.named_parameters())
+    names = {k[len("param."):] for k in tensors if k.startswith("param.")}
+    if names != set(params):
+        raise PhalanxError(f"{path} holds other parameters than stage {worker.me}: was it saved "
+                           "with another model or stage split?")
+    with torch.no_grad():
+        for n, p in params.items():
+            t = tensors[f"param.{n}"]
+            if t.shape != p.shape or t.dtype != p.dtype:
+                raise PhalanxError(f"{path}: {n} has shape {tuple(t.shape)} {t.dtype}, expected "
+                                   f"{tuple(p.shape)} {p.dtype}")
+            p.copy_(t)
+    opt = worker.optimizer
+    if opt is not None:
+        for i, p in enumerate(opt.params):
+            state = {k.split(".", 2)[2]: v for k, v in tensors.items()
+                     if k.startswith(f"optim.{i}.")}
+            if state:
+                opt.opt.state[p] = {k: v.to(p.device) for k, v in state.items()}
+        opt.steps_done = int(tensors["meta.steps_done"][0])
+        opt.refresh_lr()
+    torch.set_rng_state(tensors["meta.rng"])

@@ -1,0 +1,52 @@
+"""The root config: one small config per component, composed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from phalanx.data import DataConfig
+from phalanx.errors import ConfigError
+from phalanx.models import ModelConfig
+from phalanx.pipeline import OptimConfig, PipelineConfig
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 20
+    batch_size: int = 8  # sequences per iteration, split into pipeline.micro_batches
+    eval_every: int = 0  # evaluate every k steps; 0 = only at the start and the end
+    eval_batches: int = 4  # validation batches per evaluation
+    checkpoint_every: int = 0  # checkpoint every k steps; 0 = only at the end
+    out_dir: str = "runs/train"
+    seed: int = 0
+    progress: bool = True  # progress bar on the terminal
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Everything a run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Check every component and the settings that involve several of them."""
+        self.pipeline.validate()
+        self.optim.validate()
+        t = self.train
+        if t.steps < 1 or t.batch_size < 1 or t.eval_batches < 1:
+            raise ConfigError("train.steps, train.batch_size and train.eval_batches must be >= 1")
+        if t.eval_every < 0 or t.checkpoint_every < 0:
+            raise ConfigError("train.eval_every and train.checkpoint_every must be >= 0")
+        if t.batch_size % self.pipeline.micro_batches:
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} is not a multiple of "
+                f"pipeline.micro_batches={self.pipeline.micro_batches}"
+            )
+        if not 0.0 <= self.model.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.model.dropout} must be in [0, 1)")

@@ -1,0 +1,147 @@
+"""The training loop: config -> pipeline -> iterations -> metrics, evaluations, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from phalanx.config import to_dict
+from phalanx.data import TokenData, build_data
+from phalanx.train.checkpoint import load_stage, read_manifest, save_stage, write_manifest
+from phalanx.train.config import Config
+from phalanx.train.setup import build_pipeline
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+class Trainer:
+    """Runs ``cfg``; in a distributed run every process runs it, the driver (stage 0) reports."""
+
+    def __init__(self, cfg: Config, resume: bool = False) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.resume = resume
+        self.out = Path(cfg.train.out_dir)
+        self.pipe = build_pipeline(cfg, cfg.train.steps)
+        self.runtime = self.pipe.runtime
+        self.driver = self.runtime.is_driver
+        self.data: TokenData | None = None
+        if self.driver:
+            self.data = build_data(cfg.data, self.pipe.loaded.tokenizer)
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.val = self.data.val_batches(cfg.train.batch_size, cfg.train.eval_batches)
+
+    # -- pieces -------------------------------------------------------------------------------
+    def evaluate(self, step: int) -> float | None:
+        return self.runtime.evaluate(self.val if self.driver else None, step=step)
+
+    def checkpoint(self, step: int, extra: dict) -> None:
+        directory = self.out / "checkpoints" / f"step_{step}"
+        hashes = {w.me: save_stage(directory, w) for w in self.runtime.workers}
+        digests = {i: torch.frombuffer(bytearray(bytes.fromhex(h)), dtype=torch.uint8)
+                   for i, h in hashes.items()}
+        gathered = self.runtime.gather(digests)
+        if gathered is not None:
+            all_hashes = {i: bytes(t.tolist()).hex() for i, t in gathered.items()}
+            write_manifest(directory, step, all_hashes, extra)
+        self.runtime.barrier()
+
+    def restore(self) -> dict:
+        directory, manifest = read_manifest(self.out / "checkpoints")
+        for w in self.runtime.workers:
+            load_stage(directory, manifest, w)
+        self.runtime.barrier()
+        return manifest
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict | None:
+        """Train; returns the summary on the driver, ``None`` elsewhere."""
+        cfg, rt = self.cfg, self.runtime
+        t_cfg = cfg.train
+        start, val_start = 0, None
+        if self.resume:
+            manifest = self.restore()
+            start, val_start = int(manifest["step"]), manifest.get("val_loss_start")
+        if val_start is None:
+            val_start = self.evaluate(start)
+        metrics_path = self.out / "metrics.jsonl"
+        records: list[str] = []
+        if self.driver and self.resume and metrics_path.exists():
+            records = [r for r in metrics_path.read_text().splitlines()
+                       if r.strip() and json.loads(r).get("step", -1) < start]
+        metrics = open(metrics_path, "w") if self.driver else None  # noqa: SIM115
+        if metrics is not None:
+            metrics.writelines(r + "\n" for r in records)
+        bar = tqdm(total=t_cfg.steps, initial=start, desc="train", unit="step", file=sys.stderr,
+                   disable=not (self.driver and t_cfg.progress), dynamic_ncols=True)
+        tokens_done, train_s, last_val = 0, 0.0, val_start
+        t_run = time.perf_counter()
+        try:
+            for step in range(start, t_cfg.steps):
+                batch = self.data.batch(step, t_cfg.batch_size) if self.data else None
+                t0 = time.perf_counter()
+                res = rt.train_step(step, batch)
+                dt = time.perf_counter() - t0
+                done = step + 1
+                if t_cfg.eval_every and done % t_cfg.eval_every == 0 and done < t_cfg.steps:
+                    last_val = self.evaluate(done)
+                if res is not None:
+                    tokens = batch.numel()
+                    tokens_done, train_s = tokens_done + tokens, train_s + dt
+                    rec = {
+                        "step": step, "loss": res.loss, "lr": rt.workers[0].optimizer.lr,
+                        "grad_norm": res.grad_norm, "tokens_per_s": tokens / dt, "step_s": dt,
+                        "compute_s": [s.compute_s for s in res.stats],
+                        "wait_s": [s.wait_s for s in res.stats],
+                    }
+                    if t_cfg.eval_every and done % t_cfg.eval_every == 0 and done < t_cfg.steps:
+                        rec["val_loss"] = last_val
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                    bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{tokens / dt:.0f}")
+                bar.update(1)
+                if t_cfg.checkpoint_every and done % t_cfg.checkpoint_every == 0 \
+                        and done < t_cfg.steps:
+                    self.checkpoint(done, {"val_loss_start": val_start})
+            val_end = self.evaluate(t_cfg.steps)
+            self.checkpoint(t_cfg.steps, {"val_loss_start": val_start})
+            rss = self.runtime.gather(
+                {w.me: torch.tensor([peak_rss_mb()], dtype=torch.float64) for w in rt.workers})
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+        if not self.driver:
+            return None
+        per_stage = [float(rss[i][0]) for i in sorted(rss)]
+        summary = {
+            "val_loss_start": val_start, "val_ppl_start": ppl(val_start),
+            "val_loss_end": val_end, "val_ppl_end": ppl(val_end),
+            "steps": t_cfg.steps, "resumed_from": start if self.resume else None,
+            "tokens_per_s": tokens_done / train_s if train_s else float("nan"),
+            "wall_s": time.perf_counter() - t_run,
+            "peak_rss_mb": max(per_stage) if cfg.pipeline.runtime == "distributed"
+            else peak_rss_mb(),
+            "peak_rss_mb_per_process": per_stage if cfg.pipeline.runtime == "distributed"
+            else [peak_rss_mb()],
+            "model": self.pipe.loaded.source, "config": to_dict(cfg),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def close(self) -> None:
+        self.runtime.close()
