@@ -150,7 +150,7 @@ def cmd_check(a: argparse.Namespace) -> int:
         del loaded
         with tempfile.TemporaryDirectory(prefix="phalanx-eq-") as tmp:
             code = spawn(cfg.pipeline.stages,
-                         ["worker", "equivalence", "--out", tmp, *to_overrides(to_dict(cfg))],
+                         ["worker", "--out", tmp, "equivalence", *to_overrides(to_dict(cfg))],
                          timeout=cfg.pipeline.timeout_s * 2)
             if code:
                 raise SystemExit(f"phalanx: error: the distributed check failed (exit {code})")

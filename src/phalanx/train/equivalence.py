@@ -30,7 +30,7 @@ def reference_step(model: torch.nn.Module, batch: torch.Tensor) -> tuple[float, 
     out = model(batch, labels=batch)
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return float(out.loss), grads
+    return out.loss.item(), grads
 
 
 def pipeline_grads(runtime: Runtime) -> dict[str, torch.Tensor]:

@@ -1,0 +1,419 @@
+"""Pipeline training throughput: phalanx vs ``torch.distributed.pipelining`` vs one process.
+
+Three systems train the same model on the same batches (real text from phalanx's data module),
+with the same number of stages, micro-batches and schedule:
+
+* ``phalanx``  -- phalanx's distributed runtime: one process per stage over gloo, started by
+  torchrun, driven through :func:`phalanx.train.setup.build_pipeline` and
+  ``Runtime.train_step`` (forward/backward schedule, tied-embedding gradient exchange, global
+  gradient-norm clipping, AdamW step, statistics report).
+* ``torch_pp`` -- ``torch.distributed.pipelining``: ``PipelineStage`` + ``ScheduleGPipe`` or
+  ``Schedule1F1B`` over gloo, the same number of torchrun processes, each wrapping *phalanx's own*
+  stage module (so the compute per stage is identical), loss = ``phalanx.models.lm_loss`` (torch
+  divides the gradients by the number of micro-batches, as phalanx divides the loss), and a
+  per-rank AdamW step. No tied-embedding synchronisation and no global clipping: slightly less
+  work than phalanx (see ``torch_pp_note`` in the output).
+* ``single``   -- the unsplit Hugging Face model in one process: forward with labels, backward,
+  ``clip_grad_norm_(1.0)``, AdamW step.
+
+Each repetition runs the three systems in turn (phalanx, torch_pp, single, phalanx, ...), each as
+a fresh process (or torchrun job) that runs ``--warmup`` untimed steps then ``--steps`` timed
+steps and writes its result to a JSON file named on its command line. Tokens/s of a job is
+``steps * batch_size * seq_len`` over the wall time of the timed steps, measured on rank 0 with
+every rank synchronised at the start and the end of the timed steps (phalanx's iteration already
+ends with a report from every stage; the torch job calls ``dist.barrier()``). Multi-process jobs
+get ``OMP_NUM_THREADS = cores // processes``; the single process gets every core.
+
+Output: progress on stderr, then one JSON line on stdout with the median tokens/s of each system,
+the per-repetition lists, ``ratio_vs_torch_pp`` (phalanx / torch_pp) and ``ratio_vs_single``
+(phalanx / single), the first-step loss of each system (a sanity check: all three see the same
+weights and batch) and the settings.
+
+Usage::
+
+    python benchmarks/pipeline.py --model tiny --stages 2 --steps 3 --reps 2
+    phalanx bench pipeline --model smollm2 --stages 4 --schedule 1f1b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SYSTEMS = ("phalanx", "torch_pp", "single")
+LR = 5e-5
+WEIGHT_DECAY = 0.01
+TORCH_PP_NOTE = (
+    "torch_pp runs phalanx's stage modules under torch.distributed.pipelining with a per-rank "
+    "AdamW and no cross-stage work: no tied-embedding gradient exchange between the first and "
+    "last stage and no global gradient-norm clipping (phalanx does both), so it does slightly "
+    "less work per step"
+)
+
+
+def log(msg: str) -> None:
+    """A progress message on stderr."""
+    print(f"[bench pipeline] {msg}", file=sys.stderr, flush=True)
+
+
+def cores() -> int:
+    """CPU cores of this machine (as phalanx counts them)."""
+    return os.cpu_count() or 1
+
+
+# -- arguments ---------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments of the parent (and, with ``--child``, of a child job)."""
+    ap = argparse.ArgumentParser(
+        prog="phalanx bench pipeline",
+        description="Training tokens/s of phalanx's distributed runtime, "
+        "torch.distributed.pipelining and single-process training on the same model.",
+    )
+    ap.add_argument("--model", default="smollm2", help='"smollm2", "tiny" (random Llama), ...')
+    ap.add_argument("--stages", type=int, default=4, help="pipeline stages (= processes)")
+    ap.add_argument("--schedule", choices=("gpipe", "1f1b"), default="1f1b")
+    ap.add_argument("--micro-batches", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    ap.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per repetition")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of each system")
+    ap.add_argument("--timeout", type=float, default=1800.0,
+                    help="seconds one job (one system, one repetition) may take")
+    ap.add_argument("--out", help="also write the JSON result to this file")
+    ap.add_argument("--child", choices=("phalanx", "torchpp", "single"), help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    problems = []
+    if a.stages < 2:
+        problems.append("--stages must be at least 2")
+    if min(a.micro_batches, a.batch_size, a.seq_len - 1, a.steps, a.reps) < 1 or a.warmup < 0:
+        problems.append("--micro-batches, --batch-size, --steps and --reps must be >= 1, "
+                        "--seq-len >= 2 and --warmup >= 0")
+    if a.batch_size % max(1, a.micro_batches):
+        problems.append(f"--batch-size {a.batch_size} is not a multiple of "
+                        f"--micro-batches {a.micro_batches}")
+    if a.schedule == "1f1b" and a.micro_batches < a.stages:
+        problems.append(f"torch's Schedule1F1B needs --micro-batches ({a.micro_batches}) >= "
+                        f"--stages ({a.stages})")
+    if problems:
+        ap.error("; ".join(problems))
+    return a
+
+
+def child_argv(a: argparse.Namespace, child: str, result: Path) -> list[str]:
+    """Arguments that hand this run's settings to a child job."""
+    return [
+        "--model", a.model, "--stages", str(a.stages), "--schedule", a.schedule,
+        "--micro-batches", str(a.micro_batches), "--batch-size", str(a.batch_size),
+        "--seq-len", str(a.seq_len), "--steps", str(a.steps), "--warmup", str(a.warmup),
+        "--reps", "1", "--child", child, "--result", str(result),
+    ]
+
+
+# -- children: shared pieces -------------------------------------------------------------------
+def make_batches(a: argparse.Namespace, tokenizer: Any) -> list[Any]:
+    """The (B, T) int64 batches of every step (warm-up and timed), from phalanx's data module."""
+    from phalanx.data import DataConfig, build_data
+
+    data = build_data(DataConfig(seq_len=a.seq_len), tokenizer)
+    return [data.batch(step, a.batch_size) for step in range(a.warmup + a.steps)]
+
+
+def write_result(path: str, a: argparse.Namespace, elapsed: float, step_s: list[float],
+                 losses: list[float], **extra: Any) -> None:
+    """Write a child's measurement to ``path`` (rank 0 only)."""
+    tokens = a.steps * a.batch_size * a.seq_len
+    rec = {"tokens_per_s": tokens / elapsed, "elapsed_s": elapsed, "step_s": step_s,
+           "losses": losses, **extra}
+    Path(path).write_text(json.dumps(rec))
+
+
+def child_phalanx(a: argparse.Namespace) -> None:
+    """One rank of phalanx's distributed runtime (started by torchrun)."""
+    import torch
+
+    from phalanx.config import load_config
+    from phalanx.train import Config
+    from phalanx.train.setup import build_pipeline
+
+    total = a.warmup + a.steps
+    cfg = load_config(Config, None, [
+        f"model.name={json.dumps(a.model)}", f"pipeline.stages={a.stages}",
+        'pipeline.runtime="distributed"', f"pipeline.schedule={json.dumps(a.schedule)}",
+        f"pipeline.micro_batches={a.micro_batches}", f"train.batch_size={a.batch_size}",
+        f"train.steps={total}", f"data.seq_len={a.seq_len}", "optim.warmup_steps=0",
+        'optim.decay="constant"', f"optim.lr={LR}", f"optim.weight_decay={WEIGHT_DECAY}",
+    ])
+    t_load = time.perf_counter()
+    pipe = build_pipeline(cfg, total)
+    rt = pipe.runtime
+    batches = make_batches(a, pipe.loaded.tokenizer) if rt.is_driver else None
+    load_s = time.perf_counter() - t_load
+    step_s: list[float] = []
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    try:
+        for i in range(total):
+            if i == a.warmup:
+                t0 = time.perf_counter()  # every rank finished step i-1 (its report arrived)
+            ts = time.perf_counter()
+            res = rt.train_step(i, batches[i] if batches is not None else None)
+            step_s.append(time.perf_counter() - ts)
+            if res is not None:
+                losses.append(res.loss)
+        elapsed = time.perf_counter() - t0
+    finally:
+        rt.close()
+    if rt.is_driver:
+        write_result(a.result, a, elapsed, step_s[a.warmup:], losses, load_s=load_s,
+                     threads=torch.get_num_threads())
+
+
+def child_torchpp(a: argparse.Namespace) -> None:
+    """One rank of ``torch.distributed.pipelining`` over phalanx's stage modules."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from phalanx.models import ModelConfig, lm_loss, load_model, partition
+
+    dist.init_process_group("gloo")
+    rank, n = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(max(1, cores() // n))
+    torch.manual_seed(0)
+    total = a.warmup + a.steps
+    first, last = rank == 0, rank == n - 1
+    t_load = time.perf_counter()
+    loaded = load_model(ModelConfig(name=a.model))
+    (module,) = partition(loaded.model, loaded.family, n, None, only=rank)
+    module.train()
+    stage = PipelineStage(module, rank, n, torch.device("cpu"))
+    kind = Schedule1F1B if a.schedule == "1f1b" else ScheduleGPipe
+    schedule = kind(stage, n_microbatches=a.micro_batches, loss_fn=lm_loss)
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=LR,
+                            weight_decay=WEIGHT_DECAY)
+    batches = make_batches(a, loaded.tokenizer) if (first or last) else None
+    load_s = time.perf_counter() - t_load
+    step_s: list[float] = []
+    losses = torch.full((total,), float("nan"), dtype=torch.float64)
+    t0 = time.perf_counter()
+    try:
+        for i in range(total):
+            if i == a.warmup:
+                dist.barrier()
+                t0 = time.perf_counter()
+            ts = time.perf_counter()
+            args = (batches[i],) if first else ()
+            if last:
+                mb_losses: list[torch.Tensor] = []
+                schedule.step(*args, target=batches[i], losses=mb_losses, return_outputs=False)
+                losses[i] = float(torch.stack([x.detach() for x in mb_losses]).mean())
+            else:
+                schedule.step(*args, return_outputs=False)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step_s.append(time.perf_counter() - ts)
+        dist.barrier()
+        elapsed = time.perf_counter() - t0
+        dist.broadcast(losses, src=n - 1)  # the last rank computed them; rank 0 reports
+    finally:
+        dist.destroy_process_group()
+    if first:
+        write_result(a.result, a, elapsed, step_s[a.warmup:], losses.tolist(), load_s=load_s,
+                     threads=torch.get_num_threads())
+
+
+def child_single(a: argparse.Namespace) -> None:
+    """The unsplit model trained in this one process."""
+    import torch
+
+    from phalanx.models import ModelConfig, load_model
+
+    torch.set_num_threads(cores())
+    torch.manual_seed(0)
+    total = a.warmup + a.steps
+    t_load = time.perf_counter()
+    loaded = load_model(ModelConfig(name=a.model))
+    model = loaded.model
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR,
+                            weight_decay=WEIGHT_DECAY)
+    batches = make_batches(a, loaded.tokenizer)
+    load_s = time.perf_counter() - t_load
+    step_s: list[float] = []
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for i in range(total):
+        if i == a.warmup:
+            t0 = time.perf_counter()
+        ts = time.perf_counter()
+        loss = model(batches[i], labels=batches[i]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        step_s.append(time.perf_counter() - ts)
+    elapsed = time.perf_counter() - t0
+    write_result(a.result, a, elapsed, step_s[a.warmup:], losses, load_s=load_s,
+                 threads=torch.get_num_threads())
+
+
+# -- parent ------------------------------------------------------------------------------------
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Terminate the job's whole process group (torchrun and its workers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+
+
+def _stdout_target() -> int | None:
+    """Children print to our stderr so that stdout carries only the JSON line."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return subprocess.DEVNULL
+
+
+def run_job(a: argparse.Namespace, system: str, tmp: Path, rep: int) -> dict[str, Any]:
+    """Run one repetition of ``system`` as a fresh process or torchrun job; its result."""
+    script = str(Path(__file__).resolve())
+    result = tmp / f"{system}-{rep}.json"
+    child = {"phalanx": "phalanx", "torch_pp": "torchpp", "single": "single"}[system]
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    if system == "single":
+        env["OMP_NUM_THREADS"] = str(cores())
+        cmd = [sys.executable, script, *child_argv(a, child, result)]
+    else:
+        env["OMP_NUM_THREADS"] = str(max(1, cores() // a.stages))
+        env.setdefault("TORCHELASTIC_ERROR_FILE", os.devnull)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={a.stages}", script, *child_argv(a, child, result)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=_stdout_target(), start_new_session=True)
+    try:
+        code = proc.wait(timeout=a.timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        raise SystemExit(f"bench pipeline: {system} (repetition {rep + 1}) took more than "
+                         f"{a.timeout:.0f} s; killed") from None
+    except BaseException:
+        _kill_group(proc)
+        raise
+    if code != 0 or not result.is_file():
+        _kill_group(proc)
+        raise SystemExit(f"bench pipeline: {system} (repetition {rep + 1}) failed with exit "
+                         f"code {code}; see the messages above")
+    rec = json.loads(result.read_text())
+    rec["job_s"] = time.perf_counter() - t0
+    return rec
+
+
+def preflight(a: argparse.Namespace) -> int:
+    """Check the model and stage count (converting the SmolLM2 cache once, before the jobs
+    start); returns the model's number of layers."""
+    from phalanx.models import ModelConfig
+    from phalanx.models.loading import prepare
+
+    layers = prepare(ModelConfig(name=a.model))
+    if a.stages > layers:
+        raise SystemExit(f"bench pipeline: --stages {a.stages} is more than the model's "
+                         f"{layers} layers")
+    return layers
+
+
+def summarise(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], layers: int,
+              wall_s: float) -> dict[str, Any]:
+    """The JSON record of the whole benchmark."""
+    import torch
+
+    tps = {s: [r["tokens_per_s"] for r in runs[s]] for s in SYSTEMS}
+    med = {s: statistics.median(v) for s, v in tps.items()}
+    rec: dict[str, Any] = {
+        "benchmark": "pipeline",
+        "phalanx_tokens_per_s": med["phalanx"],
+        "torch_pp_tokens_per_s": med["torch_pp"],
+        "single_tokens_per_s": med["single"],
+        "ratio_vs_torch_pp": med["phalanx"] / med["torch_pp"],
+        "ratio_vs_single": med["phalanx"] / med["single"],
+        "phalanx_tokens_per_s_reps": tps["phalanx"],
+        "torch_pp_tokens_per_s_reps": tps["torch_pp"],
+        "single_tokens_per_s_reps": tps["single"],
+        "median_step_s": {s: statistics.median(x for r in runs[s] for x in r["step_s"])
+                          for s in SYSTEMS},
+        "first_step_loss": {s: runs[s][0]["losses"][0] for s in SYSTEMS},
+        "threads_per_process": {s: runs[s][0]["threads"] for s in SYSTEMS},
+        "torch_pp_note": TORCH_PP_NOTE,
+        "settings": {
+            "model": a.model, "layers": layers, "stages": a.stages, "schedule": a.schedule,
+            "micro_batches": a.micro_batches, "batch_size": a.batch_size, "seq_len": a.seq_len,
+            "tokens_per_step": a.batch_size * a.seq_len, "steps": a.steps,
+            "warmup_steps": a.warmup, "reps": a.reps, "order": "alternating " + ",".join(SYSTEMS),
+            "backend": "gloo", "cpu_count": cores(), "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "wall_s": wall_s,
+    }
+    return rec
+
+
+def run_parent(a: argparse.Namespace) -> int:
+    """Alternate the three systems for ``--reps`` repetitions; print the JSON line."""
+    t_start = time.perf_counter()
+    layers = preflight(a)
+    log(f"model={a.model} ({layers} layers) stages={a.stages} schedule={a.schedule} "
+        f"micro_batches={a.micro_batches} batch={a.batch_size}x{a.seq_len} steps={a.steps} "
+        f"warmup={a.warmup} reps={a.reps} cores={cores()}")
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
+    with tempfile.TemporaryDirectory(prefix="phalanx-bench-") as tmp:
+        for rep in range(a.reps):
+            for system in SYSTEMS:
+                log(f"rep {rep + 1}/{a.reps}: {system} ...")
+                rec = run_job(a, system, Path(tmp), rep)
+                runs[system].append(rec)
+                log(f"rep {rep + 1}/{a.reps}: {system} {rec['tokens_per_s']:.1f} tokens/s "
+                    f"(timed {rec['elapsed_s']:.1f} s, job {rec['job_s']:.1f} s, "
+                    f"first loss {rec['losses'][0]:.4f})")
+    rec = summarise(a, runs, layers, time.perf_counter() - t_start)
+    line = json.dumps(rec)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(line + "\n")
+    log(f"phalanx {rec['phalanx_tokens_per_s']:.1f}, torch_pp {rec['torch_pp_tokens_per_s']:.1f}, "
+        f"single {rec['single_tokens_per_s']:.1f} tokens/s; phalanx/torch_pp "
+        f"{rec['ratio_vs_torch_pp']:.3f}, phalanx/single {rec['ratio_vs_single']:.3f}")
+    print(line, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the parent and of the child jobs."""
+    a = parse_args(argv)
+    if a.child is None:
+        return run_parent(a)
+    if not a.result:
+        raise SystemExit("--child needs --result PATH")
+    {"phalanx": child_phalanx, "torchpp": child_torchpp, "single": child_single}[a.child](a)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

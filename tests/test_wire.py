@@ -1,0 +1,104 @@
+"""Frames: round trips, and every kind of malformed input raises a clear FrameError."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+
+from phalanx.comm import LocalFabric
+from phalanx.wire import HEADER_SIZE, Frame, FrameError, Kind, Limits, decode, encode
+
+
+def _frame(t: torch.Tensor, kind: Kind = Kind.ACTIVATION) -> Frame:
+    return Frame(kind=kind, step=7, micro=3, src=1, dst=2, tensor=t, seq=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                                   torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_round_trip_every_dtype(dtype):
+    t = (torch.randn(2, 3, 4) * 10).to(dtype)
+    f = decode(encode(_frame(t)))
+    assert f.tensor.dtype == dtype and f.tensor.shape == t.shape
+    assert torch.equal(f.tensor, t)
+    assert (f.kind, f.step, f.micro, f.src, f.dst, f.seq) == (Kind.ACTIVATION, 7, 3, 1, 2, 5)
+
+
+def test_empty_and_scalar_tensors():
+    for t in (torch.empty(0, 5), torch.tensor(3.5)):
+        f = decode(encode(_frame(t)))
+        assert f.tensor.shape == t.shape and torch.equal(f.tensor, t)
+
+
+def _patch(data: bytes, offset: int, fmt: str, value) -> bytes:  # noqa: ANN001
+    b = bytearray(data)
+    struct.pack_into(fmt, b, offset, value)
+    return bytes(b)
+
+
+GOOD = encode(_frame(torch.ones(2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"PHLX" + b"\0" * 10, "truncated header"),
+        (b"XXXX" + GOOD[4:], "bad magic"),
+        (_patch(GOOD, 4, "<B", 9), "version"),
+        (_patch(GOOD, 5, "<B", 200), "unknown frame kind"),
+        (_patch(GOOD, 6, "<B", 99), "whitelist"),
+        (_patch(GOOD, 7, "<B", 9), "ndim"),
+        (_patch(GOOD, 32, "<Q", 999), "does not match shape"),
+        (GOOD[:-4], "does not match header"),
+        (GOOD + b"\0\0\0\0", "does not match header"),
+    ],
+)
+def test_malformed_frames_raise(data, message):
+    with pytest.raises(FrameError, match=message):
+        decode(data)
+
+
+def test_oversized_frame_refused_before_allocation():
+    big = _patch(_patch(GOOD, 40, "<Q", 1 << 20), 32, "<Q", (1 << 20) * 3 * 4)
+    with pytest.raises(FrameError, match="exceeds the limit"):
+        decode(big, Limits(max_bytes=1 << 20))
+
+
+def test_bool_payload_must_be_0_or_1():
+    data = bytearray(encode(_frame(torch.tensor([True, False]))))
+    data[HEADER_SIZE] = 7
+    with pytest.raises(FrameError, match="bool payload"):
+        decode(bytes(data))
+
+
+def test_pickle_is_never_an_option():
+    import pickle
+
+    with pytest.raises(FrameError):
+        decode(pickle.dumps({"a": 1}))
+
+
+def test_channel_refuses_replayed_and_misaddressed_frames():
+    fabric = LocalFabric(3)
+    a, b = fabric.channel(0, 1), fabric.channel(1, 0)
+    a.send(Frame(kind=Kind.CONTROL, step=0, micro=0, src=0, dst=1, tensor=torch.ones(1)))
+    first = b.recv(timeout=1)
+    assert first.seq == 1
+    replay = encode(first)
+    b.inject(replay)  # the network replays frame 1
+    with pytest.raises(FrameError, match="sequence number"):
+        b.recv(timeout=1)
+    forged = Frame(kind=Kind.CONTROL, step=0, micro=0, src=2, dst=1, tensor=torch.ones(1), seq=2)
+    b.inject(encode(forged))  # stage 2 pretends to be on the 0->1 link
+    with pytest.raises(FrameError, match="arrived on link"):
+        b.recv(timeout=1)
+
+
+def test_recv_times_out_with_a_bound():
+    from phalanx.comm import ChannelTimeout
+
+    ch = LocalFabric(2).channel(0, 1)
+    with pytest.raises(ChannelTimeout):
+        ch.recv(timeout=0.05)
+    assert ch.poll() is None
