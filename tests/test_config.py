@@ -75,3 +75,12 @@ def test_overrides_round_trip():
 def test_parse_override_falls_back_to_string():
     assert parse_override("model.name=/tmp/x y") == (["model", "name"], "/tmp/x y")
     assert apply_overrides({}, ["a.b=1"]) == {"a": {"b": 1}}
+
+
+def test_shipped_configs_load_and_defaults_file_is_current():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in root.glob("*.toml"):
+        load_config(Config, path).validate()
+    assert to_dict(load_config(Config, root / "defaults.toml")) == to_dict(Config())

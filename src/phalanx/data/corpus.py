@@ -102,7 +102,21 @@ def build_data(cfg: DataConfig, tokenizer: Tokenizer) -> TokenData:
             f"data.seq_len={cfg.seq_len}"
         )
     blocks = torch.tensor(ids[: n * cfg.seq_len], dtype=torch.int64).view(n, cfg.seq_len)
+    blocks = _unique_rows(blocks)  # a repeated passage must not sit in both splits
+    n = blocks.shape[0]
     g = torch.Generator().manual_seed(cfg.seed)
     perm = torch.randperm(n, generator=g)
     n_val = max(1, round(n * cfg.val_fraction))
     return TokenData(train=blocks[perm[n_val:]], val=blocks[perm[:n_val]], seed=cfg.seed)
+
+
+def _unique_rows(blocks: torch.Tensor) -> torch.Tensor:
+    """The rows of ``blocks`` without repeats, first occurrences in their original order."""
+    seen: set[bytes] = set()
+    keep = []
+    for i, row in enumerate(blocks.numpy()):
+        key = row.tobytes()
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return blocks[keep]

@@ -93,6 +93,7 @@ class Trainer:
         try:
             for step in range(start, t_cfg.steps):
                 batch = self.data.batch(step, t_cfg.batch_size) if self.data else None
+                lr = rt.workers[0].optimizer.lr  # the rate this step uses
                 t0 = time.perf_counter()
                 res = rt.train_step(step, batch)
                 dt = time.perf_counter() - t0
@@ -103,7 +104,7 @@ class Trainer:
                     tokens = batch.numel()
                     tokens_done, train_s = tokens_done + tokens, train_s + dt
                     rec = {
-                        "step": step, "loss": res.loss, "lr": rt.workers[0].optimizer.lr,
+                        "step": step, "loss": res.loss, "lr": lr,
                         "grad_norm": res.grad_norm, "tokens_per_s": tokens / dt, "step_s": dt,
                         "compute_s": [s.compute_s for s in res.stats],
                         "wait_s": [s.wait_s for s in res.stats],

