@@ -52,7 +52,8 @@ def test_chained_stages_equal_the_model(name):
 def test_names_and_tied_copies():
     lm = load_model(ModelConfig(name="tiny"))
     first, mid, last = partition(lm.model, lm.family, 3, [1, 3])
-    assert (first.start, first.stop, mid.start, mid.stop, last.start, last.stop) == (0, 1, 1, 3, 3, 4)
+    bounds = (first.start, first.stop, mid.start, mid.stop, last.start, last.stop)
+    assert bounds == (0, 1, 1, 3, 3, 4)
     assert first.names["blocks.0.mlp.up_proj.weight"] == "model.layers.0.mlp.up_proj.weight"
     assert mid.names["blocks.1.mlp.up_proj.weight"] == "model.layers.2.mlp.up_proj.weight"
     assert first.tied == {"embed.weight": "model.embed_tokens.weight"}

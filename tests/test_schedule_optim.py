@@ -30,7 +30,8 @@ def test_1f1b_by_hand():
 def test_1f1b_invariants(n, m):
     for s in range(n):
         acts = one_f_one_b(s, n, m)
-        assert sorted(_ops(acts)) == sorted([f"F{i}" for i in range(m)] + [f"B{i}" for i in range(m)])
+        expected = [f"F{i}" for i in range(m)] + [f"B{i}" for i in range(m)]
+        assert sorted(_ops(acts)) == sorted(expected)
         in_flight, peak = 0, 0
         for a in acts:
             in_flight += 1 if a.op is Op.FORWARD else -1

@@ -106,7 +106,8 @@ def test_distributed_training_matches_local(tmp_path):
     """`phalanx train` with the distributed runtime spawns one process per stage (gloo) and
     trains exactly as the simulator does."""
     args = [*TINY, "pipeline.stages=2", "train.steps=3"]
-    out = _cli("train", *args, 'pipeline.runtime="distributed"', f'train.out_dir="{tmp_path / "d"}"')
+    out_dir = f'train.out_dir="{tmp_path / "d"}"'
+    out = _cli("train", *args, 'pipeline.runtime="distributed"', out_dir)
     assert out.returncode == 0, out.stderr[-2000:]
     _train(tmp_path / "l", ["pipeline.stages=2", "train.steps=3"])
     assert _losses(tmp_path / "d") == pytest.approx(_losses(tmp_path / "l"), rel=1e-6)

@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="phalanx", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="fine-tune SmolLM2-135M as a 4-stage pipeline; ppl before/after")
+    d = sub.add_parser("demo", help="fine-tune SmolLM2-135M as a 4-stage pipeline")
     d.add_argument("--out", default="runs/demo", help="run directory")
     d.add_argument("overrides", nargs="*", help="config overrides, key=value")
 

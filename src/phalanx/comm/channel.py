@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from phalanx.wire import Frame, FrameError, Header, Limits
+from phalanx.wire import DEFAULT_LIMITS, Frame, FrameError, Header, Limits
 
 
 class ChannelError(RuntimeError):
@@ -27,7 +27,7 @@ class ChannelTimeout(ChannelError):
 class Channel(ABC):
     """A bidirectional link between stage ``me`` and stage ``peer``."""
 
-    def __init__(self, me: int, peer: int, limits: Limits = Limits()) -> None:
+    def __init__(self, me: int, peer: int, limits: Limits = DEFAULT_LIMITS) -> None:
         self.me = me
         self.peer = peer
         self.limits = limits

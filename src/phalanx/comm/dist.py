@@ -20,7 +20,16 @@ import torch
 import torch.distributed as dist
 
 from phalanx.comm.channel import Channel, ChannelClosed, ChannelTimeout
-from phalanx.wire import HEADER_SIZE, Frame, FrameError, Kind, Limits, decode_header, decode_payload
+from phalanx.wire import (
+    DEFAULT_LIMITS,
+    HEADER_SIZE,
+    Frame,
+    FrameError,
+    Kind,
+    Limits,
+    decode_header,
+    decode_payload,
+)
 from phalanx.wire.frame import encode_header, payload_tensor
 
 _BYE = Kind.CONTROL  # a CONTROL frame with micro == BYE_MICRO ends a link
@@ -31,7 +40,8 @@ class DistChannel(Channel):
     """A link to ``peer`` over the default process group; ranks are stage indices."""
 
     def __init__(
-        self, me: int, peer: int, limits: Limits = Limits(), device: torch.device | None = None
+        self, me: int, peer: int, limits: Limits = DEFAULT_LIMITS,
+        device: torch.device | None = None,
     ) -> None:
         super().__init__(me, peer, limits)
         self.device = device or torch.device("cpu")
@@ -128,7 +138,7 @@ class DistChannel(Channel):
 
 
 def dist_channels(
-    me: int, world: int, limits: Limits = Limits(), device: torch.device | None = None
+    me: int, world: int, limits: Limits = DEFAULT_LIMITS, device: torch.device | None = None
 ) -> dict[int, DistChannel]:
     """Every link of rank ``me`` in the default process group, keyed by peer rank."""
     return {p: DistChannel(me, p, limits, device) for p in range(world) if p != me}

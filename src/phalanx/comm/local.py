@@ -9,7 +9,7 @@ from __future__ import annotations
 import queue
 
 from phalanx.comm.channel import Channel, ChannelClosed, ChannelTimeout
-from phalanx.wire import Frame, Limits, decode, encode
+from phalanx.wire import DEFAULT_LIMITS, Frame, Limits, decode, encode
 
 _CLOSED = b""
 
@@ -53,7 +53,7 @@ class LocalChannel(Channel):
 class LocalFabric:
     """All links between ``n`` in-process stages (a full mesh of queues)."""
 
-    def __init__(self, n: int, limits: Limits = Limits()) -> None:
+    def __init__(self, n: int, limits: Limits = DEFAULT_LIMITS) -> None:
         self.n = n
         self.limits = limits
         self._queues = {(a, b): queue.Queue() for a in range(n) for b in range(n) if a != b}

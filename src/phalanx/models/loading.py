@@ -147,7 +147,9 @@ def _from_dir(path: Path) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
-        raise PhalanxError(f"{path} has no config.json: point model.name at a Hugging Face model dir")
+        raise PhalanxError(
+            f"{path} has no config.json: point model.name at a Hugging Face model directory"
+        )
     try:
         conf = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -39,7 +39,8 @@ def init_distributed(cfg: PipelineConfig) -> tuple[int, int, torch.device]:
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != cfg.stages:
         raise PhalanxError(
-            f"{world} processes were launched for pipeline.stages={cfg.stages}: launch one per stage"
+            f"{world} processes were launched for pipeline.stages={cfg.stages}: "
+            "launch one per stage"
         )
     device = torch.device("cpu")
     if dist.get_backend() == "nccl":

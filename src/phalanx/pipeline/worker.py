@@ -41,7 +41,9 @@ class StageStats:
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> StageStats:
         if t.shape != (len(REPORT_FIELDS),):
-            raise FrameError(f"a report has shape {tuple(t.shape)}, expected ({len(REPORT_FIELDS)},)")
+            raise FrameError(
+                f"a report has shape {tuple(t.shape)}, expected ({len(REPORT_FIELDS)},)"
+            )
         v = t.tolist()
         return cls(loss_sum=v[0], loss_count=int(v[1]), compute_s=v[2], wait_s=v[3],
                    tokens=int(v[4]))

@@ -1,6 +1,7 @@
 """Frames: the one message type that crosses a stage boundary (typed header + raw tensor bytes)."""
 
 from phalanx.wire.frame import (
+    DEFAULT_LIMITS,
     HEADER_SIZE,
     Frame,
     FrameError,
@@ -16,6 +17,7 @@ from phalanx.wire.frame import (
 )
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "HEADER_SIZE",
     "Frame",
     "FrameError",

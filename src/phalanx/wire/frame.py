@@ -67,6 +67,9 @@ class Limits:
     max_dim: int = 1 << 31
 
 
+DEFAULT_LIMITS = Limits()
+
+
 @dataclass(kw_only=True)
 class Frame:
     """One message: what it is, where it belongs in the schedule, and a tensor."""
@@ -129,7 +132,9 @@ def encode(frame: Frame) -> bytes:
     return encode_header(frame, len(payload)) + payload
 
 
-def decode_header(data: bytes | bytearray | memoryview, limits: Limits = Limits()) -> Header:
+def decode_header(
+    data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
+) -> Header:
     """Parse and validate a header; raises :class:`FrameError` on anything wrong."""
     if len(data) < HEADER_SIZE:
         raise FrameError(f"truncated header: {len(data)} bytes, expected {HEADER_SIZE}")
@@ -158,7 +163,8 @@ def decode_header(data: bytes | bytearray | memoryview, limits: Limits = Limits(
     expected = numel * dtype.itemsize
     if nbytes != expected:
         raise FrameError(
-            f"payload size {nbytes} does not match shape {tuple(shape)} of {dtype} ({expected} bytes)"
+            f"payload size {nbytes} does not match shape {tuple(shape)} of {dtype} "
+            f"({expected} bytes)"
         )
     if nbytes > limits.max_bytes:
         raise FrameError(f"payload of {nbytes} bytes exceeds the limit of {limits.max_bytes}")
@@ -193,7 +199,7 @@ def decode_payload(
     )
 
 
-def decode(data: bytes | bytearray | memoryview, limits: Limits = Limits()) -> Frame:
+def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Frame:
     """Parse a whole frame (header + payload), validating everything."""
     header = decode_header(data, limits)
     payload = memoryview(data)[HEADER_SIZE:]
