@@ -1,0 +1,86 @@
+"""StageWorker: what a peer sends is checked before it is used; broken schedules are caught."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from phalanx.comm import LocalFabric
+from phalanx.models import ModelConfig, load_model, partition
+from phalanx.pipeline import Action, Op, StageWorker, simulate
+from phalanx.wire import Frame, FrameError, Kind
+
+
+@pytest.fixture()
+def stages():
+    lm = load_model(ModelConfig(name="tiny"))
+    return partition(lm.model, lm.family, 3)
+
+
+def _middle(stages):  # noqa: ANN001, ANN202
+    fabric = LocalFabric(3)
+    worker = StageWorker(stages[1], fabric.channels(1), timeout=2.0)
+    return worker, fabric.channel(0, 1), fabric.channel(2, 1)
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        (torch.zeros(2, 8, 63), "expected \\(batch, seq, 64\\)"),
+        (torch.zeros(2, 8), "expected \\(batch, seq, 64\\)"),
+        (torch.zeros(2, 8, 64, dtype=torch.float64), "float32"),
+        (torch.zeros(2, 8, 64, dtype=torch.int64), "float32"),
+    ],
+)
+def test_bad_activation_is_refused(stages, tensor, message):
+    worker, from_prev, _ = _middle(stages)
+    from_prev.send(Frame(kind=Kind.ACTIVATION, step=0, micro=0, src=0, dst=1, tensor=tensor))
+    worker.begin(0, 1)
+    with pytest.raises(FrameError, match=message):
+        worker.execute(Action(Op.FORWARD, 0))
+
+
+def test_bad_gradient_is_refused(stages):
+    worker, from_prev, from_next = _middle(stages)
+    from_prev.send(Frame(kind=Kind.ACTIVATION, step=0, micro=0, src=0, dst=1,
+                         tensor=torch.randn(2, 8, 64)))
+    worker.begin(0, 1)
+    worker.execute(Action(Op.FORWARD, 0))
+    from_next.send(Frame(kind=Kind.GRADIENT, step=0, micro=0, src=2, dst=1,
+                         tensor=torch.randn(2, 8, 32)))
+    with pytest.raises(FrameError, match="gradient of \\(2, 8, 32\\)"):
+        worker.execute(Action(Op.BACKWARD, 0))
+
+
+def test_labels_outside_vocabulary_are_refused(stages):
+    fabric = LocalFabric(3)
+    last = StageWorker(stages[2], fabric.channels(2), timeout=2.0)
+    fabric.channel(1, 2).send(Frame(kind=Kind.ACTIVATION, step=0, micro=0, src=1, dst=2,
+                                    tensor=torch.randn(1, 4, 64)))
+    fabric.channel(0, 2).send(Frame(kind=Kind.LABELS, step=0, micro=0, src=0, dst=2,
+                                    tensor=torch.tensor([[1, 2, 3, 999]])))
+    last.begin(0, 1)
+    with pytest.raises(FrameError, match="outside the vocabulary"):
+        last.execute(Action(Op.FORWARD, 0))
+
+
+def test_stale_frames_are_dropped_and_waits_are_bounded(stages):
+    from phalanx.comm import ChannelTimeout
+
+    worker, from_prev, _ = _middle(stages)
+    worker.timeout = 0.2
+    from_prev.send(Frame(kind=Kind.ACTIVATION, step=3, micro=0, src=0, dst=1,
+                         tensor=torch.randn(1, 4, 64)))
+    worker.begin(5, 1)  # the frame of step 3 arrives during step 5: stale
+    with pytest.raises(ChannelTimeout, match="waited 0.2 s for ACTIVATION"):
+        worker.execute(Action(Op.FORWARD, 0))
+
+
+def test_simulator_reports_a_deadlocked_schedule(stages):
+    fabric = LocalFabric(3)
+    workers = [StageWorker(s, fabric.channels(s.index), timeout=None) for s in stages]
+    for w in workers:
+        w.begin(0, 1, [torch.zeros(1, 4, dtype=torch.int64)] if w.me == 0 else None)
+    plans = {0: [Action(Op.BACKWARD, 0)], 1: [Action(Op.FORWARD, 0)], 2: []}
+    with pytest.raises(RuntimeError, match="deadlock"):
+        simulate(workers, plans)
