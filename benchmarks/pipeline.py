@@ -341,7 +341,7 @@ def preflight(a: argparse.Namespace) -> int:
 
 
 def summarise(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], layers: int,
-              wall_s: float) -> dict[str, Any]:
+              wall_s: float, load_start: float) -> dict[str, Any]:
     """The JSON record of the whole benchmark."""
     import torch
 
@@ -369,6 +369,7 @@ def summarise(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], laye
             "warmup_steps": a.warmup, "reps": a.reps, "order": "alternating " + ",".join(SYSTEMS),
             "backend": "gloo", "cpu_count": cores(), "torch": torch.__version__,
             "python": platform.python_version(),
+            "load_avg_1min_at_start": load_start,
         },
         "wall_s": wall_s,
     }
@@ -378,6 +379,7 @@ def summarise(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], laye
 def run_parent(a: argparse.Namespace) -> int:
     """Alternate the three systems for ``--reps`` repetitions; print the JSON line."""
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]  # other work on the machine skews every figure
     layers = preflight(a)
     log(f"model={a.model} ({layers} layers) stages={a.stages} schedule={a.schedule} "
         f"micro_batches={a.micro_batches} batch={a.batch_size}x{a.seq_len} steps={a.steps} "
@@ -392,7 +394,7 @@ def run_parent(a: argparse.Namespace) -> int:
                 log(f"rep {rep + 1}/{a.reps}: {system} {rec['tokens_per_s']:.1f} tokens/s "
                     f"(timed {rec['elapsed_s']:.1f} s, job {rec['job_s']:.1f} s, "
                     f"first loss {rec['losses'][0]:.4f})")
-    rec = summarise(a, runs, layers, time.perf_counter() - t_start)
+    rec = summarise(a, runs, layers, time.perf_counter() - t_start, load_start)
     line = json.dumps(rec)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -102,12 +102,13 @@ def test_cli_unknown_family(tmp_path):
 
 
 @pytest.mark.slow
-def test_distributed_training_matches_local(tmp_path):
-    """`phalanx train` with the distributed runtime spawns one process per stage (gloo) and
-    trains exactly as the simulator does."""
+@pytest.mark.parametrize("launcher", [[], ["launch", "--nproc", "2", "--"]])
+def test_distributed_training_matches_local(tmp_path, launcher):
+    """`phalanx train` with the distributed runtime (spawning its processes itself, or started by
+    `phalanx launch`) runs one process per stage over gloo and trains exactly as the simulator."""
     args = [*TINY, "pipeline.stages=2", "train.steps=3"]
     out_dir = f'train.out_dir="{tmp_path / "d"}"'
-    out = _cli("train", *args, 'pipeline.runtime="distributed"', out_dir)
+    out = _cli(*launcher, "train", *args, 'pipeline.runtime="distributed"', out_dir)
     assert out.returncode == 0, out.stderr[-2000:]
     _train(tmp_path / "l", ["pipeline.stages=2", "train.steps=3"])
     assert _losses(tmp_path / "d") == pytest.approx(_losses(tmp_path / "l"), rel=1e-6)
