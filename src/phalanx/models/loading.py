@@ -3,7 +3,6 @@ directories of the Llama and GPT-2 families, and tiny random models for tests.""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from phalanx.errors import PhalanxError
+from phalanx.fileio import sha256_file
 from phalanx.models.config import ModelConfig
 from phalanx.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
@@ -61,10 +61,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     else:
         path = Path(cfg.name).expanduser()
         if not path.exists():
-            raise PhalanxError(
-                f"model {cfg.name!r} not found: use model.name=smollm2, tiny, tiny-gpt2, or a path "
-                "to a Hugging Face model directory or .gguf file"
-            )
+            raise _not_found(cfg.name)
         loaded = _from_gguf(path.parent, path.name) if path.suffix == ".gguf" else _from_dir(path)
     _set_dropout(loaded.model, cfg.dropout)
     loaded.model.to(_DTYPES[cfg.dtype])
@@ -87,10 +84,7 @@ def prepare(cfg: ModelConfig) -> int:
     else:
         path = Path(cfg.name).expanduser()
         if not path.exists():
-            raise PhalanxError(
-                f"model {cfg.name!r} not found: use model.name=smollm2, tiny, tiny-gpt2, or a "
-                "path to a Hugging Face model directory or .gguf file"
-            )
+            raise _not_found(cfg.name)
         if path.suffix == ".gguf":
             return load_model(cfg).model.config.num_hidden_layers
         if not (path / "config.json").is_file():
@@ -102,6 +96,13 @@ def prepare(cfg: ModelConfig) -> int:
         raise PhalanxError(f"{path}/config.json cannot be read: {exc}") from None
     family_of(getattr(conf, "model_type", "?"), str(path))
     return int(conf.num_hidden_layers)
+
+
+def _not_found(name: str) -> PhalanxError:
+    return PhalanxError(
+        f"model {name!r} not found: use model.name=smollm2, tiny, tiny-gpt2, or a path to a "
+        "Hugging Face model directory or .gguf file"
+    )
 
 
 def family_of(model_type: str, where: str) -> str:
@@ -210,14 +211,6 @@ def _smollm2(cfg: ModelConfig) -> LoadedModel:
     return loaded
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _cache_valid(cache: Path) -> bool:
     stamp = cache / "phalanx-cache.json"
     weights = cache / "model.safetensors"
@@ -227,7 +220,7 @@ def _cache_valid(cache: Path) -> bool:
         meta = json.loads(stamp.read_text())
     except (OSError, ValueError):
         return False
-    if meta.get("size") != weights.stat().st_size or meta.get("sha256") != _sha256(weights):
+    if meta.get("size") != weights.stat().st_size or meta.get("sha256") != sha256_file(weights):
         log.warning("model cache %s is corrupt; converting again", cache)
         return False
     return True
@@ -252,7 +245,7 @@ def _write_cache(loaded: LoadedModel, cache: Path) -> None:
                   metadata={"format": "pt"})
         loaded.tokenizer._tok.save_pretrained(tmp)  # type: ignore[attr-defined]
         weights = tmp / "model.safetensors"
-        stamp = {"size": weights.stat().st_size, "sha256": _sha256(weights),
+        stamp = {"size": weights.stat().st_size, "sha256": sha256_file(weights),
                  "source": loaded.source}
         (tmp / "phalanx-cache.json").write_text(json.dumps(stamp))
         if cache.exists():
