@@ -162,6 +162,8 @@ def child_phalanx(a: argparse.Namespace) -> None:
     load_s = time.perf_counter() - t_load
     step_s: list[float] = []
     losses: list[float] = []
+    compute = [0.0] * a.stages  # per stage, summed over the timed steps (from the reports)
+    wait = [0.0] * a.stages
     t0 = time.perf_counter()
     try:
         for i in range(total):
@@ -172,12 +174,17 @@ def child_phalanx(a: argparse.Namespace) -> None:
             step_s.append(time.perf_counter() - ts)
             if res is not None:
                 losses.append(res.loss)
+                if i >= a.warmup:
+                    for k, st in enumerate(res.stats):
+                        compute[k] += st.compute_s / a.steps
+                        wait[k] += st.wait_s / a.steps
         elapsed = time.perf_counter() - t0
     finally:
         rt.close()
     if rt.is_driver:
         write_result(a.result, a, elapsed, step_s[a.warmup:], losses, load_s=load_s,
-                     threads=torch.get_num_threads())
+                     threads=torch.get_num_threads(), stage_compute_s=compute,
+                     stage_wait_s=wait)
 
 
 def child_torchpp(a: argparse.Namespace) -> None:
@@ -340,6 +347,11 @@ def preflight(a: argparse.Namespace) -> int:
     return layers
 
 
+def _median_lists(rows: list[list[float]]) -> list[float]:
+    """Element-wise median of equal-length lists."""
+    return [statistics.median(col) for col in zip(*rows, strict=True)]
+
+
 def summarise(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], layers: int,
               wall_s: float, load_start: float) -> dict[str, Any]:
     """The JSON record of the whole benchmark."""
@@ -360,6 +372,9 @@ def summarise(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], laye
         "median_step_s": {s: statistics.median(x for r in runs[s] for x in r["step_s"])
                           for s in SYSTEMS},
         "first_step_loss": {s: runs[s][0]["losses"][0] for s in SYSTEMS},
+        # phalanx's own accounting, mean per timed step and stage, median over repetitions
+        "phalanx_stage_compute_s": _median_lists([r["stage_compute_s"] for r in runs["phalanx"]]),
+        "phalanx_stage_wait_s": _median_lists([r["stage_wait_s"] for r in runs["phalanx"]]),
         "threads_per_process": {s: runs[s][0]["threads"] for s in SYSTEMS},
         "torch_pp_note": TORCH_PP_NOTE,
         "settings": {

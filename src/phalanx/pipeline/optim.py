@@ -101,9 +101,9 @@ class StageOptimizer:
     def step(self, scale: float = 1.0) -> None:
         """Scale the gradients (clipping), take an AdamW step, advance the schedule."""
         if scale != 1.0:
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, scale)
         self.opt.step()
         self.steps_done += 1
         self.refresh_lr()

@@ -204,7 +204,7 @@ class StageWorker:
             self._send(self.me - 1, Kind.GRADIENT, m, x.grad)
 
     def _do_send_tied(self, _: int) -> None:
-        self._send(self._tied_peer(), Kind.TIED_GRAD, 0, self._tied_grads().clone())
+        self._send(self._tied_peer(), Kind.TIED_GRAD, 0, self._tied_grads())
 
     def _do_recv_tied(self, _: int) -> None:
         other = self._take(self._tied_peer(), Kind.TIED_GRAD, 0).tensor
@@ -216,7 +216,9 @@ class StageWorker:
         for local, _ in self.tied:
             p = self._params[local]
             k = p.numel()
-            p.grad.add_(other[offset : offset + k].view_as(p))  # both ends: g_first + g_last
+            # both ends compute g_first + g_last; a new tensor, as the old one may still be
+            # in flight to the peer
+            p.grad = p.grad + other[offset : offset + k].view_as(p)
             offset += k
 
     def _do_send_norm(self, _: int) -> None:
@@ -273,16 +275,19 @@ class StageWorker:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad.reshape(-1))
-        return torch.cat(grads)
+        return grads[0] if len(grads) == 1 else torch.cat(grads)  # one tied matrix: no copy
 
     def _local_norm_sq(self) -> float:
-        """Squared norm of this stage's gradients; a tied copy counts once (on stage 0)."""
+        """Squared norm of this stage's gradients; a tied copy counts once (on stage 0).
+
+        Per-tensor norms in the gradients' dtype (as ``clip_grad_norm_``), summed in float64."""
         skip = {id(self._params[local]) for local, _ in self.tied} if self.me != 0 else set()
-        total = 0.0
-        for p in self.stage.parameters():
-            if p.grad is not None and id(p) not in skip:
-                total += float(p.grad.double().pow(2).sum())
-        return total
+        grads = [p.grad for p in self.stage.parameters()
+                 if p.grad is not None and id(p) not in skip]
+        if not grads:
+            return 0.0
+        norms = torch.stack(torch._foreach_norm(grads)).double()
+        return float(norms.pow(2).sum())
 
     def _send(self, peer: int, kind: Kind, micro: int, tensor: torch.Tensor) -> None:
         self.channels[peer].send(Frame(kind=kind, step=self.step, micro=micro, src=self.me,
