@@ -60,3 +60,25 @@ def test_pipeline_step_equals_single_process(smol):
     rel, where = max_rel_diff(ref, pipeline_grads(rt))
     assert rel <= TOLERANCE, where
     assert abs(res.loss - loss_ref) <= TOLERANCE * loss_ref
+
+
+def test_corrupt_cache_is_detected_and_rebuilt(smol, tmp_path):
+    """A cache whose weights changed is refused (hash) and converted again from the GGUF."""
+    import shutil
+
+    from phalanx.models.loading import _cache_valid
+
+    src = cache_root(ModelConfig()) / "models" / smollm2_gguf().stem
+    cache = tmp_path / "models" / smollm2_gguf().stem
+    shutil.copytree(src, cache)
+    assert _cache_valid(cache)  # an intact copy
+    weights = cache / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\x00\x01\x02\x03\x04\x05\x06\x07")
+    assert not _cache_valid(cache)
+    again = load_model(ModelConfig(name="smollm2", cache_dir=str(tmp_path)))
+    assert _cache_valid(cache, deep=True)
+    w = "model.norm.weight"
+    assert torch.equal(dict(again.model.named_parameters())[w],
+                       dict(smol.model.named_parameters())[w])

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from phalanx.errors import PhalanxError
-from phalanx.fileio import sha256_file
+from phalanx.fileio import atomic_write_json, sha256_file
 from phalanx.models.config import ModelConfig
 from phalanx.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
@@ -78,7 +78,7 @@ def prepare(cfg: ModelConfig) -> int:
     if cfg.name == "smollm2":
         gguf = smollm2_gguf()
         cache = cache_root(cfg) / "models" / gguf.stem
-        if not _cache_valid(cache):
+        if not _cache_valid(cache, deep=True):
             _write_cache(_from_gguf(gguf.parent, gguf.name), cache)
         path = cache
     else:
@@ -211,7 +211,10 @@ def _smollm2(cfg: ModelConfig) -> LoadedModel:
     return loaded
 
 
-def _cache_valid(cache: Path) -> bool:
+def _cache_valid(cache: Path, deep: bool = False) -> bool:
+    """Whether the cache is complete and unchanged since it was written: its size and
+    modification time match the stamp (cheap, every load), and with ``deep`` its SHA-256 too
+    (once per command, before workers start)."""
     stamp = cache / "phalanx-cache.json"
     weights = cache / "model.safetensors"
     if not (stamp.is_file() and weights.is_file()):
@@ -220,9 +223,14 @@ def _cache_valid(cache: Path) -> bool:
         meta = json.loads(stamp.read_text())
     except (OSError, ValueError):
         return False
-    if meta.get("size") != weights.stat().st_size or meta.get("sha256") != sha256_file(weights):
+    st = weights.stat()
+    changed = meta.get("size") != st.st_size or meta.get("mtime_ns") != st.st_mtime_ns
+    if (changed or deep) and meta.get("sha256") != sha256_file(weights):
         log.warning("model cache %s is corrupt; converting again", cache)
         return False
+    if changed:  # same bytes, new time stamp (copied or touched): record it
+        meta.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        atomic_write_json(stamp, meta)
     return True
 
 
@@ -245,7 +253,8 @@ def _write_cache(loaded: LoadedModel, cache: Path) -> None:
                   metadata={"format": "pt"})
         loaded.tokenizer._tok.save_pretrained(tmp)  # type: ignore[attr-defined]
         weights = tmp / "model.safetensors"
-        stamp = {"size": weights.stat().st_size, "sha256": sha256_file(weights),
+        st = weights.stat()
+        stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(weights),
                  "source": loaded.source}
         (tmp / "phalanx-cache.json").write_text(json.dumps(stamp))
         if cache.exists():
