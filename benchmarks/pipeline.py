@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -168,7 +167,8 @@ def child_phalanx(a: argparse.Namespace) -> None:
     try:
         for i in range(total):
             if i == a.warmup:
-                t0 = time.perf_counter()  # every rank finished step i-1 (its report arrived)
+                rt.barrier()  # every stage finished the warm-up, optimizer steps included
+                t0 = time.perf_counter()
             ts = time.perf_counter()
             res = rt.train_step(i, batches[i] if batches is not None else None)
             step_s.append(time.perf_counter() - ts)
@@ -178,6 +178,7 @@ def child_phalanx(a: argparse.Namespace) -> None:
                     for k, st in enumerate(res.stats):
                         compute[k] += st.compute_s / a.steps
                         wait[k] += st.wait_s / a.steps
+        rt.barrier()  # stages > 0 report before their step: wait for the last steps too
         elapsed = time.perf_counter() - t0
     finally:
         rt.close()
@@ -278,19 +279,6 @@ def child_single(a: argparse.Namespace) -> None:
 
 
 # -- parent ------------------------------------------------------------------------------------
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Terminate the job's whole process group (torchrun and its workers)."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-
-
 def _stdout_target() -> int | None:
     """Children print to our stderr so that stdout carries only the JSON line."""
     try:
@@ -301,6 +289,8 @@ def _stdout_target() -> int | None:
 
 def run_job(a: argparse.Namespace, system: str, tmp: Path, rep: int) -> dict[str, Any]:
     """Run one repetition of ``system`` as a fresh process or torchrun job; its result."""
+    from phalanx.cli.launch import kill_group
+
     script = str(Path(__file__).resolve())
     result = tmp / f"{system}-{rep}.json"
     child = {"phalanx": "phalanx", "torch_pp": "torchpp", "single": "single"}[system]
@@ -319,14 +309,14 @@ def run_job(a: argparse.Namespace, system: str, tmp: Path, rep: int) -> dict[str
     try:
         code = proc.wait(timeout=a.timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_group(proc)
         raise SystemExit(f"bench pipeline: {system} (repetition {rep + 1}) took more than "
                          f"{a.timeout:.0f} s; killed") from None
     except BaseException:
-        _kill_group(proc)
+        kill_group(proc)
         raise
     if code != 0 or not result.is_file():
-        _kill_group(proc)
+        kill_group(proc)
         raise SystemExit(f"bench pipeline: {system} (repetition {rep + 1}) failed with exit "
                          f"code {code}; see the messages above")
     rec = json.loads(result.read_text())

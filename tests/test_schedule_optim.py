@@ -45,10 +45,15 @@ def test_train_actions_reduction():
     first = train_actions("1f1b", 0, 3, 2, tied=True)
     middle = train_actions("1f1b", 1, 3, 2, tied=True)
     last = train_actions("1f1b", 2, 3, 2, tied=True)
-    assert _ops(first)[-5:] == ["send_tied", "recv_tied", "gather_norm", "step", "gather_report"]
-    assert _ops(middle)[-4:] == ["send_norm", "recv_norm", "step", "send_report"]
-    assert "send_tied" in _ops(last) and "step" not in _ops(train_actions("gpipe", 1, 3, 2,
-                                                                          tied=True, step=False))
+    # stage 0 owns the tied embedding: adds the last stage's gradient, steps, sends the weights
+    assert _ops(first)[-5:] == ["recv_tied", "gather_norm", "step", "send_weights",
+                                "gather_report"]
+    # other stages report before their step, so stage 0 never waits for their optimizer
+    assert _ops(middle)[-4:] == ["send_norm", "recv_norm", "send_report", "step"]
+    assert _ops(last)[-5:] == ["send_tied", "send_norm", "recv_norm", "send_report", "step"]
+    assert "step" not in _ops(train_actions("gpipe", 1, 3, 2, tied=True, step=False))
+    untied = train_actions("1f1b", 0, 3, 2, tied=False)
+    assert "recv_tied" not in _ops(untied) and "send_weights" not in _ops(untied)
 
 
 def test_lr_factor_by_hand():

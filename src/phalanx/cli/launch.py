@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -26,13 +27,12 @@ def spawn(nproc: int, args: list[str], timeout: float | None = None) -> int:
     try:
         return proc.wait(timeout=timeout)
     except BaseException:
-        _kill_group(proc)
+        kill_group(proc)
         raise
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    import signal
-
+def kill_group(proc: subprocess.Popen) -> None:
+    """Stop a process started with ``start_new_session=True`` and all its children."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)

@@ -42,6 +42,14 @@ class StageModule(nn.Module):
         self.tied = tied  # local name -> canonical name, for parameters shared with another stage
         self.drop = nn.Dropout(getattr(config, "embd_pdrop", 0.0)) if family == "gpt2" else None
 
+    def replicas(self) -> list[nn.Parameter]:
+        """Parameters this stage holds as copies of stage 0's (a tied output embedding): stage 0
+        owns and updates them; this stage only uses them."""
+        if self.is_first or not self.is_last:
+            return []
+        params = dict(self.named_parameters())
+        return [params[local] for local in sorted(self.tied)]
+
     @property
     def is_first(self) -> bool:
         return self.index == 0

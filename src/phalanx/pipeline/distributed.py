@@ -60,7 +60,8 @@ class DistributedRuntime(Runtime):
         self.rank = dist.get_rank()
         stage.to(device)
         channels = dist_channels(self.rank, dist.get_world_size(), device=device)
-        self._worker = StageWorker(stage, channels, StageOptimizer(stage, optim, total_steps),
+        opt = StageOptimizer(stage, optim, total_steps, exclude=stage.replicas())
+        self._worker = StageWorker(stage, channels, opt,
                                    timeout=cfg.timeout_s, dtype=next(stage.parameters()).dtype)
         self._tag = 0
 

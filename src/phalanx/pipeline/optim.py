@@ -76,12 +76,15 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float)
 class StageOptimizer:
     """AdamW over one stage's parameters, with the learning-rate schedule."""
 
-    def __init__(self, module: nn.Module, cfg: OptimConfig, total_steps: int) -> None:
+    def __init__(self, module: nn.Module, cfg: OptimConfig, total_steps: int,
+                 exclude: Iterable[nn.Parameter] = ()) -> None:
         self.cfg = cfg
         self.total_steps = total_steps
-        self.params = [p for p in module.parameters() if p.requires_grad]
+        skip = {id(p) for p in exclude}
+        named = [(n, p) for n, p in module.named_parameters() if id(p) not in skip]
+        self.params = [p for _, p in named if p.requires_grad]
         self.opt = torch.optim.AdamW(
-            param_groups(module.named_parameters(), cfg.weight_decay), lr=cfg.lr,
+            param_groups(named, cfg.weight_decay), lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         )
         self.steps_done = 0

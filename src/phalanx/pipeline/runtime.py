@@ -10,7 +10,7 @@ from phalanx.comm import LocalFabric
 from phalanx.models.stages import StageModule
 from phalanx.pipeline.config import PipelineConfig
 from phalanx.pipeline.optim import OptimConfig, StageOptimizer
-from phalanx.pipeline.schedule import Action, eval_actions, train_actions
+from phalanx.pipeline.schedule import Action, eval_actions, replica_sync, train_actions
 from phalanx.pipeline.worker import IterationResult, StageWorker
 
 
@@ -28,6 +28,7 @@ class Runtime(ABC):
         self.cfg = cfg
         self.num_stages = num_stages
         self.tied = tied
+        self._replica_stale = False  # stage 0 stepped the tied weights; the last stage's copy lags
 
     @property
     @abstractmethod
@@ -44,13 +45,28 @@ class Runtime(ABC):
         return train_actions(self.cfg.schedule, stage, self.num_stages, self.cfg.micro_batches,
                              self.tied, step=step)
 
+    def _sync_first(self, stage: int) -> list[Action]:
+        """The replica update a plan starts with, if the last step left the replica behind."""
+        return replica_sync(stage, self.num_stages, self.tied) if self._replica_stale else []
+
+    def sync_replicas(self, step: int) -> None:
+        """Bring replicas of tied weights up to date now (before a checkpoint or an inspection;
+        iterations do it themselves, overlapped with the pipeline fill)."""
+        if not self._replica_stale:
+            return
+        plans = {w.me: self._sync_first(w.me) for w in self.workers}
+        self._replica_stale = False
+        self._iterate(step, 0, [] if self.is_driver else None, True, plans)
+
     def train_step(self, step: int, batch: torch.Tensor | None, *, optimize: bool = True
                    ) -> IterationResult | None:
         """One iteration on ``batch`` (needed on the driver only); ``optimize=False`` stops
         before the optimizer step, leaving the reduced gradients on the parameters."""
         M = self.cfg.micro_batches
         inputs = split_micro(batch, M) if batch is not None else None
-        plans = {w.me: self.plan(w.me, step=optimize) for w in self.workers}
+        plans = {w.me: self._sync_first(w.me) + self.plan(w.me, step=optimize)
+                 for w in self.workers}
+        self._replica_stale = optimize and self.tied and self.num_stages > 1
         return self._iterate(step, M, inputs, True, plans)
 
     def evaluate(self, batches: list[torch.Tensor] | None, step: int = 0) -> float | None:
@@ -59,7 +75,8 @@ class Runtime(ABC):
         if batches is not None:
             inputs = [mb for b in batches for mb in split_micro(b, self.cfg.micro_batches)]
         count = self.agree(len(inputs) if inputs is not None else 0)
-        plans = {w.me: eval_actions(w.me, count) for w in self.workers}
+        plans = {w.me: self._sync_first(w.me) + eval_actions(w.me, count) for w in self.workers}
+        self._replica_stale = False
         result = self._iterate(step, count, inputs, False, plans)
         return result.loss if result is not None else None
 
@@ -115,7 +132,8 @@ class LocalRuntime(Runtime):
         super().__init__(cfg, len(stages), tied=any(s.tied for s in stages))
         fabric = LocalFabric(len(stages))
         self._workers = [
-            StageWorker(s, fabric.channels(s.index), StageOptimizer(s, optim, total_steps),
+            StageWorker(s, fabric.channels(s.index),
+                        StageOptimizer(s, optim, total_steps, exclude=s.replicas()),
                         timeout=None, dtype=_dtype_of(s))
             for s in stages
         ]

@@ -1,8 +1,10 @@
 """Schedules as data: for each stage, the ordered list of actions of one iteration.
 
 A training iteration is the forward/backward order of the schedule (GPipe or 1F1B), then the
-gradient reduction (tied-embedding gradient exchange between the first and last stage, global
-gradient norm through stage 0), the optimizer step, and a statistics report to stage 0.
+gradient reduction (the last stage's gradient of a tied embedding goes to stage 0, which owns it;
+the global gradient norm goes through stage 0), a statistics report to stage 0, and the optimizer
+step. Stage 0 then sends the updated tied embedding to the last stage, which takes it at the start
+of its next plan (:func:`replica_sync`), so that transfer overlaps the next pipeline fill.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ class Op(Enum):
 
     FORWARD = "F"
     BACKWARD = "B"
-    SEND_TIED = "send_tied"  # first/last stage: send its tied-parameter gradients to the other
-    RECV_TIED = "recv_tied"  # ... and add the other's
+    SEND_TIED = "send_tied"  # last stage: send its tied-parameter gradients to stage 0
+    RECV_TIED = "recv_tied"  # stage 0: add them to its own
+    SEND_WEIGHTS = "send_weights"  # stage 0, after its step: updated tied weights to the last stage
+    RECV_WEIGHTS = "recv_weights"  # last stage: take them (its copy is a replica)
     SEND_NORM = "send_norm"  # stage > 0: send its squared gradient norm to stage 0
     GATHER_NORM = "gather_norm"  # stage 0: sum all squared norms, send the total back
     RECV_NORM = "recv_norm"  # stage > 0: receive the global norm
@@ -74,14 +78,25 @@ def compute_order(name: str, stage: int, num_stages: int, micro: int) -> list[Ac
     raise ConfigError(f"pipeline.schedule={name!r} is unknown; use one of {', '.join(SCHEDULES)}")
 
 
+def has_replica(stage: int, num_stages: int, tied: bool) -> bool:
+    """Whether ``stage`` holds a replica of a tied parameter owned by stage 0."""
+    return tied and num_stages > 1 and stage == num_stages - 1
+
+
 def reduce_actions(stage: int, num_stages: int, tied: bool) -> list[Action]:
     """Gradient reduction of one iteration (before the optimizer step)."""
     acts: list[Action] = []
-    last = num_stages - 1
-    if tied and num_stages > 1 and stage in (0, last):
-        acts += [Action(Op.SEND_TIED), Action(Op.RECV_TIED)]
+    if has_replica(stage, num_stages, tied):
+        acts.append(Action(Op.SEND_TIED))
+    if tied and num_stages > 1 and stage == 0:
+        acts.append(Action(Op.RECV_TIED))
     acts += [Action(Op.GATHER_NORM)] if stage == 0 else [Action(Op.SEND_NORM), Action(Op.RECV_NORM)]
     return acts
+
+
+def replica_sync(stage: int, num_stages: int, tied: bool) -> list[Action]:
+    """What the last stage does before using its replica after an optimizer step."""
+    return [Action(Op.RECV_WEIGHTS)] if has_replica(stage, num_stages, tied) else []
 
 
 def report_action(stage: int) -> Action:
@@ -92,10 +107,17 @@ def report_action(stage: int) -> Action:
 def train_actions(
     name: str, stage: int, num_stages: int, micro: int, tied: bool, step: bool = True
 ) -> list[Action]:
-    """One training iteration of ``stage``; ``step=False`` stops before the optimizer step."""
+    """One training iteration of ``stage``; ``step=False`` stops before the optimizer step.
+
+    Stages > 0 report before their step, so stage 0 never waits for another stage's optimizer.
+    """
     acts = compute_order(name, stage, num_stages, micro) + reduce_actions(stage, num_stages, tied)
+    if stage > 0:
+        return acts + [report_action(stage)] + ([Action(Op.STEP)] if step else [])
     if step:
         acts.append(Action(Op.STEP))
+        if tied and num_stages > 1:
+            acts.append(Action(Op.SEND_WEIGHTS))
     return acts + [report_action(stage)]
 
 

@@ -31,7 +31,7 @@ class StageStats:
 
     loss_sum: float = 0.0
     loss_count: int = 0
-    compute_s: float = 0.0
+    compute_s: float = 0.0  # forward and backward (the optimizer step is not counted)
     wait_s: float = 0.0
     tokens: int = 0
 
@@ -100,7 +100,7 @@ class StageWorker:
         self, step: int, micro: int, inputs: list[torch.Tensor] | None = None, train: bool = True
     ) -> None:
         """Start iteration ``step`` of ``micro`` micro-batches; stage 0 gets their token ids."""
-        if self.me == 0 and (not inputs or len(inputs) != micro):
+        if self.me == 0 and len(inputs or []) != micro:
             raise ValueError(f"stage 0 needs the {micro} micro-batches of the iteration")
         self.step, self.micro, self.train = step, micro, train
         self.inputs = list(inputs or [])
@@ -131,7 +131,9 @@ class StageWorker:
         if op is Op.BACKWARD:
             return [] if self.me == self.last else [(self.me + 1, Kind.GRADIENT, m)]
         if op is Op.RECV_TIED:
-            return [(self._tied_peer(), Kind.TIED_GRAD, 0)]
+            return [(self.last, Kind.TIED_GRAD, 0)]
+        if op is Op.RECV_WEIGHTS:
+            return [(0, Kind.TIED_WEIGHT, 0)]
         if op is Op.GATHER_NORM:
             return [(p, Kind.NORM, 0) for p in range(1, self.n)]
         if op is Op.RECV_NORM:
@@ -204,22 +206,31 @@ class StageWorker:
             self._send(self.me - 1, Kind.GRADIENT, m, x.grad)
 
     def _do_send_tied(self, _: int) -> None:
-        self._send(self._tied_peer(), Kind.TIED_GRAD, 0, self._tied_grads())
+        """Last stage: hand the replica's gradient to stage 0, the owner."""
+        self._send(0, Kind.TIED_GRAD, 0, self._tied_grads())
+        for local, _ in self.tied:
+            self._params[local].grad = None  # the replica is not stepped here
 
     def _do_recv_tied(self, _: int) -> None:
-        other = self._take(self._tied_peer(), Kind.TIED_GRAD, 0).tensor
-        mine = self._tied_grads()
-        if other.shape != mine.shape or other.dtype != mine.dtype:
-            raise FrameError(f"tied gradient of {tuple(other.shape)} {other.dtype}, expected "
-                             f"{tuple(mine.shape)} {mine.dtype}")
-        offset = 0
-        for local, _ in self.tied:
-            p = self._params[local]
-            k = p.numel()
-            # both ends compute g_first + g_last; a new tensor, as the old one may still be
-            # in flight to the peer
-            p.grad = p.grad + other[offset : offset + k].view_as(p)
-            offset += k
+        """Stage 0: g_tied = g_embedding + g_head, exactly as in the unsplit model."""
+        other = self._expect(self._take(self.last, Kind.TIED_GRAD, 0).tensor, self._tied_grads(),
+                             "tied gradient")
+        for p, g in zip(self._tied_params(), self._split(other), strict=True):
+            p.grad = p.grad + g
+
+    def _do_send_weights(self, _: int) -> None:
+        """Stage 0, after its step: the updated tied weights, for the next iteration's replica."""
+        w = torch.cat([p.detach().reshape(-1) for p in self._tied_params()])
+        self.channels[self.last].send(Frame(kind=Kind.TIED_WEIGHT, step=self.step + 1, micro=0,
+                                            src=self.me, dst=self.last, tensor=w))
+
+    def _do_recv_weights(self, _: int) -> None:
+        """Last stage: overwrite the replica with stage 0's updated weights."""
+        mine = torch.cat([p.detach().reshape(-1) for p in self._tied_params()])
+        new = self._expect(self._take(0, Kind.TIED_WEIGHT, 0).tensor, mine, "tied weight")
+        with torch.no_grad():
+            for p, w in zip(self._tied_params(), self._split(new), strict=True):
+                p.copy_(w)
 
     def _do_send_norm(self, _: int) -> None:
         self._send(0, Kind.NORM, 0, torch.tensor([self._local_norm_sq()], dtype=torch.float64))
@@ -241,10 +252,8 @@ class StageWorker:
     def _do_step(self, _: int) -> None:
         if self.optimizer is None:
             raise RuntimeError(f"stage {self.me} has no optimizer to step")
-        t0 = time.perf_counter()
         self.optimizer.step(clip_coefficient(self.global_norm, self.optimizer.cfg.clip))
         self.optimizer.zero_grad()
-        self.stats.compute_s += time.perf_counter() - t0
 
     def _do_send_report(self, _: int) -> None:
         self._send(0, Kind.REPORT, 0, self.stats.as_tensor())
@@ -265,17 +274,29 @@ class StageWorker:
         return self._take(peer, Kind.CONTROL, tag).tensor
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _tied_peer(self) -> int:
-        return self.last if self.me == 0 else 0
+    def _tied_params(self) -> list[torch.nn.Parameter]:
+        return [self._params[local] for local, _ in self.tied]
 
     def _tied_grads(self) -> torch.Tensor:
         grads = []
-        for local, _ in self.tied:
-            p = self._params[local]
+        for p in self._tied_params():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad.reshape(-1))
         return grads[0] if len(grads) == 1 else torch.cat(grads)  # one tied matrix: no copy
+
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat`` cut into tensors shaped like the tied parameters."""
+        params = self._tied_params()
+        parts = flat.split([p.numel() for p in params])
+        return [t.view_as(p) for t, p in zip(parts, params, strict=True)]
+
+    @staticmethod
+    def _expect(got: torch.Tensor, like: torch.Tensor, what: str) -> torch.Tensor:
+        if got.shape != like.shape or got.dtype != like.dtype:
+            raise FrameError(f"{what} of {tuple(got.shape)} {got.dtype}, expected "
+                             f"{tuple(like.shape)} {like.dtype}")
+        return got
 
     def _local_norm_sq(self) -> float:
         """Squared norm of this stage's gradients; a tied copy counts once (on stage 0).

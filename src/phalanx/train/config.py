@@ -19,6 +19,7 @@ class TrainConfig:
     eval_every: int = 0  # evaluate every k steps; 0 = only at the start and the end
     eval_batches: int = 4  # validation batches per evaluation
     checkpoint_every: int = 0  # checkpoint every k steps; 0 = only at the end
+    save: bool = True  # write checkpoints at all (the demo does not)
     out_dir: str = "runs/train"
     seed: int = 0
     progress: bool = True  # progress bar on the terminal

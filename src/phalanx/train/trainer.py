@@ -51,6 +51,7 @@ class Trainer:
 
     def checkpoint(self, step: int, extra: dict) -> None:
         directory = self.out / "checkpoints" / f"step_{step}"
+        self.runtime.sync_replicas(step)
         hashes = {w.me: save_stage(directory, w) for w in self.runtime.workers}
         digests = {i: torch.frombuffer(bytearray(bytes.fromhex(h)), dtype=torch.uint8)
                    for i, h in hashes.items()}
@@ -115,11 +116,12 @@ class Trainer:
                     metrics.flush()
                     bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{tokens / dt:.0f}")
                 bar.update(1)
-                if t_cfg.checkpoint_every and done % t_cfg.checkpoint_every == 0 \
-                        and done < t_cfg.steps:
+                if t_cfg.save and t_cfg.checkpoint_every \
+                        and done % t_cfg.checkpoint_every == 0 and done < t_cfg.steps:
                     self.checkpoint(done, {"val_loss_start": val_start})
             val_end = self.evaluate(t_cfg.steps)
-            self.checkpoint(t_cfg.steps, {"val_loss_start": val_start})
+            if t_cfg.save:
+                self.checkpoint(t_cfg.steps, {"val_loss_start": val_start})
             rss = self.runtime.gather(
                 {w.me: torch.tensor([peak_rss_mb()], dtype=torch.float64) for w in rt.workers})
         finally:

@@ -34,12 +34,13 @@ class Kind(IntEnum):
     ACTIVATION = 1  # stage i -> i+1, forward
     GRADIENT = 2  # stage i+1 -> i, gradient w.r.t. the activation
     LABELS = 3  # data owner -> last stage, target token ids
-    TIED_GRAD = 4  # first <-> last stage, gradient of a tied parameter
+    TIED_GRAD = 4  # last stage -> stage 0, gradient of a tied parameter
     NORM = 5  # stage -> stage 0, squared gradient norm of the stage's parameters
     NORM_TOTAL = 6  # stage 0 -> stage, global squared gradient norm
     REPORT = 7  # stage -> stage 0, per-step statistics
     CONTROL = 8  # control messages (barriers, shutdown)
     VERDICT = 9  # coordinator decisions
+    TIED_WEIGHT = 10  # stage 0 -> last stage, updated tied weights
 
 
 DTYPE_CODES: dict[int, torch.dtype] = {
