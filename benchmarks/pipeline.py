@@ -11,8 +11,9 @@ with the same number of stages, micro-batches and schedule:
   ``Schedule1F1B`` over gloo, the same number of torchrun processes, each wrapping *phalanx's own*
   stage module (so the compute per stage is identical), loss = ``phalanx.models.lm_loss`` (torch
   divides the gradients by the number of micro-batches, as phalanx divides the loss), and a
-  per-rank AdamW step. No tied-embedding synchronisation and no global clipping: slightly less
-  work than phalanx (see ``torch_pp_note`` in the output).
+  per-rank AdamW step. To train the same model as phalanx it also sums the tied embedding's
+  gradients between the first and last rank and clips by the global gradient norm (two
+  ``all_reduce`` calls, as a torch user would write them); ``--torch-pp-bare`` leaves both out.
 * ``single``   -- the unsplit Hugging Face model in one process: forward with labels, backward,
   ``clip_grad_norm_(1.0)``, AdamW step.
 
@@ -51,12 +52,17 @@ from typing import Any
 
 SYSTEMS = ("phalanx", "torch_pp", "single")
 LR = 5e-5
+CLIP = 1.0
 WEIGHT_DECAY = 0.01
 TORCH_PP_NOTE = (
     "torch_pp runs phalanx's stage modules under torch.distributed.pipelining with a per-rank "
-    "AdamW and no cross-stage work: no tied-embedding gradient exchange between the first and "
-    "last stage and no global gradient-norm clipping (phalanx does both), so it does slightly "
-    "less work per step"
+    "AdamW, plus an all_reduce of the tied embedding's gradient between the first and last rank "
+    "and global-norm clipping (all_reduce of the squared norms), so both train the same model"
+)
+TORCH_PP_BARE_NOTE = (
+    "torch_pp (--torch-pp-bare) runs phalanx's stage modules under torch.distributed.pipelining "
+    "with a per-rank AdamW and no cross-stage work: no tied-embedding gradient sum and no global "
+    "clipping (phalanx does both), so it does less work and trains an untied model"
 )
 
 
@@ -90,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=1800.0,
                     help="seconds one job (one system, one repetition) may take")
     ap.add_argument("--out", help="also write the JSON result to this file")
+    ap.add_argument("--torch-pp-bare", action="store_true",
+                    help="torch baseline without tied-gradient sum and global clipping")
     ap.add_argument("--child", choices=("phalanx", "torchpp", "single"), help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -117,6 +125,7 @@ def child_argv(a: argparse.Namespace, child: str, result: Path) -> list[str]:
         "--micro-batches", str(a.micro_batches), "--batch-size", str(a.batch_size),
         "--seq-len", str(a.seq_len), "--steps", str(a.steps), "--warmup", str(a.warmup),
         "--reps", "1", "--child", child, "--result", str(result),
+        *(["--torch-pp-bare"] if a.torch_pp_bare else []),
     ]
 
 
@@ -211,6 +220,9 @@ def child_torchpp(a: argparse.Namespace) -> None:
     schedule = kind(stage, n_microbatches=a.micro_batches, loss_fn=lm_loss)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=LR,
                             weight_decay=WEIGHT_DECAY)
+    same_math = not a.torch_pp_bare
+    tied = bool(module.tied) or n == 1
+    tie_group = dist.new_group([0, n - 1]) if same_math and n > 1 and tied else None
     batches = make_batches(a, loaded.tokenizer) if (first or last) else None
     load_s = time.perf_counter() - t_load
     step_s: list[float] = []
@@ -229,6 +241,8 @@ def child_torchpp(a: argparse.Namespace) -> None:
                 losses[i] = float(torch.stack([x.detach() for x in mb_losses]).mean())
             else:
                 schedule.step(*args, return_outputs=False)
+            if same_math:
+                reduce_and_clip(module, tie_group, first, last)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step_s.append(time.perf_counter() - ts)
@@ -240,6 +254,24 @@ def child_torchpp(a: argparse.Namespace) -> None:
     if first:
         write_result(a.result, a, elapsed, step_s[a.warmup:], losses.tolist(), load_s=load_s,
                      threads=torch.get_num_threads())
+
+
+def reduce_and_clip(module: Any, tie_group: Any, first: bool, last: bool) -> None:
+    """What a torch.distributed.pipelining user adds to train the same model as phalanx: sum the
+    tied embedding's gradients between the first and last rank, and clip by the global norm."""
+    import torch
+    import torch.distributed as dist
+
+    if tie_group is not None and (first or last):
+        dist.all_reduce((module.embed if first else module.head).weight.grad, group=tie_group)
+    skip = {id(p) for p in module.replicas()}  # the last rank's tied copy counts once
+    grads = [p.grad for p in module.parameters() if p.grad is not None and id(p) not in skip]
+    sq = torch.stack(torch._foreach_norm(grads)).double().pow(2).sum().reshape(1)
+    dist.all_reduce(sq)
+    coef = min(1.0, CLIP / (float(sq[0]) ** 0.5 + 1e-6))
+    all_grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if coef < 1.0:
+        torch._foreach_mul_(all_grads, coef)
 
 
 def child_single(a: argparse.Namespace) -> None:
@@ -362,11 +394,13 @@ def summarise(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], laye
         "median_step_s": {s: statistics.median(x for r in runs[s] for x in r["step_s"])
                           for s in SYSTEMS},
         "first_step_loss": {s: runs[s][0]["losses"][0] for s in SYSTEMS},
+        # same data, weights and optimizer maths: the three runs' losses agree at the end too
+        "last_step_loss": {s: runs[s][0]["losses"][-1] for s in SYSTEMS},
         # phalanx's own accounting, mean per timed step and stage, median over repetitions
         "phalanx_stage_compute_s": _median_lists([r["stage_compute_s"] for r in runs["phalanx"]]),
         "phalanx_stage_wait_s": _median_lists([r["stage_wait_s"] for r in runs["phalanx"]]),
         "threads_per_process": {s: runs[s][0]["threads"] for s in SYSTEMS},
-        "torch_pp_note": TORCH_PP_NOTE,
+        "torch_pp_note": TORCH_PP_BARE_NOTE if a.torch_pp_bare else TORCH_PP_NOTE,
         "settings": {
             "model": a.model, "layers": layers, "stages": a.stages, "schedule": a.schedule,
             "micro_batches": a.micro_batches, "batch_size": a.batch_size, "seq_len": a.seq_len,
