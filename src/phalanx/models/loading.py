@@ -52,6 +52,9 @@ def cache_root(cfg: ModelConfig) -> Path:
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Load the model ``cfg.name`` names; raises :class:`PhalanxError` with the fix if it can't."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per stage process would drown the training bar
     if cfg.dtype not in _DTYPES:
         raise PhalanxError(f"model.dtype={cfg.dtype!r} is unknown; use one of {sorted(_DTYPES)}")
     if cfg.name in ("tiny", "tiny-llama", "tiny-gpt2"):
