@@ -13,7 +13,7 @@ from phalanx.errors import PhalanxError
 from phalanx.models.stages import StageModule
 from phalanx.pipeline.config import PipelineConfig
 from phalanx.pipeline.optim import OptimConfig, StageOptimizer
-from phalanx.pipeline.runtime import Runtime
+from phalanx.pipeline.runtime import Runtime, Wrap, no_wrap
 from phalanx.pipeline.worker import StageWorker
 
 
@@ -55,11 +55,11 @@ class DistributedRuntime(Runtime):
     """This process's stage, talking to its peers through :class:`DistChannel` links."""
 
     def __init__(self, stage: StageModule, cfg: PipelineConfig, optim: OptimConfig,
-                 total_steps: int, device: torch.device) -> None:
+                 total_steps: int, device: torch.device, wrap: Wrap = no_wrap) -> None:
         super().__init__(cfg, stage.num_stages, tied=bool(stage.tied))
         self.rank = dist.get_rank()
         stage.to(device)
-        channels = dist_channels(self.rank, dist.get_world_size(), device=device)
+        channels = wrap(stage, dist_channels(self.rank, dist.get_world_size(), device=device))
         opt = StageOptimizer(stage, optim, total_steps, exclude=stage.replicas())
         self._worker = StageWorker(stage, channels, opt,
                                    timeout=cfg.timeout_s, dtype=next(stage.parameters()).dtype)

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 
-from phalanx.comm import LocalFabric
+from phalanx.comm import Channel, LocalFabric
 from phalanx.models.stages import StageModule
 from phalanx.pipeline.config import PipelineConfig
 from phalanx.pipeline.optim import OptimConfig, StageOptimizer
 from phalanx.pipeline.schedule import Action, eval_actions, replica_sync, train_actions
 from phalanx.pipeline.worker import IterationResult, StageWorker
+
+Wrap = Callable[[StageModule, dict[int, Channel]], dict[int, Channel]]
+"""A hook that wraps a stage's links (attacks, fault injection, verification) before use."""
+
+
+def no_wrap(stage: StageModule, channels: dict[int, Channel]) -> dict[int, Channel]:
+    return channels
 
 
 def split_micro(batch: torch.Tensor, micro: int) -> list[torch.Tensor]:
@@ -128,11 +136,11 @@ class LocalRuntime(Runtime):
     """All stages in this process, stepped by :func:`simulate`: the research simulator."""
 
     def __init__(self, stages: list[StageModule], cfg: PipelineConfig, optim: OptimConfig,
-                 total_steps: int) -> None:
+                 total_steps: int, wrap: Wrap = no_wrap) -> None:
         super().__init__(cfg, len(stages), tied=any(s.tied for s in stages))
         fabric = LocalFabric(len(stages))
         self._workers = [
-            StageWorker(s, fabric.channels(s.index),
+            StageWorker(s, wrap(s, fabric.channels(s.index)),
                         StageOptimizer(s, optim, total_steps, exclude=s.replicas()),
                         timeout=None, dtype=_dtype_of(s))
             for s in stages
