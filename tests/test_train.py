@@ -86,6 +86,12 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         (["train", 'model.name="tiny"', 'data.corpus="/no/such/corpus"'], "does not exist"),
         (["train", "--config", "/no/such.toml"], "does not exist"),
         (["launch", "--nproc", "2"], "give the command"),
+        (["train", 'model.name="tiny"', "pipeline.stages=4", 'attack.forward="sign_flip"',
+          "attack.rate=0.5", "attack.stages=[0]"], "trusted data owner"),
+        (["train", 'model.name="tiny"', "pipeline.stages=4", 'attack.forward="sign_flip"',
+          "attack.rate=1.5"], "must be in [0, 1]"),
+        (["train", 'model.name="tiny"', "pipeline.stages=2", 'attack.backward="gaussian"',
+          "attack.rate=0.3"], "at least 3 stages"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(args, message):
@@ -114,3 +120,20 @@ def test_distributed_training_matches_local(tmp_path, launcher):
     assert _losses(tmp_path / "d") == pytest.approx(_losses(tmp_path / "l"), rel=1e-6)
     s = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert len(s["peak_rss_mb_per_process"]) == 2
+
+
+@pytest.mark.slow
+def test_attacked_training_is_the_same_in_both_runtimes(tmp_path):
+    """A poisoning attack wraps the malicious stage's links in either runtime, with the same
+    effect: the distributed run's losses equal the simulator's, and both differ from clean."""
+    args = [*TINY, "pipeline.stages=3", "train.steps=3", 'attack.forward="sign_flip"',
+            "attack.rate=1.0", 'attack.backward="gaussian"']
+    out = _cli("train", *args, 'pipeline.runtime="distributed"',
+               f'train.out_dir="{tmp_path / "d"}"')
+    assert out.returncode == 0, out.stderr[-2000:]
+    _train(tmp_path / "l", args[len(TINY):])
+    _train(tmp_path / "c", ["pipeline.stages=3", "train.steps=3"])
+    assert _losses(tmp_path / "d") == pytest.approx(_losses(tmp_path / "l"), rel=1e-6)
+    assert _losses(tmp_path / "l")[0] != pytest.approx(_losses(tmp_path / "c")[0])
+    recs = [json.loads(r) for r in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["malicious"] == [1] for r in recs)  # 3 stages: stage 1 is the only middle one

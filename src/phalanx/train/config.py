@@ -8,6 +8,7 @@ from phalanx.data import DataConfig
 from phalanx.errors import ConfigError
 from phalanx.models import ModelConfig
 from phalanx.pipeline import OptimConfig, PipelineConfig
+from phalanx.threats import AttackConfig
 
 
 @dataclass(kw_only=True)
@@ -34,11 +35,13 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     def validate(self) -> None:
         """Check every component and the settings that involve several of them."""
         self.pipeline.validate()
         self.optim.validate()
+        self.attack.validate(self.pipeline.stages)
         t = self.train
         if t.steps < 1 or t.batch_size < 1 or t.eval_batches < 1:
             raise ConfigError("train.steps, train.batch_size and train.eval_batches must be >= 1")

@@ -6,8 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from phalanx.models import LoadedModel, load_model, partition
+from phalanx.comm import Channel
+from phalanx.models import LoadedModel, StageModule, load_model, partition
 from phalanx.pipeline import LocalRuntime, Runtime
+from phalanx.threats import AttackPlan
+from phalanx.threats.channel import poison
 from phalanx.train.config import Config
 
 
@@ -17,6 +20,16 @@ class Pipeline:
 
     runtime: Runtime
     loaded: LoadedModel
+    attack: AttackPlan
+
+
+def wrapper(attack: AttackPlan):  # noqa: ANN201
+    """The channel wrapping of a run: poisoning on the malicious stages' pipeline links."""
+
+    def wrap(stage: StageModule, channels: dict[int, Channel]) -> dict[int, Channel]:
+        return poison(channels, attack, stage) if attack.cfg.active else channels
+
+    return wrap
 
 
 def build_pipeline(cfg: Config, total_steps: int) -> Pipeline:
@@ -24,15 +37,17 @@ def build_pipeline(cfg: Config, total_steps: int) -> Pipeline:
     cfg.validate()
     torch.manual_seed(cfg.train.seed)
     p = cfg.pipeline
+    attack = AttackPlan(cfg.attack, p.stages)
+    wrap = wrapper(attack)
     if p.runtime == "distributed":
         from phalanx.pipeline.distributed import DistributedRuntime, init_distributed
 
         rank, _, device = init_distributed(p)
         loaded = load_model(cfg.model)
         (stage,) = partition(loaded.model, loaded.family, p.stages, p.boundaries or None, only=rank)
-        runtime: Runtime = DistributedRuntime(stage, p, cfg.optim, total_steps, device)
+        runtime: Runtime = DistributedRuntime(stage, p, cfg.optim, total_steps, device, wrap)
     else:
         loaded = load_model(cfg.model)
         stages = partition(loaded.model, loaded.family, p.stages, p.boundaries or None)
-        runtime = LocalRuntime(stages, p, cfg.optim, total_steps)
-    return Pipeline(runtime=runtime, loaded=loaded)
+        runtime = LocalRuntime(stages, p, cfg.optim, total_steps, wrap)
+    return Pipeline(runtime=runtime, loaded=loaded, attack=attack)

@@ -106,6 +106,7 @@ class Trainer:
                     tokens_done, train_s = tokens_done + tokens, train_s + dt
                     rec = {
                         "step": step, "loss": res.loss, "lr": lr,
+                        "malicious": sorted(self.pipe.attack.malicious(step)),
                         "grad_norm": res.grad_norm, "tokens_per_s": tokens / dt, "step_s": dt,
                         "compute_s": [s.compute_s for s in res.stats],
                         "wait_s": [s.wait_s for s in res.stats],
