@@ -7,7 +7,9 @@ replayed, reordered or misaddressed frame is refused whatever the transport.
 
 from __future__ import annotations
 
+import queue
 from abc import ABC, abstractmethod
+from typing import Any
 
 from phalanx.wire import DEFAULT_LIMITS, Frame, FrameError, Header, Limits
 
@@ -89,3 +91,14 @@ class Channel(ABC):
     def _receive(self, timeout: float | None) -> Frame:
         """Take the next frame off the transport, decoded and validated as a frame."""
 
+
+
+def queue_get(q: queue.Queue, timeout: float | None, peer: int) -> Any:
+    """Next item of ``q`` within ``timeout`` seconds (0: only if already there), else
+    :class:`ChannelTimeout` naming the silent peer."""
+    try:
+        if timeout is not None and timeout <= 0:
+            return q.get_nowait()
+        return q.get(timeout=timeout)
+    except queue.Empty:
+        raise ChannelTimeout(f"no frame from stage {peer} within {timeout} s") from None

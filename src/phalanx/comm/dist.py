@@ -19,7 +19,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-from phalanx.comm.channel import Channel, ChannelClosed, ChannelTimeout
+from phalanx.comm.channel import Channel, ChannelClosed, queue_get
 from phalanx.wire import (
     DEFAULT_LIMITS,
     HEADER_SIZE,
@@ -110,15 +110,10 @@ class DistChannel(Channel):
         return buf
 
     def _receive(self, timeout: float | None) -> Frame:
-        try:
-            if timeout is not None and timeout <= 0:
-                item = self._inbox.get_nowait()
-            else:
-                item = self._inbox.get(timeout=timeout)
-        except queue.Empty:
-            raise ChannelTimeout(f"no frame from stage {self.peer} within {timeout} s") from None
+        item = queue_get(self._inbox, timeout, self.peer)
         if isinstance(item, Exception):
-            self._inbox.put(item) if isinstance(item, ChannelClosed) else None  # stays closed
+            if isinstance(item, ChannelClosed):
+                self._inbox.put(item)  # a closed link stays closed for later calls
             raise item
         return item
 

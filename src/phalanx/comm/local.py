@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import queue
 
-from phalanx.comm.channel import Channel, ChannelClosed, ChannelTimeout
+from phalanx.comm.channel import Channel, ChannelClosed, queue_get
 from phalanx.wire import DEFAULT_LIMITS, Frame, Limits, decode, encode
 
 _CLOSED = b""
@@ -30,13 +30,7 @@ class LocalChannel(Channel):
         return len(data)
 
     def _receive(self, timeout: float | None) -> Frame:
-        try:
-            if timeout is not None and timeout <= 0:
-                data = self._inbox.get_nowait()
-            else:
-                data = self._inbox.get(timeout=timeout)
-        except queue.Empty:
-            raise ChannelTimeout(f"no frame from stage {self.peer} within {timeout} s") from None
+        data = queue_get(self._inbox, timeout, self.peer)
         if data is _CLOSED:
             raise ChannelClosed(f"stage {self.peer} closed the link")
         self.bytes_received += len(data)

@@ -89,7 +89,6 @@ class StageWorker:
         self.train = True
         self.inputs: list[torch.Tensor] = []
         self._saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._labels: dict[int, torch.Tensor] = {}
         self._norm_sq = 0.0
         self.global_norm = float("nan")
         self.stats = StageStats()
@@ -105,7 +104,6 @@ class StageWorker:
         self.step, self.micro, self.train = step, micro, train
         self.inputs = list(inputs or [])
         self._saved.clear()
-        self._labels.clear()
         self.stats = StageStats()
         self.result = None
         self.global_norm = float("nan")
