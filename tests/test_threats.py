@@ -108,3 +108,17 @@ def test_backward_attack_leaves_the_loss_and_corrupts_upstream_gradients():
     w_a = attacked.workers[2].stage.blocks[0].mlp.up_proj.weight.grad
     w_c = clean.workers[2].stage.blocks[0].mlp.up_proj.weight.grad
     assert torch.equal(w_a, w_c)  # stages downstream of the attacker are untouched
+
+
+def test_non_finite_gradients_skip_the_step_instead_of_poisoning_weights():
+    """A NaN gradient sent upstream makes the global norm NaN: every stage skips that update,
+    the weights stay finite, and training goes on."""
+    rt = _pipeline(AttackConfig(backward="scale", strength=float("nan"), rate=1.0, stages=[2]))
+    before = [p.detach().clone() for w in rt.workers for p in w.stage.parameters()]
+    res = rt.train_step(0, BATCH)
+    assert res.skipped and res.loss == res.loss  # the forward pass and loss were fine
+    after = [p.detach() for w in rt.workers for p in w.stage.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert all(w.optimizer.steps_done == 1 for w in rt.workers)  # the schedule moved on
+    clean = _pipeline(None).train_step(0, BATCH)
+    assert not clean.skipped

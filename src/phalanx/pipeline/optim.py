@@ -101,13 +101,17 @@ class StageOptimizer:
         for g in self.opt.param_groups:
             g["lr"] = lr
 
-    def step(self, scale: float = 1.0) -> None:
-        """Scale the gradients (clipping), take an AdamW step, advance the schedule."""
-        if scale != 1.0:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, scale)
-        self.opt.step()
+    def step(self, scale: float = 1.0, skip: bool = False) -> None:
+        """Scale the gradients (clipping), take an AdamW step, advance the schedule.
+
+        ``skip`` leaves the weights and AdamW moments untouched (the gradients were not finite)
+        but still advances the schedule, so every stage stays on the same learning rate."""
+        if not skip:
+            if scale != 1.0:
+                grads = [p.grad for p in self.params if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, scale)
+            self.opt.step()
         self.steps_done += 1
         self.refresh_lr()
 

@@ -57,6 +57,11 @@ class IterationResult:
     grad_norm: float = float("nan")
 
     @property
+    def skipped(self) -> bool:
+        """Whether the optimizer step was skipped because the gradients were not finite."""
+        return not math.isfinite(self.grad_norm)
+
+    @property
     def loss(self) -> float:
         s = sum(x.loss_sum for x in self.stats)
         n = sum(x.loss_count for x in self.stats)
@@ -250,7 +255,10 @@ class StageWorker:
     def _do_step(self, _: int) -> None:
         if self.optimizer is None:
             raise RuntimeError(f"stage {self.me} has no optimizer to step")
-        self.optimizer.step(clip_coefficient(self.global_norm, self.optimizer.cfg.clip))
+        # A non-finite global norm (NaN/Inf anywhere in the pipeline's gradients) would poison
+        # every weight it touched: all stages see the same norm and all skip this update.
+        self.optimizer.step(clip_coefficient(self.global_norm, self.optimizer.cfg.clip),
+                            skip=not math.isfinite(self.global_norm))
         self.optimizer.zero_grad()
 
     def _do_send_report(self, _: int) -> None:
