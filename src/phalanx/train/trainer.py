@@ -107,7 +107,8 @@ class Trainer:
                     rec = {
                         "step": step, "loss": res.loss, "lr": lr,
                         "malicious": sorted(self.pipe.attack.malicious(step)),
-                        "grad_norm": res.grad_norm, "skipped_step": res.skipped, "tokens_per_s": tokens / dt, "step_s": dt,
+                        "grad_norm": res.grad_norm, "skipped_step": res.skipped,
+                        "tokens_per_s": tokens / dt, "step_s": dt,
                         "compute_s": [s.compute_s for s in res.stats],
                         "wait_s": [s.wait_s for s in res.stats],
                     }
