@@ -44,6 +44,9 @@ def test_train_writes_metrics_summary_and_checkpoint(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 4
     manifest = json.loads((tmp_path / "checkpoints" / "step_4" / "manifest.json").read_text())
     assert set(manifest["stages"]) == {"0", "1"}
+    out = _cli("report", str(tmp_path))
+    assert out.returncode == 0 and "validation perplexity after" in out.stdout
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -86,6 +89,7 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         (["train", 'model.name="tiny"', 'data.corpus="/no/such/corpus"'], "does not exist"),
         (["train", "--config", "/no/such.toml"], "does not exist"),
         (["launch", "--nproc", "2"], "give the command"),
+        (["report", "/no/such/run"], "not a finished run directory"),
         (["train", 'model.name="tiny"', "pipeline.stages=4", 'attack.forward="sign_flip"',
           "attack.rate=0.5", "attack.stages=[0]"], "trusted data owner"),
         (["train", 'model.name="tiny"', "pipeline.stages=4", 'attack.forward="sign_flip"',

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 DEMO_OVERRIDES = [
     'model.name="smollm2"', "pipeline.stages=4", 'pipeline.schedule="1f1b"',
     "pipeline.micro_batches=4", 'pipeline.runtime="distributed"', "data.seq_len=128",
-    "train.batch_size=8", "train.steps=16", "train.eval_batches=4", "optim.lr=2e-4",
+    "train.batch_size=8", "train.steps=16", "train.eval_batches=4", "train.eval_every=4", "optim.lr=2e-4",
     "optim.warmup_steps=3", "train.save=false",
 ]
 
@@ -23,13 +22,12 @@ def run_demo(out: str, overrides: list[str]) -> int:
     code = main(argv)
     if code:
         return code
-    with open(f"{out}/summary.json") as f:
-        s = json.load(f)
+    from pathlib import Path
+
+    from phalanx.experiments.report import markdown, plot_run, read_run
+
+    _, summary = read_run(Path(out))
     print()
-    print("| | validation perplexity |")
-    print("|---|---|")
-    print(f"| before fine-tuning | {s['val_ppl_start']:.2f} |")
-    print(f"| after {s['steps']} steps | {s['val_ppl_end']:.2f} |")
-    print(f"\n{s['tokens_per_s']:.0f} tokens/s, peak RSS {s['peak_rss_mb']:.0f} MiB per process, "
-          f"{s['wall_s']:.0f} s; metrics in {out}/metrics.jsonl")
+    print(markdown(summary))
+    print(f"\nloss curve: {plot_run(Path(out))}; metrics: {out}/metrics.jsonl")
     return 0

@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=4)
     c.add_argument("--seq-len", type=int, default=64)
 
+    r = sub.add_parser("report", help="summary table and loss plot of a run directory")
+    r.add_argument("run_dir", help="a train.out_dir")
+
     b = sub.add_parser("bench", help="benchmarks (code in benchmarks/)")
     b.add_argument("name", choices=["pipeline"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
@@ -160,6 +163,16 @@ def cmd_check(a: argparse.Namespace) -> int:
     return 0 if rec["ok"] else 1
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    from phalanx.experiments.report import markdown, plot_run, read_run
+
+    run = Path(a.run_dir)
+    _, summary = read_run(run)
+    print(markdown(summary))
+    print(f"\nplot: {plot_run(run)}")
+    return 0
+
+
 def cmd_worker(a: argparse.Namespace) -> int:
     from phalanx.config import load_config
     from phalanx.train import Config
@@ -190,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "train":
             return cmd_train(a, argv)
         handlers = {"demo": cmd_demo, "launch": cmd_launch, "check": cmd_check,
-                    "bench": cmd_bench, "worker": cmd_worker}
+                    "bench": cmd_bench, "report": cmd_report, "worker": cmd_worker}
         return handlers[a.command](a)
     except PhalanxError as exc:
         print(f"phalanx: error: {exc}", file=sys.stderr)
