@@ -7,8 +7,8 @@ import sys
 DEMO_OVERRIDES = [
     'model.name="smollm2"', "pipeline.stages=4", 'pipeline.schedule="1f1b"',
     "pipeline.micro_batches=4", 'pipeline.runtime="distributed"', "data.seq_len=128",
-    "train.batch_size=8", "train.steps=16", "train.eval_batches=4", "train.eval_every=4", "optim.lr=2e-4",
-    "optim.warmup_steps=3", "train.save=false",
+    "train.batch_size=8", "train.steps=16", "train.eval_batches=4", "train.eval_every=4",
+    "optim.lr=2e-4", "optim.warmup_steps=3", "train.save=false",
 ]
 
 
