@@ -24,6 +24,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _due(done: int, every: int, total: int) -> bool:
+    """Whether a periodic task (every ``every`` steps, 0 = never) falls after step ``done``;
+    the final step has its own evaluation and checkpoint."""
+    return bool(every) and done % every == 0 and done < total
+
+
 def ppl(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 
@@ -89,7 +95,7 @@ class Trainer:
             metrics.writelines(r + "\n" for r in records)
         bar = tqdm(total=t_cfg.steps, initial=start, desc="train", unit="step", file=sys.stderr,
                    disable=not (self.driver and t_cfg.progress), dynamic_ncols=True)
-        tokens_done, train_s, last_val = 0, 0.0, val_start
+        tokens_done, train_s = 0, 0.0
         t_run = time.perf_counter()
         try:
             for step in range(start, t_cfg.steps):
@@ -99,8 +105,7 @@ class Trainer:
                 res = rt.train_step(step, batch)
                 dt = time.perf_counter() - t0
                 done = step + 1
-                if t_cfg.eval_every and done % t_cfg.eval_every == 0 and done < t_cfg.steps:
-                    last_val = self.evaluate(done)
+                val = self.evaluate(done) if _due(done, t_cfg.eval_every, t_cfg.steps) else None
                 if res is not None:
                     tokens = batch.numel()
                     tokens_done, train_s = tokens_done + tokens, train_s + dt
@@ -112,14 +117,13 @@ class Trainer:
                         "compute_s": [s.compute_s for s in res.stats],
                         "wait_s": [s.wait_s for s in res.stats],
                     }
-                    if t_cfg.eval_every and done % t_cfg.eval_every == 0 and done < t_cfg.steps:
-                        rec["val_loss"] = last_val
+                    if val is not None:
+                        rec["val_loss"] = val
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                     bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{tokens / dt:.0f}")
                 bar.update(1)
-                if t_cfg.save and t_cfg.checkpoint_every \
-                        and done % t_cfg.checkpoint_every == 0 and done < t_cfg.steps:
+                if t_cfg.save and _due(done, t_cfg.checkpoint_every, t_cfg.steps):
                     self.checkpoint(done, {"val_loss_start": val_start})
             val_end = self.evaluate(t_cfg.steps)
             if t_cfg.save:
