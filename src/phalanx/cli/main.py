@@ -16,14 +16,24 @@ EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="phalanx", description=__doc__)
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = argparse.ArgumentParser(
+        prog="phalanx",
+        description="Robust and private decentralized training of LLMs: pipeline-parallel "
+        "training of real models over real processes, attacks and defenses.",
+    )
+    sub = ap.add_subparsers(dest="command", required=True,
+                            metavar="{demo,train,launch,check,report,bench}")
 
     d = sub.add_parser("demo", help="fine-tune SmolLM2-135M as a 4-stage pipeline")
     d.add_argument("--out", default="runs/demo", help="run directory")
     d.add_argument("overrides", nargs="*", help="config overrides, key=value")
 
-    t = sub.add_parser("train", help="train a pipeline from a TOML config and overrides")
+    t = sub.add_parser(
+        "train", help="train a pipeline from a TOML config and overrides",
+        description="Sections: model, data, pipeline, optim, train, attack; every key and its "
+        "default is in configs/defaults.toml. Example: phalanx train model.name=tiny "
+        "pipeline.stages=2 pipeline.runtime=distributed",
+    )
     t.add_argument("--config", help="TOML config file")
     t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     t.add_argument("overrides", nargs="*", help="config overrides, e.g. pipeline.stages=4")
@@ -49,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("name", choices=["pipeline"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
 
-    w = sub.add_parser("worker", help=argparse.SUPPRESS)  # one rank of a spawned job
+    w = sub.add_parser("worker")  # one rank of a spawned job; no help: not listed
     w.add_argument("job", choices=["equivalence"])
     w.add_argument("--out", required=True)
     w.add_argument("overrides", nargs="*")
