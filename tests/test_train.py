@@ -90,6 +90,8 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         (["train", "--config", "/no/such.toml"], "does not exist"),
         (["launch", "--nproc", "2"], "give the command"),
         (["report", "/no/such/run"], "not a finished run directory"),
+        (["train", 'model.name="tiny"', "pipeline.stages=2", 'defense.verify="duplicate"'],
+         "at least 3 stages"),
         (["train", 'model.name="tiny"', "pipeline.stages=4", 'attack.forward="sign_flip"',
           "attack.rate=0.5", "attack.stages=[0]"], "trusted data owner"),
         (["train", 'model.name="tiny"', "pipeline.stages=4", 'attack.forward="sign_flip"',

@@ -309,6 +309,7 @@ class StageWorker:
 
         Per-tensor norms in the gradients' dtype (as ``clip_grad_norm_``), summed in float64."""
         skip = {id(self._params[local]) for local, _ in self.tied} if self.me != 0 else set()
+        skip |= {id(p) for p in self.stage.shadow_params()}
         grads = [p.grad for p in self.stage.parameters()
                  if p.grad is not None and id(p) not in skip]
         if not grads:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from phalanx.data import DataConfig
+from phalanx.defense.duplicate import DefenseConfig
 from phalanx.errors import ConfigError
 from phalanx.models import ModelConfig
 from phalanx.pipeline import OptimConfig, PipelineConfig
@@ -36,12 +37,14 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
 
     def validate(self) -> None:
         """Check every component and the settings that involve several of them."""
         self.pipeline.validate()
         self.optim.validate()
         self.attack.validate(self.pipeline.stages)
+        self.defense.validate(self.pipeline.stages)
         t = self.train
         if t.steps < 1 or t.batch_size < 1 or t.eval_batches < 1:
             raise ConfigError("train.steps, train.batch_size and train.eval_batches must be >= 1")

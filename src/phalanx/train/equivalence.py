@@ -38,7 +38,7 @@ def pipeline_grads(runtime: Runtime) -> dict[str, torch.Tensor]:
     out = {}
     for w in runtime.workers:
         for local, p in w.stage.named_parameters():
-            if p.grad is not None:
+            if p.grad is not None and local in w.stage.names:  # not a verification shadow
                 out[f"{w.me}:{w.stage.names[local]}"] = p.grad.detach().clone()
     return out
 

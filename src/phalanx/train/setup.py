@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from phalanx.comm import Channel
+from phalanx.defense.duplicate import Duplicate, add_shadow, checked
 from phalanx.models import LoadedModel, StageModule, load_model, partition
 from phalanx.pipeline import LocalRuntime, Runtime
 from phalanx.threats import AttackPlan
@@ -21,12 +22,16 @@ class Pipeline:
     runtime: Runtime
     loaded: LoadedModel
     attack: AttackPlan
+    defense: Duplicate | None = None
 
 
-def wrapper(attack: AttackPlan):  # noqa: ANN201
-    """The channel wrapping of a run: poisoning on the malicious stages' pipeline links."""
+def wrapper(attack: AttackPlan, defense: Duplicate | None):  # noqa: ANN201
+    """The channel wrapping of a run: the defense's links first, then poisoning on the malicious
+    stages' pipeline links (outermost, so what an attacker sends is what every link carries)."""
 
     def wrap(stage: StageModule, channels: dict[int, Channel]) -> dict[int, Channel]:
+        if defense is not None:
+            channels = defense.wrap(stage, channels)
         return poison(channels, attack, stage) if attack.cfg.active else channels
 
     return wrap
@@ -38,16 +43,26 @@ def build_pipeline(cfg: Config, total_steps: int) -> Pipeline:
     torch.manual_seed(cfg.train.seed)
     p = cfg.pipeline
     attack = AttackPlan(cfg.attack, p.stages)
-    wrap = wrapper(attack)
+    defense = None
+    if cfg.defense.verify == "duplicate":
+        defense = Duplicate(cfg.defense, p.stages, p.timeout_s)
+    wrap = wrapper(attack, defense)
     if p.runtime == "distributed":
         from phalanx.pipeline.distributed import DistributedRuntime, init_distributed
 
         rank, _, device = init_distributed(p)
         loaded = load_model(cfg.model)
         (stage,) = partition(loaded.model, loaded.family, p.stages, p.boundaries or None, only=rank)
+        if defense is not None and rank - 1 in checked(p.stages):
+            (original,) = partition(loaded.model, loaded.family, p.stages, p.boundaries or None,
+                                    only=rank - 1)
+            add_shadow(stage, original)
         runtime: Runtime = DistributedRuntime(stage, p, cfg.optim, total_steps, device, wrap)
     else:
         loaded = load_model(cfg.model)
         stages = partition(loaded.model, loaded.family, p.stages, p.boundaries or None)
+        if defense is not None:
+            for i in reversed(checked(p.stages)):
+                add_shadow(stages[i + 1], stages[i])
         runtime = LocalRuntime(stages, p, cfg.optim, total_steps, wrap)
-    return Pipeline(runtime=runtime, loaded=loaded, attack=attack)
+    return Pipeline(runtime=runtime, loaded=loaded, attack=attack, defense=defense)

@@ -67,6 +67,22 @@ class Trainer:
             write_manifest(directory, step, all_hashes, extra)
         self.runtime.barrier()
 
+    def alerts(self) -> dict[str, int] | None:
+        """Alerts of the last iteration, from every process, as {suspect stage: count}, at the
+        driver (``None`` elsewhere, or without a verifying defense)."""
+        defense = self.pipe.defense
+        if defense is None:
+            return None
+        n = self.cfg.pipeline.stages
+        counts = {w.me: torch.zeros(n, dtype=torch.int64) for w in self.runtime.workers}
+        for a in defense.drain():
+            counts[a.verifier][a.suspect] += 1
+        gathered = self.runtime.gather(counts)
+        if gathered is None:
+            return None
+        total = sum(gathered.values())
+        return {str(i): int(c) for i, c in enumerate(total.tolist()) if c}
+
     def restore(self) -> dict:
         directory, manifest = read_manifest(self.out / "checkpoints")
         for w in self.runtime.workers:
@@ -105,6 +121,7 @@ class Trainer:
                 res = rt.train_step(step, batch)
                 dt = time.perf_counter() - t0
                 done = step + 1
+                suspects = self.alerts()
                 val = self.evaluate(done) if _due(done, t_cfg.eval_every, t_cfg.steps) else None
                 if res is not None:
                     tokens = batch.numel()
@@ -119,6 +136,8 @@ class Trainer:
                     }
                     if val is not None:
                         rec["val_loss"] = val
+                    if suspects is not None:
+                        rec["alerts"] = suspects
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                     bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{tokens / dt:.0f}")

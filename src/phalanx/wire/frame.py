@@ -41,6 +41,7 @@ class Kind(IntEnum):
     CONTROL = 8  # control messages (barriers, shutdown)
     VERDICT = 9  # coordinator decisions
     TIED_WEIGHT = 10  # stage 0 -> last stage, updated tied weights
+    JUMP = 11  # stage i -> i+2, jumping connection: a copy of stage i's output
 
 
 DTYPE_CODES: dict[int, torch.dtype] = {
