@@ -81,3 +81,29 @@ def test_distributed_run_detects_and_reports_alerts(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     recs = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["alerts"] for r in recs] == [{"2": 2}, {"2": 2}]  # both micro-batches, stage 2
+
+
+def test_forged_consistent_pair_is_caught_by_the_jumping_connection():
+    """The attacker sends a'_out = stage(a'_in): recomputing from its claimed input a'_in would
+    agree, but the verifier recomputes from the true input it got from the stage before."""
+    from phalanx.threats.channel import forged_input
+
+    pipe, _ = _run(['defense.verify="duplicate"', 'attack.forward="forged"', "attack.rate=1.0",
+                    "attack.stages=[1]"], steps=2)
+    alerts = pipe.defense.drain()
+    assert {(a.step, a.micro, a.suspect) for a in alerts} == {
+        (s, m, 1) for s in range(2) for m in range(2)}
+    # what the attacker sent is stage 1's own output for its forged input a'_in (a consistent
+    # pair): before any step, the first frame equals stage1(a'_in) recomputed here
+    fresh, _ = _run(['defense.verify="duplicate"', 'attack.forward="forged"', "attack.rate=1.0",
+                     "attack.stages=[1]"], steps=0)
+    stage1 = fresh.runtime.workers[1].stage
+    a_in = forged_input(torch.zeros(2, 16, 64), fresh.attack.noise(0, 1, 0, backward=False))
+    with torch.no_grad():
+        expected = stage1.forward(a_in)
+    sent = []
+    link = fresh.runtime.workers[1].channels[2]
+    inner_send = link.inner.send
+    link.inner.send = lambda f: (sent.append(f.tensor.clone()), inner_send(f))
+    fresh.runtime.train_step(0, BATCH)
+    assert torch.equal(sent[0], expected)

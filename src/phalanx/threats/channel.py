@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
 from torch import nn
 
 from phalanx.comm.channel import Channel
@@ -11,6 +12,19 @@ from phalanx.comm.wrap import ChannelWrapper
 from phalanx.threats.attacks import perturb
 from phalanx.threats.plan import AttackPlan
 from phalanx.wire import Frame, Kind
+
+
+def forged_input(like: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The forged-pair attacker's arbitrary input a'_in: noise shaped like a hidden state."""
+    return torch.randn(like.shape, generator=g, dtype=like.dtype)
+
+
+def forged_pair(module: nn.Module, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """a'_out = stage(a'_in): an output consistent with the forged input a'_in, so recomputing
+    from the *claimed* input agrees; only the true input (jumping connection) exposes it.
+    ``module.forward`` is called directly so no verification hook of this stage runs."""
+    with torch.no_grad():
+        return module.forward(forged_input(x, g).to(x.device)).to(x.dtype)
 
 
 class PoisonChannel(ChannelWrapper):
@@ -37,6 +51,8 @@ class PoisonChannel(ChannelWrapper):
         g = self.plan.noise(frame.step, self.me, frame.micro, backward)
         kind = "backward" if backward else "forward"
         self.corrupted += 1
+        if name == "forged" and not backward:
+            return replace(frame, tensor=forged_pair(self.module, frame.tensor, g))
         return replace(frame, tensor=perturb(kind, name, frame.tensor, g, cfg.strength))
 
 

@@ -13,6 +13,7 @@ class AttackConfig:
     """A poisoning attack on the middle stages (the first and last belong to the data owner)."""
 
     forward: str = "none"  # none | sign_flip | gaussian | gaussian_stats | uniform | scale | zero
+    # | forged (a consistent pair: a'_out = stage(a'_in) for an arbitrary a'_in)
     backward: str = "none"  # none | gaussian | sign_flip | scale
     rate: float = 0.0  # probability that an iteration is attacked
     stages: list[int] = field(default_factory=list)  # malicious stages; empty = one random middle
@@ -26,9 +27,10 @@ class AttackConfig:
 
     def validate(self, num_stages: int) -> None:
         """Refuse contradictory settings with a message that names the fix."""
-        if self.forward != "none" and self.forward not in FORWARD_ATTACKS:
+        forward = sorted([*FORWARD_ATTACKS, "forged"])
+        if self.forward != "none" and self.forward not in forward:
             raise ConfigError(f"attack.forward={self.forward!r} is unknown; use none or one of "
-                              f"{', '.join(sorted(FORWARD_ATTACKS))}")
+                              f"{', '.join(forward)}")
         if self.backward != "none" and self.backward not in BACKWARD_ATTACKS:
             raise ConfigError(f"attack.backward={self.backward!r} is unknown; use none or one of "
                               f"{', '.join(sorted(BACKWARD_ATTACKS))}")
