@@ -86,31 +86,21 @@ def _preflight(cfg) -> None:  # noqa: ANN001
     load_documents(cfg.data.corpus)
 
 
-def _spawned(cfg, argv: list[str]) -> int | None:  # noqa: ANN001
-    """Re-run this command under torchrun when a distributed run was started by hand."""
-    from phalanx.pipeline.distributed import under_launcher
-
-    if cfg.pipeline.runtime != "distributed" or under_launcher():
-        return None
-    from phalanx.cli.launch import spawn
-
-    code = spawn(cfg.pipeline.stages, argv)
-    if code:
-        raise SystemExit(f"phalanx: error: the distributed run failed (exit {code}); "
-                         "see the messages above")
-    return 0
-
-
 def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
+    from phalanx.pipeline.distributed import under_launcher
     from phalanx.train import Trainer
 
     cfg = _config(a.config, a.overrides)
-    from phalanx.pipeline.distributed import under_launcher
-
     if not under_launcher():
         _preflight(cfg)
-    if (code := _spawned(cfg, argv)) is not None:
-        return code
+        if cfg.pipeline.runtime == "distributed":  # started by hand: re-run under torchrun
+            from phalanx.cli.launch import spawn
+
+            code = spawn(cfg.pipeline.stages, argv)
+            if code:
+                raise SystemExit(f"phalanx: error: the distributed run failed (exit {code}); "
+                                 "see the messages above")
+            return 0
     trainer = Trainer(cfg, resume=a.resume)
     try:
         summary = trainer.run()

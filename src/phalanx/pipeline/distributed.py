@@ -113,9 +113,7 @@ class DistributedRuntime(Runtime):
 
     def close(self) -> None:
         for ch in self._worker.channels.values():
-            ch.flush()
-        for ch in self._worker.channels.values():
-            ch.close()
+            ch.close()  # flushes, says goodbye, waits (bounded) for the peer's goodbye
         if dist.is_initialized():
             dist.destroy_process_group()
 
