@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from phalanx.comm import LocalFabric
-from phalanx.wire import HEADER_SIZE, Frame, FrameError, Kind, Limits, decode, encode
+from phalanx.wire import FLAG_SKIP, HEADER_SIZE, Frame, FrameError, Kind, Limits, decode, encode
 
 
 def _frame(t: torch.Tensor, kind: Kind = Kind.ACTIVATION) -> Frame:
@@ -23,6 +23,12 @@ def test_round_trip_every_dtype(dtype):
     assert f.tensor.dtype == dtype and f.tensor.shape == t.shape
     assert torch.equal(f.tensor, t)
     assert (f.kind, f.step, f.micro, f.src, f.dst, f.seq) == (Kind.ACTIVATION, 7, 3, 1, 2, 5)
+
+
+def test_flags_round_trip():
+    f = decode(encode(Frame(kind=Kind.JUMP_GRAD, step=1, micro=0, src=3, dst=1,
+                            tensor=torch.ones(1), flags=FLAG_SKIP)))
+    assert f.flags == FLAG_SKIP and f.kind is Kind.JUMP_GRAD
 
 
 def test_empty_and_scalar_tensors():
@@ -49,7 +55,8 @@ GOOD = encode(_frame(torch.ones(2, 3)))
         (_patch(GOOD, 5, "<B", 200), "unknown frame kind"),
         (_patch(GOOD, 6, "<B", 99), "whitelist"),
         (_patch(GOOD, 7, "<B", 9), "ndim"),
-        (_patch(GOOD, 32, "<Q", 999), "does not match shape"),
+        (_patch(GOOD, 8, "<B", 0x80), "unknown flag bits"),
+        (_patch(GOOD, 33, "<Q", 999), "does not match shape"),
         (GOOD[:-4], "does not match header"),
         (GOOD + b"\0\0\0\0", "does not match header"),
     ],
@@ -60,7 +67,7 @@ def test_malformed_frames_raise(data, message):
 
 
 def test_oversized_frame_refused_before_allocation():
-    big = _patch(_patch(GOOD, 40, "<Q", 1 << 20), 32, "<Q", (1 << 20) * 3 * 4)
+    big = _patch(_patch(GOOD, 41, "<Q", 1 << 20), 33, "<Q", (1 << 20) * 3 * 4)
     with pytest.raises(FrameError, match="exceeds the limit"):
         decode(big, Limits(max_bytes=1 << 20))
 

@@ -1,32 +1,39 @@
-"""Duplicated block with jumping connection (paper 1), forward check.
+"""Duplicated block with jumping connection (paper 1): the forward check and skip routing.
 
-Stage v = i + 1 keeps a *shadow* copy of stage i, registered as its ``shadow`` submodule so the
+Stage v = s + 1 keeps a *shadow* copy of stage s, registered as its ``shadow`` submodule so the
 stage's own AdamW steps it in lockstep with the original (same initial weights, same upstream
-gradient, same clipping coefficient). Stage i - 1 sends its output both to stage i and, over the
-jumping connection, to stage v (:class:`JumpSender`). Before stage v runs a micro-batch, a
-forward pre-hook recomputes stage i's output from that true input and compares it with what
-stage i claims (:func:`agrees`); a forged input/output pair cannot pass, since the input comes
-from stage i - 1. The hook ties the shadow's output to the claimed activation with
-:class:`_Tie`, so the gradient stage v sends upstream also trains the shadow, in the same
-backward pass, and the stage's own output is bitwise unchanged.
+gradient, same clipping coefficient, same frozen iterations). Stage s - 1 sends its output both
+to stage s and, over the jumping connection, to stage v (:class:`~phalanx.defense.links.Outbound`).
+Before stage v runs a micro-batch, :class:`Verifier` (a forward pre-hook) recomputes stage s's
+output from that true input and compares it with what stage s claims (:func:`agrees`); a forged
+input/output pair cannot pass, since the input comes from stage s - 1.
 
-Everything is a wrapper: channels (sender, receiver) and a hook on the stage module; the engine
-knows nothing of it.
+- Clean: the shadow's output is tied to the claimed activation (:class:`_Tie`) so the gradient
+  stage v sends upstream also trains the shadow in the same backward pass, and the shadow's
+  gradient with respect to the true input goes to stage s - 1 (``JUMP_GRAD``), which checks the
+  gradient stage s sends (:mod:`phalanx.defense.gradcheck`).
+- Alert, with skip-layer recovery: for the rest of the iteration stages s and v are bypassed.
+  Stage v forwards the true input unchanged (it is a suspect too), or, when it is the trusted
+  last stage, runs its own layers on it; its output is marked ``FLAG_SKIP``. In the backward
+  pass the gradient of the true input goes straight to stage s - 1 (``JUMP_GRAD`` with
+  ``FLAG_SKIP``), which uses it instead of what stage s sends (:class:`_Route`).
+
+Everything is a wrapper: channels and hooks on the stage module; the engine knows nothing of it.
 """
 
 from __future__ import annotations
 
 import copy
-from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from phalanx.comm.channel import Channel
-from phalanx.comm.wrap import ChannelWrapper
+from phalanx.defense.config import DefenseConfig
+from phalanx.defense.links import FlagTap, Inbox, Key
 from phalanx.models.stages import StageModule
-from phalanx.wire import Frame, Kind
+from phalanx.wire import FLAG_SKIP, Frame, Kind
 
 
 def agrees(recomputed: torch.Tensor, claimed: torch.Tensor, rtol: float, atol: float) -> bool:
@@ -38,52 +45,6 @@ def agrees(recomputed: torch.Tensor, claimed: torch.Tensor, rtol: float, atol: f
         return torch.equal(recomputed, claimed)
     diff = float((recomputed - claimed).abs().max()) if claimed.numel() else 0.0
     return diff <= atol + rtol * float(recomputed.abs().max())
-
-
-class JumpSender(ChannelWrapper):
-    """Stage i - 1's link to stage i: every activation also goes to stage i + 1."""
-
-    def __init__(self, inner: Channel, jump: Channel) -> None:
-        super().__init__(inner)
-        self.jump = jump
-
-    def send(self, frame: Frame) -> None:
-        self.inner.send(frame)
-        if frame.kind is Kind.ACTIVATION:
-            self.jump.send(replace(frame, kind=Kind.JUMP))
-
-
-class JumpInbox(ChannelWrapper):
-    """Stage v's link from stage v - 2: jumped activations go to a queue of their own, so the
-    worker never sees them."""
-
-    def __init__(self, inner: Channel) -> None:
-        super().__init__(inner)
-        self.jumped: deque[Frame] = deque()
-
-    def recv(self, timeout: float | None = None) -> Frame:
-        while True:
-            frame = self.inner.recv(timeout)
-            if frame.kind is not Kind.JUMP:
-                return frame
-            self.jumped.append(frame)
-
-    def poll(self) -> Frame | None:
-        while (frame := self.inner.poll()) is not None:
-            if frame.kind is not Kind.JUMP:
-                return frame
-            self.jumped.append(frame)
-        return None
-
-    def take(self, timeout: float | None) -> Frame:
-        """The next jumped activation (they arrive in forward order)."""
-        while not self.jumped:
-            frame = self.inner.recv(timeout)
-            if frame.kind is Kind.JUMP:
-                self.jumped.append(frame)
-            else:  # pragma: no cover - the worker reads other kinds before forwarding
-                raise RuntimeError(f"unexpected {frame.kind.name} frame while waiting for a jump")
-        return self.jumped.popleft()
 
 
 class _Tie(torch.autograd.Function):
@@ -108,31 +69,113 @@ class Alert:
     suspect: int
 
 
+class _Route(torch.autograd.Function):
+    """The true input in place of the claimed one: the gradient goes to ``true_in`` only."""
+
+    @staticmethod
+    def forward(ctx, claimed: torch.Tensor, true_in: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return true_in.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        return torch.zeros_like(grad), grad
+
+
+@dataclass
+class Checks:
+    """One stage's verification state: the alerts and number of checks of the current
+    iteration, the micro-batches whose outgoing messages come from a bypass (``marked``), and
+    those whose incoming gradient came from one (``bypassed``: nothing to vouch for upstream)."""
+
+    alerts: list[Alert] = field(default_factory=list)
+    checked: int = 0
+    marked: set[Key] = field(default_factory=set)
+    bypassed: set[Key] = field(default_factory=set)
+
+    def forget_before(self, step: int) -> None:
+        """Drop the bookkeeping of iterations before ``step``."""
+        for keys in (self.marked, self.bypassed):
+            if any(k[0] < step for k in keys):
+                keys.intersection_update({k for k in keys if k[0] >= step})
+
+    def counts(self, n: int) -> torch.Tensor:
+        """Alerts by suspect, as an (n,) vector; clears them."""
+        c = torch.zeros(n, dtype=torch.float64)
+        for a in self.alerts:
+            c[a.suspect] += 1
+        self.alerts.clear()
+        return c
+
+
 class Verifier:
-    """The forward pre-hook of stage v that checks stage v - 1 against its shadow."""
+    """The forward pre-hook of stage v that checks stage s = v - 1 against its shadow."""
 
-    def __init__(self, stage: StageModule, inbox: JumpInbox, rtol: float, atol: float,
+    def __init__(self, stage: StageModule, jumps: Inbox, tap: FlagTap, back: Channel,
+                 cfg: DefenseConfig, checks: Checks, standing: set[int],
                  timeout: float | None) -> None:
-        self.stage, self.inbox = stage, inbox
-        self.rtol, self.atol, self.timeout = rtol, atol, timeout
-        self.alerts: list[Alert] = []
-        self.checked = 0
-        stage.register_forward_pre_hook(self.__call__)
+        self.stage, self.v, self.s = stage, stage.index, stage.index - 1
+        self.jumps, self.tap, self.back = jumps, tap, back
+        self.cfg, self.checks, self.standing, self.timeout = cfg, checks, standing, timeout
+        self.skip_step = -1  # the iteration in which stages s and v are being bypassed
+        self._identity = False
+        self.bypass_self = not stage.is_last  # a suspect verifier skips itself too
+        stage.register_forward_pre_hook(self.before)
+        stage.register_forward_hook(self.after)
 
-    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+    def before(self, module: nn.Module, args: tuple) -> tuple:
         (claimed,) = args
-        jumped = self.inbox.take(self.timeout)
+        self._identity = False
+        jumped = self.jumps.take(None, self.timeout)
+        key = (jumped.step, jumped.micro)
         true_in = jumped.tensor
-        with torch.set_grad_enabled(module.training):
-            shadow_out = module.shadow(true_in)
-        self.checked += 1
-        if not agrees(shadow_out.detach(), claimed.detach(), self.rtol, self.atol):
-            self.alerts.append(Alert(step=jumped.step, micro=jumped.micro,
-                                     verifier=self.stage.index, suspect=self.stage.index - 1))
-        if module.training and claimed.requires_grad:
-            return (_Tie.apply(claimed, shadow_out),)
-        return (claimed,)
+        if not module.training:
+            return args
+        self.checks.forget_before(key[0])
+        if self.s in self.standing:  # quarantined: its output is never used
+            return self._route(claimed, true_in, key, identity=False)
+        if self.skip_step == key[0]:
+            return self._route(claimed, true_in, key, identity=self.bypass_self)
+        if self.tap.flags.get(key, 0) & FLAG_SKIP:  # stage s already bypassed its predecessor
+            self._send_back(key, torch.empty(0), 0)  # nothing for stage s - 1 to compare
+            return args
+        self.checks.checked += 1
+        valid = true_in.shape == claimed.shape and true_in.dtype == claimed.dtype
+        t = true_in.detach().requires_grad_() if valid else None
+        shadow_out = module.shadow(t) if valid else None
+        if not valid or not agrees(shadow_out.detach(), claimed.detach(), self.cfg.rtol,
+                                   self.cfg.atol):
+            self.checks.alerts.append(Alert(step=key[0], micro=key[1], verifier=self.v,
+                                            suspect=self.s))
+            if valid and self.cfg.recovery == "skip":
+                self.skip_step = key[0]
+                return self._route(claimed, true_in, key, identity=self.bypass_self)
+            if not valid:
+                self._send_back(key, torch.empty(0), 0)
+                return args
+        t.register_hook(lambda g, key=key: self._evidence(key, g))
+        return (_Tie.apply(claimed, shadow_out),)
 
+    def _evidence(self, key: Key, grad: torch.Tensor) -> None:
+        """The replica's gradient for stage s - 1 to compare with, unless this stage's own
+        gradient came from a bypass (then the replica saw zeros and vouches for nothing)."""
+        self._send_back(key, torch.empty(0) if key in self.checks.bypassed else grad, 0)
+
+    def after(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Stage v as the identity while it is bypassed (forward the true input)."""
+        return args[0] if self._identity else output
+
+    def _route(self, claimed: torch.Tensor, true_in: torch.Tensor, key: Key, identity: bool
+               ) -> tuple:
+        t = true_in.detach().requires_grad_()
+        t.register_hook(lambda g: self._send_back(key, g, FLAG_SKIP))
+        self.checks.marked.add(key)
+        self._identity = identity
+        return (_Route.apply(claimed, t),)
+
+    def _send_back(self, key: Key, tensor: torch.Tensor, flags: int) -> None:
+        """To stage s - 1: the replica's gradient (to compare), or the bypass gradient (to use)."""
+        self.back.send(Frame(kind=Kind.JUMP_GRAD, step=key[0], micro=key[1], src=self.v,
+                             dst=self.s - 1, tensor=tensor.detach(), flags=flags))
 
 def shadow_of(stage: StageModule) -> StageModule:
     """An independent copy of ``stage`` (weights, buffers), to be a verifier's shadow; a shadow
@@ -143,28 +186,6 @@ def shadow_of(stage: StageModule) -> StageModule:
     finally:
         if own is not None:
             stage.add_module("shadow", own)
-
-
-@dataclass(kw_only=True)
-class DefenseConfig:
-    """Verification of the middle stages."""
-
-    verify: str = "none"  # none | duplicate (duplicated block + jumping connection)
-    rtol: float = 1e-4  # tolerance of the comparison; rtol = atol = 0 compares bitwise
-    atol: float = 1e-6
-
-    def validate(self, num_stages: int) -> None:
-        from phalanx.errors import ConfigError
-
-        if self.verify not in ("none", "duplicate"):
-            raise ConfigError(f"defense.verify={self.verify!r} is unknown; use none or duplicate")
-        if self.rtol < 0 or self.atol < 0:
-            raise ConfigError("defense.rtol and defense.atol must be >= 0")
-        if self.verify == "duplicate" and num_stages < 3:
-            raise ConfigError(
-                f"defense.verify=duplicate needs at least 3 stages (pipeline.stages={num_stages}): "
-                "a middle stage to check, a next stage to check it, and a stage before it"
-            )
 
 
 def checked(num_stages: int) -> range:
@@ -178,27 +199,3 @@ def add_shadow(verifier: StageModule, original: StageModule) -> None:
     verifier.add_module("shadow", shadow_of(original))
 
 
-class Duplicate:
-    """Channel wiring of the duplicated block for every stage of a run."""
-
-    def __init__(self, cfg: DefenseConfig, num_stages: int, timeout: float | None) -> None:
-        self.cfg, self.n, self.timeout = cfg, num_stages, timeout
-        self.verifiers: dict[int, Verifier] = {}
-
-    def wrap(self, stage: StageModule, channels: dict[int, Channel]) -> dict[int, Channel]:
-        """Jumping connection out of stage s (to s + 2) and the check at stage s (of s - 1)."""
-        s, out = stage.index, dict(channels)
-        if s + 1 in checked(self.n):
-            out[s + 1] = JumpSender(channels[s + 1], channels[s + 2])
-        if s - 1 in checked(self.n):
-            inbox = JumpInbox(channels[s - 2])
-            out[s - 2] = inbox
-            self.verifiers[s] = Verifier(stage, inbox, self.cfg.rtol, self.cfg.atol, self.timeout)
-        return out
-
-    def drain(self) -> list[Alert]:
-        """Alerts raised in this process since the last call."""
-        alerts = [a for v in self.verifiers.values() for a in v.alerts]
-        for v in self.verifiers.values():
-            v.alerts.clear()
-        return alerts

@@ -13,7 +13,7 @@ from phalanx.errors import PhalanxError
 from phalanx.models.stages import StageModule
 from phalanx.pipeline.config import PipelineConfig
 from phalanx.pipeline.optim import OptimConfig, StageOptimizer
-from phalanx.pipeline.runtime import Runtime, Wrap, no_wrap
+from phalanx.pipeline.runtime import Attach, Runtime, Wrap, no_attach, no_wrap
 from phalanx.pipeline.worker import StageWorker
 
 
@@ -55,7 +55,8 @@ class DistributedRuntime(Runtime):
     """This process's stage, talking to its peers through :class:`DistChannel` links."""
 
     def __init__(self, stage: StageModule, cfg: PipelineConfig, optim: OptimConfig,
-                 total_steps: int, device: torch.device, wrap: Wrap = no_wrap) -> None:
+                 total_steps: int, device: torch.device, wrap: Wrap = no_wrap,
+                 attach: Attach = no_attach) -> None:
         super().__init__(cfg, stage.num_stages, tied=bool(stage.tied))
         self.rank = dist.get_rank()
         stage.to(device)
@@ -63,6 +64,7 @@ class DistributedRuntime(Runtime):
         opt = StageOptimizer(stage, optim, total_steps, exclude=stage.replicas())
         self._worker = StageWorker(stage, channels, opt,
                                    timeout=cfg.timeout_s, dtype=next(stage.parameters()).dtype)
+        attach(self._worker)
         self._tag = 0
 
     @property

@@ -101,19 +101,28 @@ class StageOptimizer:
         for g in self.opt.param_groups:
             g["lr"] = lr
 
-    def step(self, scale: float = 1.0, skip: bool = False) -> None:
+    def step(self, scale: float = 1.0, skip: bool = False,
+             frozen: Iterable[nn.Parameter] = (), advance: bool = True) -> None:
         """Scale the gradients (clipping), take an AdamW step, advance the schedule.
 
         ``skip`` leaves the weights and AdamW moments untouched (the gradients were not finite)
-        but still advances the schedule, so every stage stays on the same learning rate."""
+        but still advances the schedule, so every stage stays on the same learning rate.
+        ``frozen`` parameters keep their weights and moments this step (skip-layer recovery);
+        ``advance=False`` keeps the schedule where it is (the iteration will be redone)."""
         if not skip:
+            held = {id(p) for p in frozen}
+            if held:
+                for p in self.params:
+                    if id(p) in held:
+                        p.grad = None  # AdamW leaves a parameter without a gradient alone
             if scale != 1.0:
                 grads = [p.grad for p in self.params if p.grad is not None]
                 if grads:
                     torch._foreach_mul_(grads, scale)
             self.opt.step()
-        self.steps_done += 1
-        self.refresh_lr()
+        if advance:
+            self.steps_done += 1
+            self.refresh_lr()
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)

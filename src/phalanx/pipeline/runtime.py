@@ -17,9 +17,16 @@ from phalanx.pipeline.worker import IterationResult, StageWorker
 Wrap = Callable[[StageModule, dict[int, Channel]], dict[int, Channel]]
 """A hook that wraps a stage's links (attacks, fault injection, verification) before use."""
 
+Attach = Callable[[StageWorker], None]
+"""A hook that plugs into a worker's oversight seams (alerts, coordinator, verdicts)."""
+
 
 def no_wrap(stage: StageModule, channels: dict[int, Channel]) -> dict[int, Channel]:
     return channels
+
+
+def no_attach(worker: StageWorker) -> None:
+    return None
 
 
 def split_micro(batch: torch.Tensor, micro: int) -> list[torch.Tensor]:
@@ -136,7 +143,7 @@ class LocalRuntime(Runtime):
     """All stages in this process, stepped by :func:`simulate`: the research simulator."""
 
     def __init__(self, stages: list[StageModule], cfg: PipelineConfig, optim: OptimConfig,
-                 total_steps: int, wrap: Wrap = no_wrap) -> None:
+                 total_steps: int, wrap: Wrap = no_wrap, attach: Attach = no_attach) -> None:
         super().__init__(cfg, len(stages), tied=any(s.tied for s in stages))
         fabric = LocalFabric(len(stages))
         self._workers = [
@@ -145,6 +152,8 @@ class LocalRuntime(Runtime):
                         timeout=None, dtype=_dtype_of(s))
             for s in stages
         ]
+        for w in self._workers:
+            attach(w)
 
     @property
     def workers(self) -> list[StageWorker]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,7 @@ from phalanx.comm import Channel, ChannelTimeout
 from phalanx.models.stages import StageModule, lm_loss
 from phalanx.pipeline.optim import StageOptimizer, clip_coefficient
 from phalanx.pipeline.schedule import Action, Op
+from phalanx.pipeline.verdict import Coordinator, Verdict
 from phalanx.wire import Frame, FrameError, Kind
 
 log = logging.getLogger(__name__)
@@ -55,11 +57,14 @@ class IterationResult:
 
     stats: list[StageStats] = field(default_factory=list)
     grad_norm: float = float("nan")
+    alerts: torch.Tensor | None = None  # [verifier, suspect] counts of the iteration
+    verdict: Verdict = field(default_factory=Verdict)
 
     @property
     def skipped(self) -> bool:
-        """Whether the optimizer step was skipped because the gradients were not finite."""
-        return not math.isfinite(self.grad_norm)
+        """Whether the optimizer step was skipped: the gradients were not finite, or the
+        coordinator discarded the iteration."""
+        return self.verdict.discard or not math.isfinite(self.grad_norm)
 
     @property
     def loss(self) -> float:
@@ -98,6 +103,12 @@ class StageWorker:
         self.global_norm = float("nan")
         self.stats = StageStats()
         self.result: IterationResult | None = None
+        # Oversight seams (the defense plugs in here; the engine only carries the numbers):
+        self.alert_counts: Callable[[], torch.Tensor] | None = None  # this stage's alerts, (n,)
+        self.coordinator: Coordinator | None = None  # stage 0 only
+        self.verdict_hooks: list[Callable[[Verdict], None]] = []
+        self.verdict = Verdict()
+        self._alerts: torch.Tensor | None = None
 
     # -- iteration lifecycle --------------------------------------------------------------------
     def begin(
@@ -112,6 +123,7 @@ class StageWorker:
         self.stats = StageStats()
         self.result = None
         self.global_norm = float("nan")
+        self.verdict = Verdict(quarantined=self.verdict.quarantined)
         self.stage.train(train)
         self._stash = {k: f for k, f in self._stash.items() if f.step >= step}
 
@@ -235,30 +247,70 @@ class StageWorker:
             for p, w in zip(self._tied_params(), self._split(new), strict=True):
                 p.copy_(w)
 
+    def _my_alerts(self) -> torch.Tensor:
+        if self.alert_counts is None:
+            return torch.zeros(self.n, dtype=torch.float64)
+        return self.alert_counts().to(torch.float64).reshape(self.n)
+
     def _do_send_norm(self, _: int) -> None:
-        self._send(0, Kind.NORM, 0, torch.tensor([self._local_norm_sq()], dtype=torch.float64))
+        """Squared norm of this stage's gradients, with the alerts it raised this iteration."""
+        self._send(0, Kind.NORM, 0, torch.cat([torch.tensor([self._local_norm_sq()],
+                                                            dtype=torch.float64),
+                                               self._my_alerts()]))
 
     def _do_gather_norm(self, _: int) -> None:
-        total = self._local_norm_sq()
+        """Stage 0: collect norms and alerts, let the coordinator decide, send both back."""
+        norms = [self._local_norm_sq()]
+        alerts = torch.zeros(self.n, self.n, dtype=torch.float64)
+        alerts[0] = self._my_alerts()
         for p in range(1, self.n):
-            total += float(self._take(p, Kind.NORM, 0).tensor.reshape(-1)[0])
+            t = self._take(p, Kind.NORM, 0).tensor
+            if t.shape != (self.n + 1,) or t.dtype != torch.float64:
+                raise FrameError(f"stage {p} sent a norm frame of {tuple(t.shape)} {t.dtype}, "
+                                 f"expected ({self.n + 1},) float64")
+            norms.append(float(t[0]))
+            row = t[1:]
+            alerts[p] = torch.where(torch.isfinite(row) & (row > 0), row, 0.0)
+        verdict = Verdict()
+        if self.coordinator is not None:
+            verdict = self.coordinator.decide(self.step, alerts)
+        self._alerts = alerts
+        total = sum(v for s, v in enumerate(norms) if s not in verdict.frozen)
         self.global_norm = math.sqrt(total) if total >= 0 else float("nan")
+        out = torch.cat([torch.tensor([total], dtype=torch.float64), verdict.encode(self.n)])
         for p in range(1, self.n):
-            self._send(p, Kind.NORM_TOTAL, 0, torch.tensor([total], dtype=torch.float64))
+            self._send(p, Kind.NORM_TOTAL, 0, out)
+        self._adopt(verdict)
 
     def _do_recv_norm(self, _: int) -> None:
         t = self._take(0, Kind.NORM_TOTAL, 0).tensor
-        if t.shape != (1,):
-            raise FrameError(f"a global norm frame has shape {tuple(t.shape)}, expected (1,)")
+        if t.dim() != 1 or t.numel() < 1 or t.dtype != torch.float64:
+            raise FrameError(f"a global norm frame has shape {tuple(t.shape)} {t.dtype}, "
+                             "expected a float64 vector")
         self.global_norm = math.sqrt(max(float(t[0]), 0.0))
+        self._adopt(Verdict.decode(t[1:], self.n))
+
+    def _adopt(self, verdict: Verdict) -> None:
+        self.verdict = verdict
+        for hook in self.verdict_hooks:
+            hook(verdict)
 
     def _do_step(self, _: int) -> None:
         if self.optimizer is None:
             raise RuntimeError(f"stage {self.me} has no optimizer to step")
+        v = self.verdict
+        shadow = self.stage.shadow_params()
+        frozen: list[torch.nn.Parameter] = []
+        if self.me in v.frozen:  # its own layers (the shadow it holds follows its original)
+            held = {id(p) for p in shadow}
+            frozen += [p for p in self.stage.parameters() if id(p) not in held]
+        if self.me - 1 in v.frozen:  # the replica of a frozen stage stays in lockstep with it
+            frozen += shadow
         # A non-finite global norm (NaN/Inf anywhere in the pipeline's gradients) would poison
         # every weight it touched: all stages see the same norm and all skip this update.
         self.optimizer.step(clip_coefficient(self.global_norm, self.optimizer.cfg.clip),
-                            skip=not math.isfinite(self.global_norm))
+                            skip=v.discard or not math.isfinite(self.global_norm),
+                            frozen=frozen, advance=not v.discard)
         self.optimizer.zero_grad()
 
     def _do_send_report(self, _: int) -> None:
@@ -268,7 +320,8 @@ class StageWorker:
         stats = [self.stats]
         for p in range(1, self.n):
             stats.append(StageStats.from_tensor(self._take(p, Kind.REPORT, 0).tensor))
-        self.result = IterationResult(stats=stats, grad_norm=self.global_norm)
+        self.result = IterationResult(stats=stats, grad_norm=self.global_norm,
+                                      alerts=self._alerts, verdict=self.verdict)
 
     # -- control messages (between iterations) ---------------------------------------------------
     def send_control(self, peer: int, tag: int, tensor: torch.Tensor) -> None:

@@ -15,9 +15,11 @@ class AttackPlan:
         cfg.validate(num_stages)
         self.cfg = cfg
         self.num_stages = num_stages
+        self.attempt = 0  # a redone iteration (restart recovery) draws afresh
 
     def _rng(self, step: int, salt: int) -> torch.Generator:
-        return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step) * 7 + salt)
+        seed = ((self.cfg.seed * 1_000_003 + step) * 7 + salt) * 31 + self.attempt
+        return torch.Generator().manual_seed(seed)
 
     def malicious(self, step: int) -> frozenset[int]:
         """The stages that corrupt what they send in iteration ``step`` (empty if none)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from phalanx.data import DataConfig
-from phalanx.defense.duplicate import DefenseConfig
+from phalanx.defense.config import DefenseConfig
 from phalanx.errors import ConfigError
 from phalanx.models import ModelConfig
 from phalanx.pipeline import OptimConfig, PipelineConfig

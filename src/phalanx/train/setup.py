@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from phalanx.comm import Channel
-from phalanx.defense.duplicate import Duplicate, add_shadow, checked
+from phalanx.defense.duplicate import add_shadow, checked
+from phalanx.defense.wiring import Duplicate
 from phalanx.models import LoadedModel, StageModule, load_model, partition
-from phalanx.pipeline import LocalRuntime, Runtime
+from phalanx.pipeline import LocalRuntime, Runtime, StageWorker
 from phalanx.threats import AttackPlan
 from phalanx.threats.channel import poison
 from phalanx.train.config import Config
@@ -37,6 +38,16 @@ def wrapper(attack: AttackPlan, defense: Duplicate | None):  # noqa: ANN201
     return wrap
 
 
+def attacher(defense: Duplicate | None):  # noqa: ANN201
+    """The worker hook of a run: the defense's alerts, coordinator and verdicts."""
+
+    def attach(worker: StageWorker) -> None:
+        if defense is not None:
+            defense.attach(worker)
+
+    return attach
+
+
 def build_pipeline(cfg: Config, total_steps: int) -> Pipeline:
     """Load and cut the model, then start the runtime ``cfg.pipeline.runtime`` names."""
     cfg.validate()
@@ -57,12 +68,13 @@ def build_pipeline(cfg: Config, total_steps: int) -> Pipeline:
             (original,) = partition(loaded.model, loaded.family, p.stages, p.boundaries or None,
                                     only=rank - 1)
             add_shadow(stage, original)
-        runtime: Runtime = DistributedRuntime(stage, p, cfg.optim, total_steps, device, wrap)
+        runtime: Runtime = DistributedRuntime(stage, p, cfg.optim, total_steps, device, wrap,
+                                              attacher(defense))
     else:
         loaded = load_model(cfg.model)
         stages = partition(loaded.model, loaded.family, p.stages, p.boundaries or None)
         if defense is not None:
             for i in reversed(checked(p.stages)):
                 add_shadow(stages[i + 1], stages[i])
-        runtime = LocalRuntime(stages, p, cfg.optim, total_steps, wrap)
+        runtime = LocalRuntime(stages, p, cfg.optim, total_steps, wrap, attacher(defense))
     return Pipeline(runtime=runtime, loaded=loaded, attack=attack, defense=defense)

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from phalanx.config import to_dict
 from phalanx.data import TokenData, build_data
+from phalanx.pipeline import IterationResult
 from phalanx.train.checkpoint import load_stage, read_manifest, save_stage, write_manifest
 from phalanx.train.config import Config
 from phalanx.train.setup import build_pipeline
@@ -67,21 +68,30 @@ class Trainer:
             write_manifest(directory, step, all_hashes, extra)
         self.runtime.barrier()
 
-    def alerts(self) -> dict[str, int] | None:
-        """Alerts of the last iteration, from every process, as {suspect stage: count}, at the
-        driver (``None`` elsewhere, or without a verifying defense)."""
-        defense = self.pipe.defense
-        if defense is None:
-            return None
-        n = self.cfg.pipeline.stages
-        counts = {w.me: torch.zeros(n, dtype=torch.int64) for w in self.runtime.workers}
-        for a in defense.drain():
-            counts[a.verifier][a.suspect] += 1
-        gathered = self.runtime.gather(counts)
-        if gathered is None:
-            return None
-        total = sum(gathered.values())
-        return {str(i): int(c) for i, c in enumerate(total.tolist()) if c}
+    def attempt(self, step: int, batch: torch.Tensor | None) -> tuple[object, list[dict]]:
+        """Iteration ``step``, redone while the coordinator discards it (restart recovery, at
+        most ``defense.max_retries`` times); returns the last result and every attempt's
+        record (malicious stages, alerts, blame) at the driver."""
+        rt, attack, tries = self.runtime, self.pipe.attack, []
+        attack.attempt = 0
+        while True:
+            res = rt.train_step(step, batch)
+            if res is not None:
+                tries.append(self.oversight(step, res))
+            if not rt.workers[0].verdict.discard or attack.attempt >= self.cfg.defense.max_retries:
+                return res, tries
+            attack.attempt += 1
+
+    def oversight(self, step: int, res: IterationResult) -> dict:
+        """What the attack did and what the defense saw in one attempt."""
+        rec: dict = {"malicious": sorted(self.pipe.attack.malicious(step))}
+        if self.pipe.defense is not None and res.alerts is not None:
+            by_suspect = res.alerts.sum(dim=0).tolist()
+            v = res.verdict
+            rec.update(alerts={str(i): int(c) for i, c in enumerate(by_suspect) if c},
+                       blamed=sorted(v.blamed), frozen=sorted(v.frozen),
+                       quarantined=sorted(v.quarantined), discarded=v.discard)
+        return rec
 
     def restore(self) -> dict:
         directory, manifest = read_manifest(self.out / "checkpoints")
@@ -118,17 +128,15 @@ class Trainer:
                 batch = self.data.batch(step, t_cfg.batch_size) if self.data else None
                 lr = rt.workers[0].optimizer.lr  # the rate this step uses
                 t0 = time.perf_counter()
-                res = rt.train_step(step, batch)
+                res, tries = self.attempt(step, batch)
                 dt = time.perf_counter() - t0
                 done = step + 1
-                suspects = self.alerts()
                 val = self.evaluate(done) if _due(done, t_cfg.eval_every, t_cfg.steps) else None
                 if res is not None:
                     tokens = batch.numel()
                     tokens_done, train_s = tokens_done + tokens, train_s + dt
                     rec = {
-                        "step": step, "loss": res.loss, "lr": lr,
-                        "malicious": sorted(self.pipe.attack.malicious(step)),
+                        "step": step, "loss": res.loss, "lr": lr, **tries[-1],
                         "grad_norm": res.grad_norm, "skipped_step": res.skipped,
                         "tokens_per_s": tokens / dt, "step_s": dt,
                         "compute_s": [s.compute_s for s in res.stats],
@@ -136,8 +144,8 @@ class Trainer:
                     }
                     if val is not None:
                         rec["val_loss"] = val
-                    if suspects is not None:
-                        rec["alerts"] = suspects
+                    if len(tries) > 1:
+                        rec["redone"] = tries[:-1]
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                     bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{tokens / dt:.0f}")

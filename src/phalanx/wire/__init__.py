@@ -2,6 +2,7 @@
 
 from phalanx.wire.frame import (
     DEFAULT_LIMITS,
+    FLAG_SKIP,
     HEADER_SIZE,
     Frame,
     FrameError,
@@ -18,6 +19,7 @@ from phalanx.wire.frame import (
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "FLAG_SKIP",
     "HEADER_SIZE",
     "Frame",
     "FrameError",

@@ -2,7 +2,7 @@
 
 Layout (little-endian), padded to ``HEADER_SIZE`` bytes::
 
-    magic 'PHLX' | version u8 | kind u8 | dtype u8 | ndim u8 | step u64 | micro u32
+    magic 'PHLX' | version u8 | kind u8 | dtype u8 | ndim u8 | flags u8 | step u64 | micro u32
     | src u16 | dst u16 | seq u64 | nbytes u64 | shape: ndim x u64
 
 Decoding checks every field and raises :class:`FrameError` with a message naming the problem.
@@ -19,10 +19,13 @@ from enum import IntEnum
 import torch
 
 MAGIC = b"PHLX"
-VERSION = 1
+VERSION = 2
 MAX_NDIM = 8
-_FIXED = struct.Struct("<4sBBBBQIHHQQ")
-HEADER_SIZE = 128  # _FIXED.size (40) + MAX_NDIM * 8 (64), padded
+_FIXED = struct.Struct("<4sBBBBBQIHHQQ")
+HEADER_SIZE = 128  # _FIXED.size (41) + MAX_NDIM * 8 (64), padded
+
+FLAG_SKIP = 1  # the message bypassed a suspect stage (skip-layer recovery)
+KNOWN_FLAGS = FLAG_SKIP
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("phalanx frames assume a little-endian host")
@@ -42,6 +45,7 @@ class Kind(IntEnum):
     VERDICT = 9  # coordinator decisions
     TIED_WEIGHT = 10  # stage 0 -> last stage, updated tied weights
     JUMP = 11  # stage i -> i+2, jumping connection: a copy of stage i's output
+    JUMP_GRAD = 12  # stage i+1 -> i-1: its replica's gradient w.r.t. stage i's input
 
 
 DTYPE_CODES: dict[int, torch.dtype] = {
@@ -83,6 +87,7 @@ class Frame:
     dst: int
     tensor: torch.Tensor
     seq: int = 0
+    flags: int = 0  # FLAG_* bits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +103,7 @@ class Header:
     seq: int
     nbytes: int
     shape: tuple[int, ...] = field(default=())
+    flags: int = 0
 
 
 def encode_header(frame: Frame, nbytes: int) -> bytes:
@@ -108,7 +114,7 @@ def encode_header(frame: Frame, nbytes: int) -> bytes:
     if t.dim() > MAX_NDIM:
         raise FrameError(f"tensor has {t.dim()} dimensions; at most {MAX_NDIM} can be sent")
     fixed = _FIXED.pack(
-        MAGIC, VERSION, int(frame.kind), _CODE_OF[t.dtype], t.dim(),
+        MAGIC, VERSION, int(frame.kind), _CODE_OF[t.dtype], t.dim(), frame.flags,
         frame.step, frame.micro, frame.src, frame.dst, frame.seq, nbytes,
     )
     shape = struct.pack(f"<{t.dim()}Q", *t.shape)
@@ -140,9 +146,8 @@ def decode_header(
     """Parse and validate a header; raises :class:`FrameError` on anything wrong."""
     if len(data) < HEADER_SIZE:
         raise FrameError(f"truncated header: {len(data)} bytes, expected {HEADER_SIZE}")
-    magic, version, kind, dtype_code, ndim, step, micro, src, dst, seq, nbytes = _FIXED.unpack_from(
-        data, 0
-    )
+    (magic, version, kind, dtype_code, ndim, flags, step, micro, src, dst, seq,
+     nbytes) = _FIXED.unpack_from(data, 0)
     if magic != MAGIC:
         raise FrameError(f"bad magic {bytes(magic)!r}: not a phalanx frame")
     if version != VERSION:
@@ -151,6 +156,8 @@ def decode_header(
         kind_v = Kind(kind)
     except ValueError:
         raise FrameError(f"unknown frame kind {kind}") from None
+    if flags & ~KNOWN_FLAGS:
+        raise FrameError(f"unknown flag bits {flags & ~KNOWN_FLAGS:#x}")
     if dtype_code not in DTYPE_CODES:
         raise FrameError(f"dtype code {dtype_code} is not in the whitelist")
     if ndim > MAX_NDIM:
@@ -172,7 +179,7 @@ def decode_header(
         raise FrameError(f"payload of {nbytes} bytes exceeds the limit of {limits.max_bytes}")
     return Header(
         kind=kind_v, dtype=dtype, step=step, micro=micro, src=src, dst=dst, seq=seq,
-        nbytes=nbytes, shape=tuple(shape),
+        nbytes=nbytes, shape=tuple(shape), flags=flags,
     )
 
 
@@ -197,7 +204,7 @@ def decode_payload(
             raise FrameError("a bool payload holds bytes other than 0 and 1")
     return Frame(
         kind=header.kind, step=header.step, micro=header.micro, src=header.src, dst=header.dst,
-        tensor=tensor, seq=header.seq,
+        tensor=tensor, seq=header.seq, flags=header.flags,
     )
 
 

@@ -1,0 +1,71 @@
+"""Wiring of the duplicated block into a run: which wrapper goes on which link of which stage.
+
+For every stage s of a run with a duplicated block (checked stages are the middle ones):
+
+- link s -> s + 1: :class:`Outbound` (marks activations that come from a bypass; jumps to
+  s + 2 when s + 1 is checked) and :class:`GradCheck` (gradients coming back);
+- link s -> s - 1: :class:`Outbound` (marks gradients that come from a bypass);
+- link from s - 2: an :class:`Inbox` of jumped activations, and link from s - 1: a
+  :class:`FlagTap`, when s verifies s - 1 (:class:`Verifier`);
+- link from s + 2: an :class:`Inbox` of replica gradients, the evidence of :class:`GradCheck`,
+  when s checks the gradient of s + 1.
+
+:meth:`Duplicate.attach` then plugs the stage's alerts into the worker's report, the coordinator
+into stage 0 and the standing quarantine into every verifier.
+"""
+
+from __future__ import annotations
+
+from phalanx.comm.channel import Channel
+from phalanx.defense.config import DefenseConfig
+from phalanx.defense.coordinator import Coordinator
+from phalanx.defense.duplicate import Checks, Verifier, checked
+from phalanx.defense.gradcheck import GradCheck
+from phalanx.defense.links import FlagTap, Inbox, Outbound
+from phalanx.models.stages import StageModule
+from phalanx.pipeline.verdict import Verdict
+from phalanx.pipeline.worker import StageWorker
+from phalanx.wire import Kind
+
+
+class Duplicate:
+    """The duplicated block, jumping connection and coordinator for the stages of a process."""
+
+    def __init__(self, cfg: DefenseConfig, num_stages: int, timeout: float | None) -> None:
+        self.cfg, self.n, self.timeout = cfg, num_stages, timeout
+        self.checks: dict[int, Checks] = {}
+        self.verifiers: dict[int, Verifier] = {}
+        self.standing: set[int] = set()  # quarantined stages, as the last verdict said
+        self.coordinator = Coordinator(cfg, num_stages)
+
+    def wrap(self, stage: StageModule, channels: dict[int, Channel]) -> dict[int, Channel]:
+        s, out, mid = stage.index, dict(channels), checked(self.n)
+        checks = self.checks.setdefault(s, Checks())
+        if s + 1 < self.n:  # forward out, gradients in
+            jump = channels[s + 2] if s + 1 in mid else None
+            out[s + 1] = Outbound(channels[s + 1], Kind.ACTIVATION, checks.marked, jump)
+            evidence = None
+            if s + 1 in mid:
+                evidence = out[s + 2] = Inbox(channels[s + 2], Kind.JUMP_GRAD)
+            out[s + 1] = GradCheck(out[s + 1], evidence, self.cfg, checks, self.standing,
+                                   self.timeout)
+        if s > 0:  # activations in, gradients out
+            out[s - 1] = Outbound(out[s - 1], Kind.GRADIENT, checks.marked)
+        if s - 1 in mid:
+            jumps = out[s - 2] = Inbox(channels[s - 2], Kind.JUMP)
+            tap = out[s - 1] = FlagTap(out[s - 1])
+            self.verifiers[s] = Verifier(stage, jumps, tap, jumps, self.cfg, checks,
+                                         self.standing, self.timeout)
+        return out
+
+    def attach(self, worker: StageWorker) -> None:
+        """Report this stage's alerts with its norm; stage 0 runs the coordinator."""
+        checks = self.checks.setdefault(worker.me, Checks())
+        worker.alert_counts = lambda: checks.counts(self.n)
+        worker.verdict_hooks.append(self._adopt)
+        if worker.me == 0:
+            worker.coordinator = self.coordinator
+
+    def _adopt(self, verdict: Verdict) -> None:
+        self.standing.clear()
+        self.standing.update(verdict.quarantined)
