@@ -1,5 +1,5 @@
-"""Duplicated block + jumping connection: exact lockstep on honest runs, every forward attack
-caught at the iteration it happens, the attacker named, in both runtimes."""
+"""Duplicated block + jumping connection: exact lockstep on honest runs, every forward and
+backward attack caught at the iteration it happens, the attacker named, in both runtimes."""
 
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ BATCH = torch.randint(0, 257, (4, 16), generator=torch.Generator().manual_seed(0
 
 def _run(extra: list[str], steps: int = 3):  # noqa: ANN202
     pipe = build_pipeline(load_config(Config, None, [*BASE, *extra]), steps + 2)
-    losses = [pipe.runtime.train_step(s, BATCH).loss for s in range(steps)]
-    return pipe, losses
+    return pipe, [pipe.runtime.train_step(s, BATCH) for s in range(steps)]
 
 
 def test_agrees_by_hand():
@@ -36,12 +35,18 @@ def test_agrees_by_hand():
     assert not agrees(a, a[:2], 1.0, 1.0)
 
 
+def _alerts(results) -> list[dict[int, int]]:  # noqa: ANN001
+    """Per iteration: alerts by suspect."""
+    return [{i: int(c) for i, c in enumerate(r.alerts.sum(0).tolist()) if c} for r in results]
+
+
 def test_honest_run_is_unchanged_raises_nothing_and_shadows_stay_in_lockstep():
     defended, d_losses = _run(['defense.verify="duplicate"', "defense.rtol=0", "defense.atol=0"])
     _, c_losses = _run([])
-    assert d_losses == c_losses  # the defense does not touch the training
-    verifiers = defended.defense.verifiers
-    assert {v: (x.checked, len(x.alerts)) for v, x in verifiers.items()} == {2: (6, 0), 3: (6, 0)}
+    assert [r.loss for r in d_losses] == [r.loss for r in c_losses]  # training is untouched
+    assert _alerts(d_losses) == [{}, {}, {}]
+    # forward checks at stages 2, 3 and backward checks at stages 0, 1: 2 micro-batches x 3 steps
+    assert {s: c.checked for s, c in defended.defense.checks.items()} == {0: 6, 1: 6, 2: 6, 3: 6}
     workers = defended.runtime.workers
     for v in (2, 3):
         shadow = dict(workers[v].stage.shadow.named_parameters())
@@ -54,19 +59,35 @@ def test_honest_run_is_unchanged_raises_nothing_and_shadows_stay_in_lockstep():
                                     "scale", "zero"])
 @pytest.mark.parametrize("attacker", [1, 2])
 def test_every_forward_attack_is_caught_and_blamed(attack, attacker):
-    pipe, _ = _run(['defense.verify="duplicate"', f'attack.forward="{attack}"',
-                    "attack.rate=1.0", f"attack.stages=[{attacker}]", "attack.strength=0.5"])
-    alerts = pipe.defense.drain()
-    assert {(a.step, a.micro) for a in alerts} == {(s, m) for s in range(3) for m in range(2)}
-    assert {a.suspect for a in alerts} == {attacker}
-    assert {a.verifier for a in alerts} == {attacker + 1}
+    pipe, res = _run(['defense.verify="duplicate"', 'defense.recovery="none"',
+                      f'attack.forward="{attack}"', "attack.rate=1.0",
+                      f"attack.stages=[{attacker}]", "attack.strength=0.5"])
+    assert _alerts(res) == [{attacker: 2}] * 3  # every micro-batch of every iteration
+    assert all(r.alerts[attacker + 1, attacker] == 2 for r in res)  # seen by the next stage
+    assert all(r.verdict.blamed == {attacker} for r in res)
 
 
-def test_detected_iterations_are_exactly_the_attacked_ones():
-    pipe, _ = _run(['defense.verify="duplicate"', 'attack.forward="sign_flip"',
-                    "attack.rate=0.5", "attack.seed=3"], steps=12)
-    attacked = {s for s in range(12) if pipe.attack.malicious(s)}
-    detected = {a.step for a in pipe.defense.drain()}
+@pytest.mark.parametrize("attack", ["gaussian", "sign_flip", "scale"])
+@pytest.mark.parametrize("attacker", [1, 2])
+def test_every_backward_attack_is_caught_and_blamed(attack, attacker):
+    extra = [f'attack.backward="{attack}"', "attack.rate=1.0", f"attack.stages=[{attacker}]",
+             "attack.strength=0.5", 'defense.verify="duplicate"']
+    _, res = _run([*extra, 'defense.recovery="none"'], steps=1)
+    assert res[0].alerts[attacker - 1, attacker] == 2  # both micro-batches, by the stage before
+    # with skip recovery the first alert drops the rest of the iteration's gradients from the
+    # attacker (zeros, unchecked), and the replicas stay in lockstep, so no honest stage is named
+    _, res = _run([*extra, 'defense.recovery="skip"'])
+    assert _alerts(res) == [{attacker: 1}] * 3
+    assert all(r.verdict.blamed == {attacker} for r in res)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_detected_iterations_are_exactly_the_attacked_ones(direction):
+    attack = "sign_flip"
+    pipe, res = _run(['defense.verify="duplicate"', f'attack.{direction}="{attack}"',
+                      "attack.rate=0.5", "attack.seed=3"], steps=12)
+    attacked = {s: pipe.attack.malicious(s) for s in range(12) if pipe.attack.malicious(s)}
+    detected = {s: r.verdict.blamed for s, r in enumerate(res) if r.verdict.blamed}
     assert 0 < len(attacked) < 12 and detected == attacked
 
 
@@ -75,12 +96,14 @@ def test_distributed_run_detects_and_reports_alerts(tmp_path):
     args = [*BASE, "train.steps=2", "train.eval_batches=1", "train.progress=false",
             "data.seq_len=16", 'defense.verify="duplicate"', 'attack.forward="sign_flip"',
             "attack.rate=1.0", "attack.stages=[2]", 'pipeline.runtime="distributed"',
+            'defense.recovery="none"',
             f'train.out_dir="{tmp_path}"']
     out = subprocess.run([sys.executable, "-m", "phalanx.cli", "train", *args],
                          capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
     recs = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["alerts"] for r in recs] == [{"2": 2}, {"2": 2}]  # both micro-batches, stage 2
+    assert [r["blamed"] for r in recs] == [[2], [2]]
 
 
 def test_forged_consistent_pair_is_caught_by_the_jumping_connection():
@@ -88,15 +111,13 @@ def test_forged_consistent_pair_is_caught_by_the_jumping_connection():
     agree, but the verifier recomputes from the true input it got from the stage before."""
     from phalanx.threats.channel import forged_input
 
-    pipe, _ = _run(['defense.verify="duplicate"', 'attack.forward="forged"', "attack.rate=1.0",
-                    "attack.stages=[1]"], steps=2)
-    alerts = pipe.defense.drain()
-    assert {(a.step, a.micro, a.suspect) for a in alerts} == {
-        (s, m, 1) for s in range(2) for m in range(2)}
+    pipe, res = _run(['defense.verify="duplicate"', 'defense.recovery="none"',
+                      'attack.forward="forged"', "attack.rate=1.0", "attack.stages=[1]"], steps=2)
+    assert _alerts(res) == [{1: 2}, {1: 2}]
     # what the attacker sent is stage 1's own output for its forged input a'_in (a consistent
     # pair): before any step, the first frame equals stage1(a'_in) recomputed here
-    fresh, _ = _run(['defense.verify="duplicate"', 'attack.forward="forged"', "attack.rate=1.0",
-                     "attack.stages=[1]"], steps=0)
+    fresh, _ = _run(['defense.verify="duplicate"', 'defense.recovery="none"',
+                     'attack.forward="forged"', "attack.rate=1.0", "attack.stages=[1]"], steps=0)
     stage1 = fresh.runtime.workers[1].stage
     a_in = forged_input(torch.zeros(2, 16, 64), fresh.attack.noise(0, 1, 0, backward=False))
     with torch.no_grad():

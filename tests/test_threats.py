@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from phalanx.defense.config import DefenseConfig
 from phalanx.errors import ConfigError
 from phalanx.models import ModelConfig, load_model, partition
 from phalanx.pipeline import LocalRuntime, OptimConfig, PipelineConfig
@@ -63,11 +64,27 @@ def test_plan_rates_and_stages():
         (AttackConfig(forward="sign_flip", rate=0.5), 2, "at least 3 stages"),
         (AttackConfig(forward="melt"), 6, "unknown"),
         (AttackConfig(backward="zero"), 6, "unknown"),
+        (AttackConfig(forward="scale", rate=0.5), 6, "change nothing"),
     ],
 )
 def test_contradictory_settings(cfg, stages, message):
     with pytest.raises(ConfigError, match=message):
         AttackPlan(cfg, stages)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "stages", "message"),
+    [
+        (DefenseConfig(verify="duplicate"), 2, "at least 3 stages"),
+        (DefenseConfig(verify="none", recovery="restart"), 6, "need alerts"),
+        (DefenseConfig(verify="none", quarantine_after=2), 6, "need alerts"),
+        (DefenseConfig(verify="duplicate", recovery="pray"), 6, "unknown"),
+        (DefenseConfig(verify="duplicate", max_retries=-1), 6, ">= 0"),
+    ],
+)
+def test_contradictory_defense_settings(cfg, stages, message):
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate(stages)
 
 
 def _pipeline(attack: AttackConfig | None):  # noqa: ANN202

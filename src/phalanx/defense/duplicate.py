@@ -110,7 +110,7 @@ class Checks:
 class Verifier:
     """The forward pre-hook of stage v that checks stage s = v - 1 against its shadow."""
 
-    def __init__(self, stage: StageModule, jumps: Inbox, tap: FlagTap, back: Channel,
+    def __init__(self, stage: StageModule, jumps: dict[int, Inbox], tap: FlagTap, back: Channel,
                  cfg: DefenseConfig, checks: Checks, standing: set[int],
                  timeout: float | None) -> None:
         self.stage, self.v, self.s = stage, stage.index, stage.index - 1
@@ -122,24 +122,34 @@ class Verifier:
         stage.register_forward_pre_hook(self.before)
         stage.register_forward_hook(self.after)
 
+    def _true_input(self) -> Frame:
+        """The jumped output of the stage before s; when that stage is quarantined, s took its
+        input from the one before it, which then jumps here too."""
+        jumped = self.jumps[self.s - 1].take(None, self.timeout)
+        if self.s - 1 in self.standing and self.s - 2 in self.jumps:
+            jumped = self.jumps[self.s - 2].take(None, self.timeout)
+        return jumped
+
     def before(self, module: nn.Module, args: tuple) -> tuple:
         (claimed,) = args
         self._identity = False
-        jumped = self.jumps.take(None, self.timeout)
+        jumped = self._true_input()
         key = (jumped.step, jumped.micro)
         true_in = jumped.tensor
+        valid = true_in.shape == claimed.shape and true_in.dtype == claimed.dtype
+        if self.s in self.standing:  # quarantined: its output is never used
+            if not module.training:
+                return (true_in,) if valid else args
+            return self._route(claimed, true_in, key, identity=False, mark=False)
         if not module.training:
             return args
         self.checks.forget_before(key[0])
-        if self.s in self.standing:  # quarantined: its output is never used
-            return self._route(claimed, true_in, key, identity=False)
         if self.skip_step == key[0]:
             return self._route(claimed, true_in, key, identity=self.bypass_self)
         if self.tap.flags.get(key, 0) & FLAG_SKIP:  # stage s already bypassed its predecessor
             self._send_back(key, torch.empty(0), 0)  # nothing for stage s - 1 to compare
             return args
         self.checks.checked += 1
-        valid = true_in.shape == claimed.shape and true_in.dtype == claimed.dtype
         t = true_in.detach().requires_grad_() if valid else None
         shadow_out = module.shadow(t) if valid else None
         if not valid or not agrees(shadow_out.detach(), claimed.detach(), self.cfg.rtol,
@@ -164,11 +174,14 @@ class Verifier:
         """Stage v as the identity while it is bypassed (forward the true input)."""
         return args[0] if self._identity else output
 
-    def _route(self, claimed: torch.Tensor, true_in: torch.Tensor, key: Key, identity: bool
-               ) -> tuple:
+    def _route(self, claimed: torch.Tensor, true_in: torch.Tensor, key: Key, identity: bool,
+               mark: bool = True) -> tuple:
+        """Use the true input instead of the claimed one; ``mark`` flags what this stage sends
+        as coming from a bypass (not for a quarantine: the stage after checks this one)."""
         t = true_in.detach().requires_grad_()
         t.register_hook(lambda g: self._send_back(key, g, FLAG_SKIP))
-        self.checks.marked.add(key)
+        if mark:
+            self.checks.marked.add(key)
         self._identity = identity
         return (_Route.apply(claimed, t),)
 

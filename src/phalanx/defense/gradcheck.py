@@ -73,8 +73,8 @@ class GradCheck(ChannelWrapper):
         if grad.flags & FLAG_SKIP:  # from a bypass: zeros by construction, nothing to check
             self.checks.bypassed.add(key)
             return zeros
-        if jump is None or s + 1 in self.standing or s in self.standing:
-            return grad  # unchecked stage, or evidence / suspect quarantined
+        if jump is None or {s - 1, s, s + 1} & self.standing:
+            return grad  # unchecked stage, or this stage, the suspect or the evidence quarantined
         if jump.flags & FLAG_SKIP:  # stages s and s + 1 were bypassed: take the direct gradient
             if jump.tensor.shape == grad.tensor.shape and jump.tensor.dtype == grad.tensor.dtype:
                 return replace(grad, tensor=jump.tensor)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 
 from phalanx.comm.channel import Channel, ChannelTimeout
@@ -15,20 +16,23 @@ Key = tuple[int, int]  # (step, micro)
 
 class Outbound(ChannelWrapper):
     """A stage's link to a neighbour: frames of ``kind`` whose (step, micro) is in ``marked``
-    get ``FLAG_SKIP`` (they come from a bypass); with ``jump``, every activation is also copied
-    to the stage after the neighbour (the jumping connection)."""
+    get ``FLAG_SKIP`` (they come from a bypass); every activation is also copied, as ``JUMP``,
+    to the stages ``jump_to()`` names (the jumping connection)."""
 
     def __init__(self, inner: Channel, kind: Kind, marked: set[Key],
-                 jump: Channel | None = None) -> None:
+                 jumps: dict[int, Channel] | None = None,
+                 jump_to: Callable[[], list[int]] | None = None) -> None:
         super().__init__(inner)
-        self.kind, self.marked, self.jump = kind, marked, jump
+        self.kind, self.marked = kind, marked
+        self.jumps, self.jump_to = jumps or {}, jump_to or (lambda: [])
 
     def send(self, frame: Frame) -> None:
         if frame.kind is self.kind and (frame.step, frame.micro) in self.marked:
             frame = replace(frame, flags=frame.flags | FLAG_SKIP)
         self.inner.send(frame)
-        if self.jump is not None and frame.kind is Kind.ACTIVATION:
-            self.jump.send(replace(frame, kind=Kind.JUMP))
+        if frame.kind is Kind.ACTIVATION:
+            for target in self.jump_to():
+                self.jumps[target].send(replace(frame, kind=Kind.JUMP, dst=target))
 
 
 class Inbox(ChannelWrapper):

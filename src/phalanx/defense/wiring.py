@@ -38,12 +38,23 @@ class Duplicate:
         self.standing: set[int] = set()  # quarantined stages, as the last verdict said
         self.coordinator = Coordinator(cfg, num_stages)
 
+    def jump_targets(self, s: int) -> list[int]:
+        """Where stage s's output is jumped: to s + 2, the verifier of s + 1; while s + 1 is
+        quarantined (bypassed), also to s + 3, the verifier of s + 2, which now takes its input
+        from s."""
+        mid = checked(self.n)
+        targets = [s + 2] if s + 1 in mid else []
+        if s + 1 in self.standing and s + 2 in mid:
+            targets.append(s + 3)
+        return targets
+
     def wrap(self, stage: StageModule, channels: dict[int, Channel]) -> dict[int, Channel]:
         s, out, mid = stage.index, dict(channels), checked(self.n)
         checks = self.checks.setdefault(s, Checks())
         if s + 1 < self.n:  # forward out, gradients in
-            jump = channels[s + 2] if s + 1 in mid else None
-            out[s + 1] = Outbound(channels[s + 1], Kind.ACTIVATION, checks.marked, jump)
+            jumps = {t: channels[t] for t in (s + 2, s + 3) if t < self.n}
+            out[s + 1] = Outbound(channels[s + 1], Kind.ACTIVATION, checks.marked, jumps,
+                                  lambda: self.jump_targets(s))
             evidence = None
             if s + 1 in mid:
                 evidence = out[s + 2] = Inbox(channels[s + 2], Kind.JUMP_GRAD)
@@ -52,9 +63,10 @@ class Duplicate:
         if s > 0:  # activations in, gradients out
             out[s - 1] = Outbound(out[s - 1], Kind.GRADIENT, checks.marked)
         if s - 1 in mid:
-            jumps = out[s - 2] = Inbox(channels[s - 2], Kind.JUMP)
+            jumps_in = {src: Inbox(out[src], Kind.JUMP) for src in (s - 2, s - 3) if src >= 0}
+            out.update(jumps_in)
             tap = out[s - 1] = FlagTap(out[s - 1])
-            self.verifiers[s] = Verifier(stage, jumps, tap, jumps, self.cfg, checks,
+            self.verifiers[s] = Verifier(stage, jumps_in, tap, jumps_in[s - 2], self.cfg, checks,
                                          self.standing, self.timeout)
         return out
 

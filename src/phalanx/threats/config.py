@@ -49,3 +49,6 @@ class AttackConfig:
                 f"attack.stages={self.stages}: stage(s) {bad} are not middle stages; the first (0) "
                 f"and last ({num_stages - 1}) stages belong to the trusted data owner"
             )
+        if "scale" in (self.forward, self.backward) and self.strength == 1.0:
+            raise ConfigError("attack.strength=1.0 makes the scale attack change nothing; set "
+                              "attack.strength to the factor (for example 10 or -1)")

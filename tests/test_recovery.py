@@ -1,0 +1,162 @@
+"""Recovery: the skip layer computes exactly the model without the bypassed stages, freezes the
+right updates and keeps replicas in lockstep; restart redoes iterations; quarantine bypasses a
+repeat offender; the distributed runtime does all of it as the simulator does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from phalanx.config import load_config
+from phalanx.models.stages import lm_loss
+from phalanx.train import Config, Trainer
+from phalanx.train.setup import build_pipeline
+
+BASE = ['model.name="tiny"', "pipeline.stages=4", "pipeline.micro_batches=2",
+        "train.batch_size=4", "optim.lr=1e-3", "optim.warmup_steps=0",
+        'defense.verify="duplicate"']
+BATCH = torch.randint(0, 257, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _pipe(extra: list[str], steps: int = 8):  # noqa: ANN202
+    return build_pipeline(load_config(Config, None, [*BASE, *extra]), steps)
+
+
+def _reduced(pipe, route: list[int]):  # noqa: ANN001, ANN202
+    """Loss of the model made of the stages in ``route`` only (the others as identities), with
+    the pipeline's current weights; the mean over micro-batches, as an iteration's loss."""
+    stages = [pipe.runtime.workers[i].stage for i in route]
+    losses = []
+    for mb in BATCH.chunk(2):
+        h = mb
+        for st in stages:
+            h = st.forward(h)  # forward(): no verification hook runs
+        losses.append(lm_loss(h, mb))
+    return torch.stack(losses).mean()
+
+
+def _params(pipe, stage: int) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    st = pipe.runtime.workers[stage].stage
+    return {k: p.detach().clone() for k, p in st.named_parameters() if not k.startswith("shadow.")}
+
+
+def _in_lockstep(pipe) -> bool:  # noqa: ANN001
+    ws = pipe.runtime.workers
+    return all(torch.equal(p, _params(pipe, v - 1)[k])
+               for v in (2, 3) for k, p in ws[v].stage.shadow.named_parameters())
+
+
+def test_skip_layer_forward_bypasses_both_suspects_and_freezes_their_updates():
+    pipe = _pipe(['attack.forward="sign_flip"', "attack.rate=1.0", "attack.stages=[1]"])
+    expected = _reduced(pipe, [0, 3])  # stages 1 (attacker) and 2 (its verifier) bypassed
+    before = {s: _params(pipe, s) for s in range(4)}
+    res = pipe.runtime.train_step(0, BATCH)
+    assert res.loss == pytest.approx(expected.item(), rel=1e-6)
+    assert res.verdict.blamed == {1} and res.verdict.frozen == {0, 1, 2}
+    after = {s: _params(pipe, s) for s in range(4)}
+    for s in (0, 1, 2):  # the bypassed stages and the one before keep their weights
+        assert all(torch.equal(before[s][k], after[s][k]) for k in before[s])
+    assert not torch.equal(before[3]["norm.weight"], after[3]["norm.weight"])
+    assert _in_lockstep(pipe)
+
+
+def test_skip_layer_gradient_reaches_earlier_stages_as_in_the_reduced_model():
+    pipe = _pipe(['attack.forward="sign_flip"', "attack.rate=1.0", "attack.stages=[1]"])
+    ref = _pipe([])  # the same weights, no attack: differentiate the reduced model by hand
+    _reduced(ref, [0, 3]).backward()
+    pipe.runtime.train_step(0, BATCH, optimize=False)
+    got = dict(pipe.runtime.workers[0].stage.named_parameters())
+    for name, p in ref.runtime.workers[0].stage.named_parameters():
+        if "embed" not in name and not name.startswith("shadow."):  # tied: summed elsewhere
+            torch.testing.assert_close(got[name].grad, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_trusted_last_stage_runs_its_layers_on_the_true_input():
+    pipe = _pipe(['attack.forward="gaussian"', "attack.rate=1.0", "attack.stages=[2]"])
+    expected = _reduced(pipe, [0, 1, 3])  # only the attacker is bypassed
+    res = pipe.runtime.train_step(0, BATCH)
+    assert res.loss == pytest.approx(expected.item(), rel=1e-6)
+    assert res.verdict.frozen == {1, 2}
+    assert _in_lockstep(pipe)
+
+
+def test_skip_layer_backward_drops_the_poisoned_gradient():
+    pipe = _pipe(['attack.backward="gaussian"', "attack.rate=1.0", "attack.stages=[2]"])
+    pipe.runtime.train_step(0, BATCH, optimize=False)
+    for stage in (0, 1):  # nothing of the N(0, 1) gradient reached stages before the attacker
+        grads = [p.grad for n, p in pipe.runtime.workers[stage].stage.named_parameters()
+                 if "embed" not in n and not n.startswith("shadow.") and p.grad is not None]
+        assert grads and all(bool((g == 0).all()) for g in grads)
+
+
+@pytest.mark.parametrize("attack", ['attack.forward="sign_flip"', 'attack.backward="gaussian"',
+                                    'attack.forward="forged"'])
+def test_replicas_stay_in_lockstep_through_random_attacks(attack):
+    pipe = _pipe([attack, "attack.rate=0.5", "attack.seed=1"], steps=6)
+    blamed = [pipe.runtime.train_step(s, BATCH).verdict.blamed for s in range(6)]
+    assert blamed == [pipe.attack.malicious(s) for s in range(6)]
+    assert any(blamed) and not all(blamed)
+    assert _in_lockstep(pipe)
+
+
+def test_quarantine_bypasses_a_repeat_offender():
+    pipe = _pipe(['attack.forward="scale"', "attack.strength=4", "attack.rate=1.0",
+                  "attack.stages=[1]", "defense.quarantine_after=2"])
+    verdicts = [pipe.runtime.train_step(s, BATCH).verdict for s in range(2)]
+    assert [v.quarantined for v in verdicts] == [set(), {1}]
+    frozen = _params(pipe, 1)
+    expected = _reduced(pipe, [0, 2, 3])  # stage 2 now takes its input from stage 0
+    res = pipe.runtime.train_step(2, BATCH)
+    assert res.loss == pytest.approx(expected.item(), rel=1e-6)
+    assert float(res.alerts.sum()) == 0 and res.verdict.frozen == {1}
+    assert all(torch.equal(frozen[k], v) for k, v in _params(pipe, 1).items())
+    assert _in_lockstep(pipe)
+
+
+TINY = ['model.name="tiny"', "data.seq_len=16", "train.batch_size=4", "pipeline.micro_batches=2",
+        "train.eval_batches=1", "train.progress=false", "optim.lr=1e-3", "optim.warmup_steps=0",
+        "pipeline.stages=4", "train.steps=6"]
+
+
+def _train(out: Path, extra: list[str]) -> list[dict]:
+    trainer = Trainer(load_config(Config, None, [*TINY, f'train.out_dir="{out}"', *extra]))
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    return [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_restart_redoes_attacked_iterations_until_clean(tmp_path):
+    attacked = _train(tmp_path / "r", ['attack.forward="sign_flip"', "attack.rate=0.5",
+                                       'defense.verify="duplicate"', 'defense.recovery="restart"',
+                                       "defense.max_retries=20"])
+    clean = _train(tmp_path / "c", [])
+    assert any("redone" in r for r in attacked)  # some iterations were attacked and redone
+    for r in attacked:
+        assert r["malicious"] == [] and r["blamed"] == []  # what counted was a clean attempt
+        assert all(t["discarded"] and t["blamed"] == t["malicious"] for t in r.get("redone", []))
+    # discarded attempts leave no trace: the run is the clean run
+    assert [r["loss"] for r in attacked] == [r["loss"] for r in clean]
+
+
+@pytest.mark.slow
+def test_skip_recovery_is_the_same_in_both_runtimes(tmp_path):
+    args = ['attack.forward="sign_flip"', 'attack.backward="gaussian"', "attack.rate=0.6",
+            "attack.seed=2", 'defense.verify="duplicate"']
+    local = _train(tmp_path / "l", args)
+    out = subprocess.run(
+        [sys.executable, "-m", "phalanx.cli", "train", *TINY, *args,
+         'pipeline.runtime="distributed"', f'train.out_dir="{tmp_path / "d"}"'],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    dist = [json.loads(r) for r in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    keys = ("malicious", "alerts", "blamed", "frozen")
+    assert [{k: r[k] for k in keys} for r in dist] == [{k: r[k] for k in keys} for r in local]
+    assert [r["loss"] for r in dist] == pytest.approx([r["loss"] for r in local], rel=1e-5)
+    assert any(r["blamed"] for r in local) and all(r["blamed"] == r["malicious"] for r in local)
