@@ -1,4 +1,5 @@
-"""``phalanx`` — demo, train, launch, check, bench. User errors: one line, exit code 2."""
+"""``phalanx`` — demo, train, experiment, launch, check, report, bench. User errors: one line,
+exit code 2."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
         "training of real models over real processes, attacks and defenses.",
     )
     sub = ap.add_subparsers(dest="command", required=True,
-                            metavar="{demo,train,launch,check,report,bench}")
+                            metavar="{demo,train,experiment,launch,check,report,bench}")
 
     d = sub.add_parser("demo", help="fine-tune SmolLM2-135M as a 4-stage pipeline")
     d.add_argument("--out", default="runs/demo", help="run directory")
@@ -30,13 +31,28 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "train", help="train a pipeline from a TOML config and overrides",
-        description="Sections: model, data, pipeline, optim, train, attack; every key and its "
+        description="Sections: model, data, pipeline, optim, train, attack, defense; every key "
+        "and its "
         "default is in configs/defaults.toml. Example: phalanx train model.name=tiny "
         "pipeline.stages=2 pipeline.runtime=distributed",
     )
     t.add_argument("--config", help="TOML config file")
     t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     t.add_argument("overrides", nargs="*", help="config overrides, e.g. pipeline.stages=4")
+
+    e = sub.add_parser(
+        "experiment", help="paper recipes: sweeps with tables and plots",
+        description="robustness: paper 1's case study, {clean} ∪ {forward sign flip, backward "
+        "Gaussian} × {p=0.3, 0.7} × {no defense, restart, duplicated block + skip layer}. "
+        "Finished cells are reused unless --fresh.")
+    e.add_argument("name", choices=["robustness"])
+    e.add_argument("--out", default="results/robustness", help="output directory")
+    e.add_argument("--quick", action="store_true",
+                   help="tiny model, few steps (minutes): a smoke run of the whole grid")
+    e.add_argument("--fresh", action="store_true", help="redo cells that already finished")
+    e.add_argument("--steps", type=int, help="optimizer steps per run")
+    e.add_argument("--runtime", choices=["local", "distributed"], help="runtime of every run")
+    e.add_argument("overrides", nargs="*", help="config overrides for every run, key=value")
 
     la = sub.add_parser("launch", help="run a phalanx command as one local process per stage")
     la.add_argument("--nproc", type=int, required=True, help="number of processes (= stages)")
@@ -56,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", help="a train.out_dir")
 
     b = sub.add_parser("bench", help="benchmarks (code in benchmarks/)")
-    b.add_argument("name", choices=["pipeline"])
+    b.add_argument("name", choices=["pipeline", "defense"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
 
     w = sub.add_parser("worker")  # one rank of a spawned job; no help: not listed
@@ -117,6 +133,29 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from phalanx.cli.demo import run_demo
 
     return run_demo(a.out, a.overrides)
+
+
+def cmd_experiment(a: argparse.Namespace) -> int:
+    from phalanx.experiments import robustness as rb
+
+    spec = rb.Spec.quick() if a.quick else rb.Spec()
+    if a.steps is not None:
+        if a.steps < 1:
+            raise PhalanxError("--steps must be at least 1")
+        spec.steps = a.steps
+        spec.eval_every = max(1, min(spec.eval_every, a.steps // 2))
+    if a.runtime:
+        spec.runtime = a.runtime
+    spec.extra = list(a.overrides)
+    cells = rb.grid(spec)
+    _preflight(_config(None, rb.overrides(spec, cells[-1], Path(a.out) / "check")))
+    out = Path(a.out)
+    rows = rb.Runner(spec, out, fresh=a.fresh).run()
+    summary = rb.write(rows, spec, out)
+    print((out / "table.md").read_text())
+    print(json.dumps(summary["totals"]))
+    print(f"results: {out}/summary.json, {out}/table.md, {out}/val_ppl.png", file=sys.stderr)
+    return 0
 
 
 def cmd_launch(a: argparse.Namespace) -> int:
@@ -202,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.command == "train":
             return cmd_train(a, argv)
-        handlers = {"demo": cmd_demo, "launch": cmd_launch, "check": cmd_check,
+        handlers = {"demo": cmd_demo, "experiment": cmd_experiment, "launch": cmd_launch,
+                    "check": cmd_check,
                     "bench": cmd_bench, "report": cmd_report, "worker": cmd_worker}
         return handlers[a.command](a)
     except PhalanxError as exc:

@@ -91,6 +91,18 @@ class Checks:
     checked: int = 0
     marked: set[Key] = field(default_factory=set)
     bypassed: set[Key] = field(default_factory=set)
+    max_deviation: float = 0.0  # largest relative difference among agreeing comparisons
+
+    def compare(self, recomputed: torch.Tensor, claimed: torch.Tensor, cfg: DefenseConfig
+                ) -> bool:
+        """Count one check; whether ``claimed`` agrees with its recomputation."""
+        self.checked += 1
+        ok = agrees(recomputed, claimed, cfg.rtol, cfg.atol)
+        if ok and claimed.numel():
+            scale = float(recomputed.abs().max()) or 1.0
+            dev = float((recomputed - claimed).abs().max()) / scale
+            self.max_deviation = max(self.max_deviation, dev)
+        return ok
 
     def forget_before(self, step: int) -> None:
         """Drop the bookkeeping of iterations before ``step``."""
@@ -149,11 +161,9 @@ class Verifier:
         if self.tap.flags.get(key, 0) & FLAG_SKIP:  # stage s already bypassed its predecessor
             self._send_back(key, torch.empty(0), 0)  # nothing for stage s - 1 to compare
             return args
-        self.checks.checked += 1
         t = true_in.detach().requires_grad_() if valid else None
         shadow_out = module.shadow(t) if valid else None
-        if not valid or not agrees(shadow_out.detach(), claimed.detach(), self.cfg.rtol,
-                                   self.cfg.atol):
+        if not valid or not self.checks.compare(shadow_out.detach(), claimed.detach(), self.cfg):
             self.checks.alerts.append(Alert(step=key[0], micro=key[1], verifier=self.v,
                                             suspect=self.s))
             if valid and self.cfg.recovery == "skip":

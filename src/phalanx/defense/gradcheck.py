@@ -4,7 +4,8 @@ Stage s + 1 holds the replica of stage s and sends, for every training micro-bat
 replica's gradient with respect to stage s's true input (``JUMP_GRAD``). :class:`GradCheck`
 wraps stage b's link from stage s: before the worker sees a gradient from stage s it is compared
 with that recomputation. On a mismatch (an alert against s) the worker gets zeros instead, for
-the rest of the iteration (skip recovery), so a poisoned gradient never reaches stages < s. A
+the rest of the iteration (unless ``recovery = none``), so a poisoned gradient never reaches
+stages < s. A
 ``JUMP_GRAD`` marked ``FLAG_SKIP`` means stages s and s + 1 were bypassed: its tensor replaces
 the gradient from stage s. An empty one means there is nothing to compare (stage s was itself
 bypassing its predecessor).
@@ -20,7 +21,7 @@ import torch
 from phalanx.comm.channel import Channel
 from phalanx.comm.wrap import ChannelWrapper
 from phalanx.defense.config import DefenseConfig
-from phalanx.defense.duplicate import Alert, Checks, agrees
+from phalanx.defense.duplicate import Alert, Checks
 from phalanx.defense.links import Inbox
 from phalanx.wire import FLAG_SKIP, Frame, Kind
 
@@ -83,12 +84,11 @@ class GradCheck(ChannelWrapper):
             return grad
         if self.drop_step == grad.step:
             return self._drop(zeros)
-        self.checks.checked += 1
-        if not agrees(jump.tensor, grad.tensor, self.cfg.rtol, self.cfg.atol):
+        if not self.checks.compare(jump.tensor, grad.tensor, self.cfg):
             self.checks.alerts.append(Alert(step=grad.step, micro=grad.micro,
                                             verifier=grad.dst, suspect=s))
-            if self.cfg.recovery == "skip":
-                self.drop_step = grad.step
+            if self.cfg.recovery != "none":  # skip, or restart: the iteration is discarded
+                self.drop_step = grad.step  # anyway, and nothing poisoned should reach further
                 return self._drop(zeros)
         return grad
 

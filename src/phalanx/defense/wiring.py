@@ -35,6 +35,7 @@ class Duplicate:
         self.cfg, self.n, self.timeout = cfg, num_stages, timeout
         self.checks: dict[int, Checks] = {}
         self.verifiers: dict[int, Verifier] = {}
+        self.gradchecks: dict[int, GradCheck] = {}
         self.standing: set[int] = set()  # quarantined stages, as the last verdict said
         self.coordinator = Coordinator(cfg, num_stages)
 
@@ -58,8 +59,8 @@ class Duplicate:
             evidence = None
             if s + 1 in mid:
                 evidence = out[s + 2] = Inbox(channels[s + 2], Kind.JUMP_GRAD)
-            out[s + 1] = GradCheck(out[s + 1], evidence, self.cfg, checks, self.standing,
-                                   self.timeout)
+            out[s + 1] = self.gradchecks[s] = GradCheck(out[s + 1], evidence, self.cfg, checks,
+                                                         self.standing, self.timeout)
         if s > 0:  # activations in, gradients out
             out[s - 1] = Outbound(out[s - 1], Kind.GRADIENT, checks.marked)
         if s - 1 in mid:
@@ -74,10 +75,19 @@ class Duplicate:
         """Report this stage's alerts with its norm; stage 0 runs the coordinator."""
         checks = self.checks.setdefault(worker.me, Checks())
         worker.alert_counts = lambda: checks.counts(self.n)
-        worker.verdict_hooks.append(self._adopt)
+        worker.verdict_hooks.append(lambda v, s=worker.me: self._adopt(s, v))
         if worker.me == 0:
             worker.coordinator = self.coordinator
 
-    def _adopt(self, verdict: Verdict) -> None:
+    def _adopt(self, stage: int, verdict: Verdict) -> None:
+        """The iteration is over for ``stage``: take the standing quarantine, and forget this
+        iteration's bypasses (a restart redoes the same step number from a clean slate)."""
         self.standing.clear()
         self.standing.update(verdict.quarantined)
+        checks = self.checks[stage]
+        checks.marked.clear()
+        checks.bypassed.clear()
+        if stage in self.verifiers:
+            self.verifiers[stage].skip_step = -1
+        if stage in self.gradchecks:
+            self.gradchecks[stage].drop_step = -1

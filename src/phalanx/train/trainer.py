@@ -93,6 +93,25 @@ class Trainer:
                        quarantined=sorted(v.quarantined), discarded=v.discard)
         return rec
 
+    def check_totals(self) -> dict | None:
+        """Comparisons the duplicated block made over the run and the largest relative
+        difference among those that agreed (how close honest runs came to the tolerance), at
+        the driver; ``None`` elsewhere or without the defense."""
+        defense = self.pipe.defense
+        if defense is None:
+            return None
+        per_stage = {}
+        for w in self.runtime.workers:
+            c = defense.checks.get(w.me)
+            per_stage[w.me] = torch.tensor([c.checked if c else 0, c.max_deviation if c else 0.0],
+                                           dtype=torch.float64)
+        gathered = self.runtime.gather(per_stage)
+        if gathered is None:
+            return None
+        t = torch.stack(list(gathered.values()))
+        return {"comparisons": int(t[:, 0].sum()), "max_agreeing_deviation": float(t[:, 1].max()),
+                "rtol": self.cfg.defense.rtol, "atol": self.cfg.defense.atol}
+
     def restore(self) -> dict:
         directory, manifest = read_manifest(self.out / "checkpoints")
         for w in self.runtime.workers:
@@ -157,6 +176,7 @@ class Trainer:
                 self.checkpoint(t_cfg.steps, {"val_loss_start": val_start})
             rss = self.runtime.gather(
                 {w.me: torch.tensor([peak_rss_mb()], dtype=torch.float64) for w in rt.workers})
+            checks = self.check_totals()
         finally:
             bar.close()
             if metrics is not None:
@@ -176,6 +196,8 @@ class Trainer:
             else [peak_rss_mb()],
             "model": self.pipe.loaded.source, "config": to_dict(cfg),
         }
+        if checks is not None:
+            summary["defense"] = checks
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 

@@ -1,0 +1,287 @@
+"""Paper 1's case study: poisoning attacks on a pipeline, with and without the defense.
+
+The grid is {clean} ∪ {forward sign flip, backward N(0, 1)} × {p = 0.3, 0.7} × {no defense,
+restart the iteration, duplicated block + jumping connection + skip layer}, plus a clean run
+with the duplicated block on, where every alert would be a false one. Each cell is an ordinary
+``phalanx train`` run in its own directory; this module derives their configs from one base,
+runs them (reusing finished cells), and turns their metrics into ``summary.json``, ``table.md``
+and plots of validation perplexity over steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from phalanx.errors import PhalanxError
+
+ATTACKS = {"sign_flip": "forward", "gaussian": "backward"}  # the paper's two attacks
+DEFENSES = ("none", "restart", "skip")
+
+
+@dataclass(kw_only=True)
+class Spec:
+    """The experiment's scale. The defaults fit the full grid in an hour on 2 CPU cores."""
+
+    model: str = "smollm2"
+    stages: int = 6
+    runtime: str = "distributed"
+    steps: int = 32
+    batch_size: int = 4
+    micro_batches: int = 4  # the paper's micro-batch of 1
+    seq_len: int = 64
+    eval_every: int = 8
+    eval_batches: int = 8
+    lr: float = 5e-5  # the paper's AdamW: lr 5e-5, weight decay 0.01, warm-up, clip 1.0, fp32
+    warmup_steps: int = 4
+    rates: tuple[float, ...] = (0.3, 0.7)
+    seed: int = 0
+    extra: list[str] = field(default_factory=list)  # further config overrides for every run
+
+    @classmethod
+    def quick(cls) -> Spec:
+        """A minutes-long version on the tiny random model, for tests and smoke runs."""
+        return cls(model="tiny", stages=4, runtime="local", steps=8, batch_size=4,
+                   micro_batches=2, seq_len=32, eval_every=4, eval_batches=2, lr=1e-3,
+                   warmup_steps=1)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid."""
+
+    attack: str  # clean | sign_flip | gaussian
+    rate: float
+    defense: str  # none | restart | skip
+
+    @property
+    def name(self) -> str:
+        return "clean" if self.attack == "clean" and self.defense == "none" else \
+            f"{self.attack}-p{self.rate:g}-{self.defense}"
+
+
+def grid(spec: Spec) -> list[Cell]:
+    """Every cell: clean, clean with the defense watching, then attacks × rates × defenses."""
+    cells = [Cell("clean", 0.0, "none"), Cell("clean", 0.0, "skip")]
+    for attack in ATTACKS:
+        for rate in spec.rates:
+            cells += [Cell(attack, rate, d) for d in DEFENSES]
+    return cells
+
+
+def overrides(spec: Spec, cell: Cell, out: Path) -> list[str]:
+    """The ``phalanx train`` settings of one cell."""
+    o = [f"model.name={json.dumps(spec.model)}", f"pipeline.stages={spec.stages}",
+         f"pipeline.runtime={json.dumps(spec.runtime)}",
+         f"pipeline.micro_batches={spec.micro_batches}", f"data.seq_len={spec.seq_len}",
+         f"train.steps={spec.steps}", f"train.batch_size={spec.batch_size}",
+         f"train.eval_every={spec.eval_every}", f"train.eval_batches={spec.eval_batches}",
+         f"optim.lr={spec.lr}", f"optim.warmup_steps={spec.warmup_steps}",
+         "optim.weight_decay=0.01", "optim.clip=1.0", 'model.dtype="float32"',
+         "train.save=false", "train.progress=false", f"train.seed={spec.seed}",
+         f"train.out_dir={json.dumps(str(out))}"]
+    if cell.attack != "clean":
+        o += [f"attack.{ATTACKS[cell.attack]}={json.dumps(cell.attack)}",
+              f"attack.rate={cell.rate}", f"attack.seed={spec.seed}"]
+    if cell.defense != "none":
+        o += ['defense.verify="duplicate"', f"defense.recovery={json.dumps(cell.defense)}"]
+    return o + spec.extra
+
+
+def attempts(records: list[dict]) -> list[dict]:
+    """Every iteration attempt of a run (redone ones included), in order."""
+    out = []
+    for r in records:
+        out += r.get("redone", [])
+        out.append(r)
+    return out
+
+
+def score(cell: Cell, records: list[dict], summary: dict) -> dict:
+    """One row of the results: what the attack did and what the defense caught."""
+    tries = attempts(records)
+    attacked = [t for t in tries if t.get("malicious")]
+    honest = [t for t in tries if not t.get("malicious")]
+    detected = [t for t in attacked if t.get("blamed")]
+    false_alerts = sum(1 for t in honest if t.get("alerts")) + sum(
+        1 for t in attacked if set(t.get("blamed", [])) - set(t["malicious"]))
+    val = [(0, summary["val_loss_start"])]
+    val += [(r["step"] + 1, r["val_loss"]) for r in records if "val_loss" in r]
+    val.append((summary["steps"], summary["val_loss_end"]))
+    return {
+        "run": cell.name, "attack": cell.attack, "rate": cell.rate, "defense": cell.defense,
+        "val_ppl_start": summary["val_ppl_start"], "val_ppl_end": summary["val_ppl_end"],
+        "attacked_iterations": len(attacked), "detected_iterations": len(detected),
+        "honest_iterations": len(honest), "checked_iterations": len(tries)
+        if cell.defense != "none" else 0,
+        "false_alerts": false_alerts if cell.defense != "none" else None,
+        "blame_correct": (sum(set(t["blamed"]) == set(t["malicious"]) for t in detected)
+                          / len(detected)) if detected else None,
+        "redone_iterations": sum(len(r.get("redone", [])) for r in records),
+        "skipped_steps": sum(bool(r.get("skipped_step")) for r in records),
+        "tokens_per_s": summary["tokens_per_s"], "wall_s": summary["wall_s"],
+        "comparisons": summary.get("defense", {}).get("comparisons", 0),
+        "max_agreeing_deviation": summary.get("defense", {}).get("max_agreeing_deviation"),
+        "val_ppl_curve": [[s, math.exp(v) if v < 700 else float("inf")] for s, v in val],
+    }
+
+
+class Runner:
+    """Runs the cells of a grid through ``phalanx train``, skipping finished ones."""
+
+    def __init__(self, spec: Spec, out: Path, fresh: bool = False,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.spec, self.out, self.fresh = spec, out, fresh
+        self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+
+    def run_cell(self, cell: Cell) -> dict:
+        from phalanx.experiments.report import read_run
+
+        run_dir = self.out / "runs" / cell.name
+        settings = overrides(self.spec, cell, run_dir)
+        stamp = run_dir / "settings.json"
+        if not self.fresh and stamp.is_file() and (run_dir / "summary.json").is_file() \
+                and json.loads(stamp.read_text()) == settings:
+            records, summary = read_run(run_dir)
+            return score(cell, records, summary)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stamp.unlink(missing_ok=True)
+        if self.spec.runtime == "local":
+            self._train_here(settings)
+        else:
+            self._train_launched(settings, run_dir / "train.log", cell)
+        stamp.write_text(json.dumps(settings, indent=1) + "\n")
+        records, summary = read_run(run_dir)
+        return score(cell, records, summary)
+
+    @staticmethod
+    def _train_here(settings: list[str]) -> None:
+        """A simulator run, in this process."""
+        from phalanx.config import load_config
+        from phalanx.train import Config, Trainer
+
+        trainer = Trainer(load_config(Config, None, settings))
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+
+    @staticmethod
+    def _train_launched(settings: list[str], log: Path, cell: Cell) -> None:
+        """A distributed run: ``phalanx train`` starts one process per stage."""
+        with open(log, "w") as f:
+            code = subprocess.run([sys.executable, "-m", "phalanx.cli", "train", *settings],
+                                  stdout=f, stderr=subprocess.STDOUT).returncode
+        if code:
+            tail = log.read_text(errors="replace")[-1500:]
+            raise PhalanxError(f"the run {cell.name} failed (exit {code}); its log {log} ends "
+                               f"with:\n{tail}")
+
+    def run(self) -> list[dict]:
+        cells, rows = grid(self.spec), []
+        t0 = time.perf_counter()
+        for k, cell in enumerate(cells, 1):
+            self.log(f"[{k}/{len(cells)}] {cell.name} ...")
+            row = self.run_cell(cell)
+            rows.append(row)
+            self.log(f"[{k}/{len(cells)}] {cell.name}: val ppl {row['val_ppl_end']:.2f}, "
+                     f"attacked {row['attacked_iterations']}, detected "
+                     f"{row['detected_iterations']}, {row['wall_s']:.0f} s "
+                     f"(elapsed {time.perf_counter() - t0:.0f} s)")
+        clean = next(r["val_ppl_end"] for r in rows if r["run"] == "clean")
+        for r in rows:
+            r["ppl_ratio_to_clean"] = r["val_ppl_end"] / clean
+        return rows
+
+
+def totals(rows: list[dict]) -> dict:
+    """The targets of the issue, over the whole grid."""
+    defended = [r for r in rows if r["defense"] != "none"]
+    attacked = sum(r["attacked_iterations"] for r in defended)
+    skip_hi = [r for r in rows if r["defense"] == "skip" and r["attack"] != "clean"
+               and r["rate"] == max(x["rate"] for x in rows)]
+    return {
+        "attacked_iterations_defended": attacked,
+        "detected_iterations": sum(r["detected_iterations"] for r in defended),
+        "detection_rate": sum(r["detected_iterations"] for r in defended) / attacked
+        if attacked else None,
+        "honest_iterations_checked": sum(r["honest_iterations"] for r in defended),
+        "false_alerts": sum(r["false_alerts"] for r in defended),
+        "comparisons": sum(r["comparisons"] for r in defended),
+        "max_agreeing_deviation": max((r["max_agreeing_deviation"] or 0.0 for r in defended),
+                                      default=None),
+        "blame_correct": min((r["blame_correct"] for r in defended
+                              if r["blame_correct"] is not None), default=None),
+        "skip_ppl_ratio_at_max_rate": max((r["ppl_ratio_to_clean"] for r in skip_hi),
+                                          default=None),
+    }
+
+
+def table(rows: list[dict], spec: Spec) -> str:
+    """The results as Markdown."""
+    head = ("| attack | p | defense | val ppl end | × clean | attacked | detected | false alerts "
+            "| blame correct | redone | tok/s | wall s |")
+    lines = [f"Robustness grid: {spec.model}, {spec.stages} stages ({spec.runtime}), "
+             f"{spec.steps} steps of {spec.batch_size}×{spec.seq_len} tokens, lr {spec.lr:g}.",
+             "", head, "|" + "---|" * 12]
+    for r in rows:
+        fa = "–" if r["false_alerts"] is None else str(r["false_alerts"])
+        bc = "–" if r["blame_correct"] is None else f"{100 * r['blame_correct']:.0f}%"
+        lines.append(
+            f"| {r['attack']} | {r['rate']:g} | {r['defense']} | {r['val_ppl_end']:.2f} | "
+            f"{r['ppl_ratio_to_clean']:.3f} | {r['attacked_iterations']} | "
+            f"{r['detected_iterations']} | {fa} | {bc} | {r['redone_iterations']} | "
+            f"{r['tokens_per_s']:.0f} | {r['wall_s']:.0f} |")
+    t = totals(rows)
+    lines += ["", f"Defended runs: {t['detected_iterations']}/{t['attacked_iterations_defended']} "
+              f"attacked iterations detected, {t['false_alerts']} false alerts over "
+              f"{t['honest_iterations_checked']} honest checked iterations; "
+              f"{t['comparisons']} comparisons, largest relative difference among agreeing ones "
+              f"{t['max_agreeing_deviation']:.2g}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Validation perplexity over steps: one panel per attack and rate, a line per defense."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["attack"], r["rate"]) for r in rows if r["attack"] != "clean"})
+    clean = next(r for r in rows if r["run"] == "clean")
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2), dpi=110,
+                             squeeze=False)
+    for ax, (attack, rate) in zip(axes[0], panels, strict=True):
+        ax.plot(*zip(*clean["val_ppl_curve"], strict=True), "k--", label="clean", lw=1.2)
+        for r in rows:
+            if (r["attack"], r["rate"]) == (attack, rate):
+                ax.plot(*zip(*r["val_ppl_curve"], strict=True), "o-", ms=3, lw=1.4,
+                        label={"none": "no defense", "restart": "restart",
+                               "skip": "dup. block + skip"}[r["defense"]])
+        ax.set_title(f"{ATTACKS[attack]} {attack}, p = {rate:g}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation perplexity")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write(rows: list[dict], spec: Spec, out: Path) -> dict:
+    """``summary.json``, ``table.md`` and ``val_ppl.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"spec": asdict(spec), "totals": totals(rows), "runs": rows}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "table.md").write_text(table(rows, spec))
+    plot(rows, out / "val_ppl.png")
+    return summary

@@ -1,0 +1,57 @@
+"""`phalanx experiment robustness --quick`: the whole grid runs, every attacked iteration of a
+defended run is detected and blamed on the attacker, no honest iteration raises an alert, and
+the results are written as the issue asks."""
+
+from __future__ import annotations
+
+import json
+
+from phalanx.cli.main import main
+from phalanx.experiments.robustness import Cell, Spec, attempts, grid, score
+
+KEYS = {"attack", "rate", "defense", "val_ppl_end", "ppl_ratio_to_clean", "attacked_iterations",
+        "detected_iterations", "false_alerts", "blame_correct", "tokens_per_s", "wall_s"}
+
+
+def test_quick_grid_detects_every_attack_without_false_alerts(tmp_path, capsys):
+    out = tmp_path / "rb"
+    assert main(["experiment", "robustness", "--quick", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["runs"]
+    assert len(rows) == 14 and all(KEYS <= set(r) for r in rows)
+    assert {(r["attack"], r["rate"], r["defense"]) for r in rows} == {
+        (c.attack, c.rate, c.defense) for c in grid(Spec.quick())}
+    t = summary["totals"]
+    assert t["attacked_iterations_defended"] > 20
+    assert t["detection_rate"] == 1.0 and t["false_alerts"] == 0 and t["blame_correct"] == 1.0
+    undefended = [r for r in rows if r["defense"] == "none" and r["attack"] != "clean"]
+    assert all(r["detected_iterations"] == 0 and r["attacked_iterations"] > 0
+               for r in undefended)
+    clean = next(r for r in rows if r["run"] == "clean")
+    watched = next(r for r in rows if r["attack"] == "clean" and r["defense"] == "skip")
+    assert watched["val_ppl_end"] == clean["val_ppl_end"]  # the defense alone changes nothing
+    assert all(r["ppl_ratio_to_clean"] > 1 for r in undefended)  # the attacks do harm
+    assert (out / "table.md").read_text().count("\n| ") == 15
+    assert (out / "val_ppl.png").read_bytes()[:4] == b"\x89PNG"
+    # a second call reuses the finished cells
+    before = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.jsonl")}
+    assert main(["experiment", "robustness", "--quick", "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.jsonl")} == before
+    assert "| sign_flip | 0.7 | skip |" in capsys.readouterr().out
+
+
+def test_score_counts_redone_attempts_and_misplaced_blame():
+    records = [
+        {"step": 0, "malicious": [], "alerts": {}, "blamed": []},
+        {"step": 1, "malicious": [], "alerts": {}, "blamed": [],
+         "redone": [{"malicious": [2], "alerts": {"2": 1}, "blamed": [2]},
+                    {"malicious": [3], "alerts": {"2": 1}, "blamed": [2]}]},
+        {"step": 2, "malicious": [1], "alerts": {}, "blamed": []},
+    ]
+    assert len(attempts(records)) == 5
+    summary = {"val_loss_start": 1.0, "val_loss_end": 0.5, "val_ppl_start": 2.7,
+               "val_ppl_end": 1.6, "steps": 3, "tokens_per_s": 1.0, "wall_s": 1.0}
+    row = score(Cell("sign_flip", 0.5, "restart"), records, summary)
+    assert (row["attacked_iterations"], row["detected_iterations"]) == (3, 2)
+    assert row["false_alerts"] == 1 and row["blame_correct"] == 0.5  # stage 2 named for 3
+    assert row["redone_iterations"] == 2 and row["honest_iterations"] == 2
