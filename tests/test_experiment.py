@@ -55,3 +55,17 @@ def test_score_counts_redone_attempts_and_misplaced_blame():
     assert (row["attacked_iterations"], row["detected_iterations"]) == (3, 2)
     assert row["false_alerts"] == 1 and row["blame_correct"] == 0.5  # stage 2 named for 3
     assert row["redone_iterations"] == 2 and row["honest_iterations"] == 2
+
+
+def test_demo_runs_clean_attacked_and_defended(tmp_path, capsys):
+    """The demo's code path, on the tiny model in the simulator (the real demo is SmolLM2)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), 'model.name="tiny"', 'pipeline.runtime="local"',
+                 "optim.lr=1e-3"]) == 0
+    text = capsys.readouterr().out
+    assert "| clean |" in text and "| attacked, no defense |" in text
+    rows = {r["run"]: r for r in json.loads((out / "summary.json").read_text())["runs"]}
+    defended = rows["sign_flip-p0.7-skip"]
+    assert defended["detected_iterations"] == defended["attacked_iterations"] > 0
+    assert defended["blame_correct"] == 1.0 and defended["false_alerts"] == 0
+    assert (out / "val_ppl.png").is_file()

@@ -49,9 +49,16 @@ def test_train_writes_metrics_summary_and_checkpoint(tmp_path):
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_resume_continues_exactly(tmp_path):
+QUARANTINE = ['attack.forward="scale"', "attack.strength=4", "attack.rate=1.0",
+              "attack.stages=[1]", 'defense.verify="duplicate"', "defense.quarantine_after=1"]
+
+
+@pytest.mark.parametrize("defended", [False, True])
+def test_resume_continues_exactly(tmp_path, defended):
+    """Also with a stage in quarantine: the checkpoint keeps it bypassed after the resume."""
     full, part = tmp_path / "full", tmp_path / "part"
-    extra = ["pipeline.stages=4", "train.steps=6", "train.checkpoint_every=3"]
+    extra = ["pipeline.stages=4", "train.steps=6", "train.checkpoint_every=3",
+             *(QUARANTINE if defended else [])]
     _train(full, extra)
     # an interrupted run: the same run directory as it stood after the step-3 checkpoint
     part.mkdir()

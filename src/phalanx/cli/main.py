@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True,
                             metavar="{demo,train,experiment,launch,check,report,bench}")
 
-    d = sub.add_parser("demo", help="fine-tune SmolLM2-135M as a 4-stage pipeline")
+    d = sub.add_parser("demo", help="SmolLM2-135M, 4 pipeline processes: clean vs attacked vs "
+                       "defended")
     d.add_argument("--out", default="runs/demo", help="run directory")
     d.add_argument("overrides", nargs="*", help="config overrides, key=value")
 

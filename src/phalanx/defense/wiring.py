@@ -22,6 +22,7 @@ from phalanx.defense.coordinator import Coordinator
 from phalanx.defense.duplicate import Checks, Verifier, checked
 from phalanx.defense.gradcheck import GradCheck
 from phalanx.defense.links import FlagTap, Inbox, Outbound
+from phalanx.errors import PhalanxError
 from phalanx.models.stages import StageModule
 from phalanx.pipeline.verdict import Verdict
 from phalanx.pipeline.worker import StageWorker
@@ -78,6 +79,16 @@ class Duplicate:
         worker.verdict_hooks.append(lambda v, s=worker.me: self._adopt(s, v))
         if worker.me == 0:
             worker.coordinator = self.coordinator
+
+    def restore(self, quarantined: list) -> None:
+        """Resume with the quarantine a checkpoint recorded."""
+        if not isinstance(quarantined, list) or not all(
+                isinstance(q, int) and 0 < q < self.n - 1 for q in quarantined):
+            raise PhalanxError(f"the checkpoint's quarantine {quarantined!r} is not a list of "
+                               f"middle stages of a {self.n}-stage pipeline")
+        self.standing.clear()
+        self.standing.update(quarantined)
+        self.coordinator.quarantined = set(quarantined)
 
     def _adopt(self, stage: int, verdict: Verdict) -> None:
         """The iteration is over for ``stage``: take the standing quarantine, and forget this

@@ -152,7 +152,10 @@ class Runner:
             return score(cell, records, summary)
         run_dir.mkdir(parents=True, exist_ok=True)
         stamp.unlink(missing_ok=True)
-        if self.spec.runtime == "local":
+        from phalanx.config import load_config
+        from phalanx.train import Config
+
+        if load_config(Config, None, settings).pipeline.runtime == "local":
             self._train_here(settings)
         else:
             self._train_launched(settings, run_dir / "train.log", cell)
@@ -183,8 +186,9 @@ class Runner:
             raise PhalanxError(f"the run {cell.name} failed (exit {code}); its log {log} ends "
                                f"with:\n{tail}")
 
-    def run(self) -> list[dict]:
-        cells, rows = grid(self.spec), []
+    def run(self, cells: list[Cell] | None = None) -> list[dict]:
+        """Run ``cells`` (the whole grid by default); rows with ``ppl_ratio_to_clean``."""
+        cells, rows = cells or grid(self.spec), []
         t0 = time.perf_counter()
         for k, cell in enumerate(cells, 1):
             self.log(f"[{k}/{len(cells)}] {cell.name} ...")

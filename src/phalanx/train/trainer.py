@@ -15,6 +15,7 @@ from tqdm import tqdm
 from phalanx.config import to_dict
 from phalanx.data import TokenData, build_data
 from phalanx.pipeline import IterationResult
+from phalanx.pipeline.verdict import Verdict
 from phalanx.train.checkpoint import load_stage, read_manifest, save_stage, write_manifest
 from phalanx.train.config import Config
 from phalanx.train.setup import build_pipeline
@@ -112,10 +113,22 @@ class Trainer:
         return {"comparisons": int(t[:, 0].sum()), "max_agreeing_deviation": float(t[:, 1].max()),
                 "rtol": self.cfg.defense.rtol, "atol": self.cfg.defense.atol}
 
+    def run_state(self, val_start: float | None) -> dict:
+        """What a checkpoint keeps besides the stages: the starting validation loss and the
+        coordinator's standing quarantine."""
+        state: dict = {"val_loss_start": val_start}
+        if self.pipe.defense is not None:
+            state["quarantined"] = sorted(self.pipe.defense.standing)
+        return state
+
     def restore(self) -> dict:
         directory, manifest = read_manifest(self.out / "checkpoints")
         for w in self.runtime.workers:
             load_stage(directory, manifest, w)
+        if self.pipe.defense is not None:
+            self.pipe.defense.restore(manifest.get("quarantined", []))
+            for w in self.runtime.workers:
+                w.verdict = Verdict(quarantined=frozenset(self.pipe.defense.standing))
         self.runtime.barrier()
         return manifest
 
@@ -170,10 +183,10 @@ class Trainer:
                     bar.set_postfix(loss=f"{res.loss:.3f}", tok_s=f"{tokens / dt:.0f}")
                 bar.update(1)
                 if t_cfg.save and _due(done, t_cfg.checkpoint_every, t_cfg.steps):
-                    self.checkpoint(done, {"val_loss_start": val_start})
+                    self.checkpoint(done, self.run_state(val_start))
             val_end = self.evaluate(t_cfg.steps)
             if t_cfg.save:
-                self.checkpoint(t_cfg.steps, {"val_loss_start": val_start})
+                self.checkpoint(t_cfg.steps, self.run_state(val_start))
             rss = self.runtime.gather(
                 {w.me: torch.tensor([peak_rss_mb()], dtype=torch.float64) for w in rt.workers})
             checks = self.check_totals()
