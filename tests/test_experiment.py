@@ -69,3 +69,16 @@ def test_demo_runs_clean_attacked_and_defended(tmp_path, capsys):
     assert defended["detected_iterations"] == defended["attacked_iterations"] > 0
     assert defended["blame_correct"] == 1.0 and defended["false_alerts"] == 0
     assert (out / "val_ppl.png").is_file()
+
+
+def test_detection_coverage_of_every_attack(tmp_path, capsys):
+    out = tmp_path / "det"
+    assert main(["experiment", "detection", "--quick", "--out", str(out)]) == 0
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert {(r["direction"], r["attack"]) for r in runs} >= {("forward", "forged"),
+                                                             ("backward", "gaussian")}
+    assert len(runs) == 10
+    for r in runs:
+        assert r["detected_iterations"] == r["attacked_iterations"] == 2, r
+        assert r["blame_correct"] == 1.0 and r["false_alerts"] == 0, r
+    assert "| forward | forged | 2 | 2 | 100% | 0 |" in capsys.readouterr().out

@@ -44,10 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "experiment", help="paper recipes: sweeps with tables and plots",
         description="robustness: paper 1's case study, {clean} ∪ {forward sign flip, backward "
-        "Gaussian} × {p=0.3, 0.7} × {no defense, restart, duplicated block + skip layer}. "
-        "Finished cells are reused unless --fresh.")
-    e.add_argument("name", choices=["robustness"])
-    e.add_argument("--out", default="results/robustness", help="output directory")
+        "Gaussian} × {p=0.3, 0.7} × {no defense, restart, duplicated block + skip layer}; "
+        "finished cells are reused unless --fresh. detection: every attack, the forged pair "
+        "included, against the duplicated block.")
+    e.add_argument("name", choices=["robustness", "detection"])
+    e.add_argument("--out", help="output directory (default results/NAME)")
     e.add_argument("--quick", action="store_true",
                    help="tiny model, few steps (minutes): a smoke run of the whole grid")
     e.add_argument("--fresh", action="store_true", help="redo cells that already finished")
@@ -139,6 +140,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_experiment(a: argparse.Namespace) -> int:
     from phalanx.experiments import robustness as rb
 
+    a.out = a.out or f"results/{a.name}"
+    if a.name == "detection":
+        return _detection(a)
     spec = rb.Spec.quick() if a.quick else rb.Spec()
     if a.steps is not None:
         if a.steps < 1:
@@ -157,6 +161,19 @@ def cmd_experiment(a: argparse.Namespace) -> int:
     print(json.dumps(summary["totals"]))
     print(f"results: {out}/summary.json, {out}/table.md, {out}/val_ppl.png", file=sys.stderr)
     return 0
+
+
+def _detection(a: argparse.Namespace) -> int:
+    from phalanx.experiments import detection as dt
+
+    spec = dt.DetectionSpec.quick() if a.quick else dt.DetectionSpec()
+    if a.steps is not None:
+        spec.steps = max(1, a.steps)
+    spec.extra = list(a.overrides)
+    rows = dt.run(spec, Path(a.out))
+    print((Path(a.out) / "table.md").read_text())
+    missed = sum(r["attacked_iterations"] - r["detected_iterations"] for r in rows)
+    return 0 if missed == 0 else 1
 
 
 def cmd_launch(a: argparse.Namespace) -> int:
