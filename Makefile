@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.phalanx-setup
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench experiment clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ lint: setup
 
 bench: setup
 	$(BIN)/phalanx bench pipeline
+	$(BIN)/phalanx bench defense
+
+experiment: setup
+	$(BIN)/phalanx experiment robustness
+	$(BIN)/phalanx experiment detection
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
