@@ -18,7 +18,7 @@ def test_quick_grid_detects_every_attack_without_false_alerts(tmp_path, capsys):
     assert main(["experiment", "robustness", "--quick", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     rows = summary["runs"]
-    assert len(rows) == 14 and all(KEYS <= set(r) for r in rows)
+    assert len(rows) == 18 and all(KEYS <= set(r) for r in rows)
     assert {(r["attack"], r["rate"], r["defense"]) for r in rows} == {
         (c.attack, c.rate, c.defense) for c in grid(Spec.quick())}
     t = summary["totals"]
@@ -31,7 +31,10 @@ def test_quick_grid_detects_every_attack_without_false_alerts(tmp_path, capsys):
     watched = next(r for r in rows if r["attack"] == "clean" and r["defense"] == "skip")
     assert watched["val_ppl_end"] == clean["val_ppl_end"]  # the defense alone changes nothing
     assert all(r["ppl_ratio_to_clean"] > 1 for r in undefended)  # the attacks do harm
-    assert (out / "table.md").read_text().count("\n| ") == 15
+    assert (out / "table.md").read_text().count("\n| ") == 19
+    for r in rows:  # repair recovery trains exactly the clean model
+        if r["defense"] == "repair":
+            assert r["val_ppl_end"] == clean["val_ppl_end"] and r["detected_iterations"] > 0
     assert (out / "val_ppl.png").read_bytes()[:4] == b"\x89PNG"
     # a second call reuses the finished cells
     before = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.jsonl")}

@@ -104,6 +104,28 @@ def test_replicas_stay_in_lockstep_through_random_attacks(attack):
     assert _in_lockstep(pipe)
 
 
+@pytest.mark.parametrize("attack", [
+    ['attack.forward="sign_flip"', "attack.stages=[1]"],
+    ['attack.forward="forged"', "attack.stages=[2]"],
+    ['attack.backward="gaussian"', "attack.stages=[1]"],
+    ['attack.backward="scale"', "attack.strength=-3", "attack.stages=[2]"],
+    ['attack.forward="gaussian"', 'attack.backward="sign_flip"', "attack.rate=0.5"],
+])
+def test_repair_recovery_trains_exactly_the_clean_model(attack):
+    """The replica's output (forward) or gradient (backward) replaces the poisoned message, so
+    the attacked run is the clean run, to the bit, and the attacker is still named."""
+    pipe = _pipe(['defense.recovery="repair"', "attack.rate=1.0", *attack], steps=4)
+    clean = _pipe([], steps=4)
+    res = [pipe.runtime.train_step(s, BATCH) for s in range(4)]
+    ref = [clean.runtime.train_step(s, BATCH) for s in range(4)]
+    assert [r.loss for r in res] == [r.loss for r in ref]
+    assert [r.verdict.blamed for r in res] == [pipe.attack.malicious(s) for s in range(4)]
+    assert any(r.verdict.blamed for r in res) and not any(r.verdict.frozen for r in res)
+    for s in range(4):
+        assert all(torch.equal(p, _params(clean, s)[k]) for k, p in _params(pipe, s).items())
+    assert _in_lockstep(pipe)
+
+
 def test_quarantine_bypasses_a_repeat_offender():
     pipe = _pipe(['attack.forward="scale"', "attack.strength=4", "attack.rate=1.0",
                   "attack.stages=[1]", "defense.quarantine_after=2"])
@@ -146,9 +168,10 @@ def test_restart_redoes_attacked_iterations_until_clean(tmp_path):
 
 
 @pytest.mark.slow
-def test_skip_recovery_is_the_same_in_both_runtimes(tmp_path):
+@pytest.mark.parametrize("recovery", ["skip", "repair"])
+def test_recovery_is_the_same_in_both_runtimes(tmp_path, recovery):
     args = ['attack.forward="sign_flip"', 'attack.backward="gaussian"', "attack.rate=0.6",
-            "attack.seed=2", 'defense.verify="duplicate"']
+            "attack.seed=2", 'defense.verify="duplicate"', f'defense.recovery="{recovery}"']
     local = _train(tmp_path / "l", args)
     out = subprocess.run(
         [sys.executable, "-m", "phalanx.cli", "train", *TINY, *args,

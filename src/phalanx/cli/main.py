@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--fresh", action="store_true", help="redo cells that already finished")
     e.add_argument("--steps", type=int, help="optimizer steps per run")
     e.add_argument("--runtime", choices=["local", "distributed"], help="runtime of every run")
+    e.add_argument("--defenses", help="robustness: comma-separated subset of "
+                   "none,restart,skip,repair (default: all)")
     e.add_argument("overrides", nargs="*", help="config overrides for every run, key=value")
 
     la = sub.add_parser("launch", help="run a phalanx command as one local process per stage")
@@ -151,6 +153,12 @@ def cmd_experiment(a: argparse.Namespace) -> int:
         spec.eval_every = max(1, min(spec.eval_every, a.steps // 2))
     if a.runtime:
         spec.runtime = a.runtime
+    if a.defenses:
+        chosen = tuple(d.strip() for d in a.defenses.split(","))
+        if not set(chosen) <= set(rb.DEFENSES) or "none" not in chosen:
+            raise PhalanxError(f"--defenses={a.defenses!r}: choose among "
+                               f"{','.join(rb.DEFENSES)}, including none")
+        spec.defenses = chosen
     spec.extra = list(a.overrides)
     cells = rb.grid(spec)
     _preflight(_config(None, rb.overrides(spec, cells[-1], Path(a.out) / "check")))

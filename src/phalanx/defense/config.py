@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from phalanx.errors import ConfigError
 
 VERIFY = ("none", "duplicate")
-RECOVERY = ("skip", "restart", "none")
+RECOVERY = ("skip", "repair", "restart", "none")
 
 
 @dataclass(kw_only=True)
@@ -15,7 +15,8 @@ class DefenseConfig:
     """Verification of the middle stages and what the coordinator does about an alert."""
 
     verify: str = "none"  # none | duplicate (duplicated block + jumping connection)
-    recovery: str = "skip"  # skip (skip layer) | restart (redo the iteration) | none (alert only)
+    recovery: str = "skip"  # skip (skip layer) | repair (use the replica's result) | restart
+    # (redo the iteration) | none (alert only)
     rtol: float = 1e-4  # tolerance of the comparison; rtol = atol = 0 compares bitwise
     atol: float = 1e-6
     max_retries: int = 3  # restart: attempts before an iteration is dropped

@@ -13,6 +13,8 @@ Decisions:
 - ``skip`` (skip layer): stages s - 1, s and s + 1 keep their weights this iteration (the paper
   freezes the bypassed stages and the one before; the trusted last stage, which ran its own
   layers on the true input, still steps), and their replicas with them.
+- ``repair`` (beyond the paper): the replica's output or gradient replaced the bad message, so
+  the iteration is the honest one and nobody is frozen.
 - ``restart``: the whole iteration is discarded and redone.
 - Quarantine (``quarantine_after = k``): a stage blamed in k of the last 2k iterations is
   bypassed from then on: stage q + 1 takes its input from stage q - 1 over the jumping

@@ -33,7 +33,7 @@ from phalanx.comm.channel import Channel
 from phalanx.defense.config import DefenseConfig
 from phalanx.defense.links import FlagTap, Inbox, Key
 from phalanx.models.stages import StageModule
-from phalanx.wire import FLAG_SKIP, Frame, Kind
+from phalanx.wire import FLAG_REPAIRED, FLAG_SKIP, Frame, Kind
 
 
 def agrees(recomputed: torch.Tensor, claimed: torch.Tensor, rtol: float, atol: float) -> bool:
@@ -81,6 +81,19 @@ class _Route(torch.autograd.Function):
         return torch.zeros_like(grad), grad
 
 
+class _Repair(torch.autograd.Function):
+    """The replica's output in place of the claimed one; the gradient goes to both (the stage
+    that sent the claim still steps in lockstep with its replica)."""
+
+    @staticmethod
+    def forward(ctx, claimed: torch.Tensor, shadow_out: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return shadow_out.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        return grad, grad
+
+
 @dataclass
 class Checks:
     """One stage's verification state: the alerts and number of checks of the current
@@ -91,6 +104,7 @@ class Checks:
     checked: int = 0
     marked: set[Key] = field(default_factory=set)
     bypassed: set[Key] = field(default_factory=set)
+    repaired: set[Key] = field(default_factory=set)  # inputs replaced by the replica's output
     max_deviation: float = 0.0  # largest relative difference among agreeing comparisons
 
     def compare(self, recomputed: torch.Tensor, claimed: torch.Tensor, cfg: DefenseConfig
@@ -106,7 +120,7 @@ class Checks:
 
     def forget_before(self, step: int) -> None:
         """Drop the bookkeeping of iterations before ``step``."""
-        for keys in (self.marked, self.bypassed):
+        for keys in (self.marked, self.bypassed, self.repaired):
             if any(k[0] < step for k in keys):
                 keys.intersection_update({k for k in keys if k[0] >= step})
 
@@ -124,9 +138,11 @@ class Verifier:
 
     def __init__(self, stage: StageModule, jumps: dict[int, Inbox], tap: FlagTap, back: Channel,
                  cfg: DefenseConfig, checks: Checks, standing: set[int],
-                 timeout: float | None) -> None:
+                 timeout: float | None, repairs: Inbox | None = None,
+                 ahead: Channel | None = None) -> None:
         self.stage, self.v, self.s = stage, stage.index, stage.index - 1
         self.jumps, self.tap, self.back = jumps, tap, back
+        self.repairs, self.ahead = repairs, ahead  # repaired inputs: from s, to v + 1
         self.cfg, self.checks, self.standing, self.timeout = cfg, checks, standing, timeout
         self.skip_step = -1  # the iteration in which stages s and v are being bypassed
         self._identity = False
@@ -158,9 +174,13 @@ class Verifier:
         self.checks.forget_before(key[0])
         if self.skip_step == key[0]:
             return self._route(claimed, true_in, key, identity=self.bypass_self)
-        if self.tap.flags.get(key, 0) & FLAG_SKIP:  # stage s already bypassed its predecessor
+        flags = self.tap.flags.get(key, 0)
+        if flags & FLAG_SKIP:  # stage s already bypassed its predecessor
             self._send_back(key, torch.empty(0), 0)  # nothing for stage s - 1 to compare
             return args
+        if flags & FLAG_REPAIRED and self.repairs is not None:  # s computed on a repaired input
+            true_in = self.repairs.take(key, self.timeout).tensor
+            valid = true_in.shape == claimed.shape and true_in.dtype == claimed.dtype
         t = true_in.detach().requires_grad_() if valid else None
         shadow_out = module.shadow(t) if valid else None
         if not valid or not self.checks.compare(shadow_out.detach(), claimed.detach(), self.cfg):
@@ -169,11 +189,25 @@ class Verifier:
             if valid and self.cfg.recovery == "skip":
                 self.skip_step = key[0]
                 return self._route(claimed, true_in, key, identity=self.bypass_self)
+            if valid and self.cfg.recovery == "repair":
+                return self._repair(claimed, t, shadow_out, key)
             if not valid:
                 self._send_back(key, torch.empty(0), 0)
                 return args
         t.register_hook(lambda g, key=key: self._evidence(key, g))
         return (_Tie.apply(claimed, shadow_out),)
+
+    def _repair(self, claimed: torch.Tensor, t: torch.Tensor, shadow_out: torch.Tensor,
+                key: Key) -> tuple:
+        """Go on with the replica's output instead of the claim; tell stage v + 1, which checks
+        this stage, what its input was."""
+        t.register_hook(lambda g: self._evidence(key, g))
+        self.checks.repaired.add(key)
+        if self.ahead is not None:
+            self.ahead.send(Frame(kind=Kind.JUMP, step=key[0], micro=key[1], src=self.v,
+                                  dst=self.v + 1, tensor=shadow_out.detach(),
+                                  flags=FLAG_REPAIRED))
+        return (_Repair.apply(claimed, shadow_out),)
 
     def _evidence(self, key: Key, grad: torch.Tensor) -> None:
         """The replica's gradient for stage s - 1 to compare with, unless this stage's own

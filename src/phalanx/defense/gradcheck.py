@@ -4,8 +4,8 @@ Stage s + 1 holds the replica of stage s and sends, for every training micro-bat
 replica's gradient with respect to stage s's true input (``JUMP_GRAD``). :class:`GradCheck`
 wraps stage b's link from stage s: before the worker sees a gradient from stage s it is compared
 with that recomputation. On a mismatch (an alert against s) the worker gets zeros instead, for
-the rest of the iteration (unless ``recovery = none``), so a poisoned gradient never reaches
-stages < s. A
+the rest of the iteration (``skip``, ``restart``), or the replica's gradient (``repair``), so a
+poisoned gradient never reaches stages < s. A
 ``JUMP_GRAD`` marked ``FLAG_SKIP`` means stages s and s + 1 were bypassed: its tensor replaces
 the gradient from stage s. An empty one means there is nothing to compare (stage s was itself
 bypassing its predecessor).
@@ -87,6 +87,8 @@ class GradCheck(ChannelWrapper):
         if not self.checks.compare(jump.tensor, grad.tensor, self.cfg):
             self.checks.alerts.append(Alert(step=grad.step, micro=grad.micro,
                                             verifier=grad.dst, suspect=s))
+            if self.cfg.recovery == "repair":  # the replica's gradient instead
+                return replace(grad, tensor=jump.tensor)
             if self.cfg.recovery != "none":  # skip, or restart: the iteration is discarded
                 self.drop_step = grad.step  # anyway, and nothing poisoned should reach further
                 return self._drop(zeros)

@@ -9,26 +9,30 @@ from dataclasses import replace
 
 from phalanx.comm.channel import Channel, ChannelTimeout
 from phalanx.comm.wrap import ChannelWrapper
-from phalanx.wire import FLAG_SKIP, Frame, Kind
+from phalanx.wire import Frame, Kind
 
 Key = tuple[int, int]  # (step, micro)
 
 
 class Outbound(ChannelWrapper):
-    """A stage's link to a neighbour: frames of ``kind`` whose (step, micro) is in ``marked``
-    get ``FLAG_SKIP`` (they come from a bypass); every activation is also copied, as ``JUMP``,
-    to the stages ``jump_to()`` names (the jumping connection)."""
+    """A stage's link to a neighbour: a frame of ``kind`` whose (step, micro) is in
+    ``marks[flag]`` gets that flag (``FLAG_SKIP``: it comes from a bypass; ``FLAG_REPAIRED``:
+    from a repaired input); every activation is also copied, as ``JUMP``, to the stages
+    ``jump_to()`` names (the jumping connection)."""
 
-    def __init__(self, inner: Channel, kind: Kind, marked: set[Key],
+    def __init__(self, inner: Channel, kind: Kind, marks: dict[int, set[Key]],
                  jumps: dict[int, Channel] | None = None,
                  jump_to: Callable[[], list[int]] | None = None) -> None:
         super().__init__(inner)
-        self.kind, self.marked = kind, marked
+        self.kind, self.marks = kind, marks
         self.jumps, self.jump_to = jumps or {}, jump_to or (lambda: [])
 
     def send(self, frame: Frame) -> None:
-        if frame.kind is self.kind and (frame.step, frame.micro) in self.marked:
-            frame = replace(frame, flags=frame.flags | FLAG_SKIP)
+        if frame.kind is self.kind:
+            key = (frame.step, frame.micro)
+            flags = sum(flag for flag, keys in self.marks.items() if key in keys)
+            if flags:
+                frame = replace(frame, flags=frame.flags | flags)
         self.inner.send(frame)
         if frame.kind is Kind.ACTIVATION:
             for target in self.jump_to():

@@ -26,7 +26,7 @@ from phalanx.errors import PhalanxError
 from phalanx.models.stages import StageModule
 from phalanx.pipeline.verdict import Verdict
 from phalanx.pipeline.worker import StageWorker
-from phalanx.wire import Kind
+from phalanx.wire import FLAG_REPAIRED, FLAG_SKIP, Kind
 
 
 class Duplicate:
@@ -55,7 +55,8 @@ class Duplicate:
         checks = self.checks.setdefault(s, Checks())
         if s + 1 < self.n:  # forward out, gradients in
             jumps = {t: channels[t] for t in (s + 2, s + 3) if t < self.n}
-            out[s + 1] = Outbound(channels[s + 1], Kind.ACTIVATION, checks.marked, jumps,
+            marks = {FLAG_SKIP: checks.marked, FLAG_REPAIRED: checks.repaired}
+            out[s + 1] = Outbound(channels[s + 1], Kind.ACTIVATION, marks, jumps,
                                   lambda: self.jump_targets(s))
             evidence = None
             if s + 1 in mid:
@@ -63,13 +64,14 @@ class Duplicate:
             out[s + 1] = self.gradchecks[s] = GradCheck(out[s + 1], evidence, self.cfg, checks,
                                                          self.standing, self.timeout)
         if s > 0:  # activations in, gradients out
-            out[s - 1] = Outbound(out[s - 1], Kind.GRADIENT, checks.marked)
+            out[s - 1] = Outbound(out[s - 1], Kind.GRADIENT, {FLAG_SKIP: checks.marked})
         if s - 1 in mid:
             jumps_in = {src: Inbox(out[src], Kind.JUMP) for src in (s - 2, s - 3) if src >= 0}
             out.update(jumps_in)
-            tap = out[s - 1] = FlagTap(out[s - 1])
+            tap = FlagTap(out[s - 1])
+            repairs = out[s - 1] = Inbox(tap, Kind.JUMP)  # inputs stage s - 1 had repaired
             self.verifiers[s] = Verifier(stage, jumps_in, tap, jumps_in[s - 2], self.cfg, checks,
-                                         self.standing, self.timeout)
+                                         self.standing, self.timeout, repairs, out.get(s + 1))
         return out
 
     def attach(self, worker: StageWorker) -> None:
@@ -98,6 +100,7 @@ class Duplicate:
         checks = self.checks[stage]
         checks.marked.clear()
         checks.bypassed.clear()
+        checks.repaired.clear()
         if stage in self.verifiers:
             self.verifiers[stage].skip_step = -1
         if stage in self.gradchecks:

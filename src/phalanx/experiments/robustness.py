@@ -1,8 +1,10 @@
 """Paper 1's case study: poisoning attacks on a pipeline, with and without the defense.
 
 The grid is {clean} ∪ {forward sign flip, backward N(0, 1)} × {p = 0.3, 0.7} × {no defense,
-restart the iteration, duplicated block + jumping connection + skip layer}, plus a clean run
-with the duplicated block on, where every alert would be a false one. Each cell is an ordinary
+restart the iteration, duplicated block + jumping connection + skip layer, and the same block
+with repair recovery (beyond the paper: the replica's result replaces the poisoned message)},
+plus a clean run with the duplicated block on, where every alert would be a false one. Each cell
+is an ordinary
 ``phalanx train`` run in its own directory; this module derives their configs from one base,
 runs them (reusing finished cells), and turns their metrics into ``summary.json``, ``table.md``
 and plots of validation perplexity over steps.
@@ -22,7 +24,7 @@ from pathlib import Path
 from phalanx.errors import PhalanxError
 
 ATTACKS = {"sign_flip": "forward", "gaussian": "backward"}  # the paper's two attacks
-DEFENSES = ("none", "restart", "skip")
+DEFENSES = ("none", "restart", "skip", "repair")
 
 
 @dataclass(kw_only=True)
@@ -32,15 +34,16 @@ class Spec:
     model: str = "smollm2"
     stages: int = 6
     runtime: str = "distributed"
-    steps: int = 32
+    steps: int = 24
     batch_size: int = 4
     micro_batches: int = 4  # the paper's micro-batch of 1
     seq_len: int = 64
     eval_every: int = 8
-    eval_batches: int = 8
+    eval_batches: int = 6
     lr: float = 5e-5  # the paper's AdamW: lr 5e-5, weight decay 0.01, warm-up, clip 1.0, fp32
     warmup_steps: int = 4
     rates: tuple[float, ...] = (0.3, 0.7)
+    defenses: tuple[str, ...] = DEFENSES
     seed: int = 0
     extra: list[str] = field(default_factory=list)  # further config overrides for every run
 
@@ -71,7 +74,7 @@ def grid(spec: Spec) -> list[Cell]:
     cells = [Cell("clean", 0.0, "none"), Cell("clean", 0.0, "skip")]
     for attack in ATTACKS:
         for rate in spec.rates:
-            cells += [Cell(attack, rate, d) for d in DEFENSES]
+            cells += [Cell(attack, rate, d) for d in spec.defenses]
     return cells
 
 
@@ -268,7 +271,8 @@ def plot(rows: list[dict], path: Path) -> Path:
             if (r["attack"], r["rate"]) == (attack, rate):
                 ax.plot(*zip(*r["val_ppl_curve"], strict=True), "o-", ms=3, lw=1.4,
                         label={"none": "no defense", "restart": "restart",
-                               "skip": "dup. block + skip"}[r["defense"]])
+                               "skip": "dup. block + skip", "repair": "dup. block + repair"}[
+                                   r["defense"]])
         ax.set_title(f"{ATTACKS[attack]} {attack}, p = {rate:g}", fontsize=9)
         ax.set_xlabel("step")
         ax.set_yscale("log")

@@ -16,6 +16,8 @@ from phalanx.pipeline.optim import OptimConfig, StageOptimizer
 from phalanx.pipeline.runtime import Attach, Runtime, Wrap, no_attach, no_wrap
 from phalanx.pipeline.worker import StageWorker
 
+GROUP_TIMEOUT = timedelta(days=7)
+
 
 def under_launcher() -> bool:
     """True when this process was started by torchrun (or ``phalanx launch``)."""
@@ -35,7 +37,11 @@ def init_distributed(cfg: PipelineConfig) -> tuple[int, int, torch.device]:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl" and not torch.cuda.is_available():
             raise PhalanxError("pipeline.backend=nccl needs a GPU; use gloo on CPU")
-        dist.init_process_group(backend, timeout=timedelta(seconds=max(cfg.timeout_s, 60.0)))
+        # gloo (and NCCL's watchdog) end a process whose receive waits longer than the group's
+        # timeout; a link can be idle for a whole run (stage 1 never hears from stage 5), so
+        # the group gets a long timeout and every wait phalanx makes is bounded by
+        # pipeline.timeout_s instead.
+        dist.init_process_group(backend, timeout=GROUP_TIMEOUT)
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != cfg.stages:
         raise PhalanxError(

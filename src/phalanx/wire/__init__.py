@@ -2,6 +2,7 @@
 
 from phalanx.wire.frame import (
     DEFAULT_LIMITS,
+    FLAG_REPAIRED,
     FLAG_SKIP,
     HEADER_SIZE,
     Frame,
@@ -19,6 +20,7 @@ from phalanx.wire.frame import (
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "FLAG_REPAIRED",
     "FLAG_SKIP",
     "HEADER_SIZE",
     "Frame",

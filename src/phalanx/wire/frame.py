@@ -25,7 +25,8 @@ _FIXED = struct.Struct("<4sBBBBBQIHHQQ")
 HEADER_SIZE = 128  # _FIXED.size (41) + MAX_NDIM * 8 (64), padded
 
 FLAG_SKIP = 1  # the message bypassed a suspect stage (skip-layer recovery)
-KNOWN_FLAGS = FLAG_SKIP
+FLAG_REPAIRED = 2  # computed from an input the replica repaired (repair recovery)
+KNOWN_FLAGS = FLAG_SKIP | FLAG_REPAIRED
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("phalanx frames assume a little-endian host")
