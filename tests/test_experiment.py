@@ -68,9 +68,11 @@ def test_demo_runs_clean_attacked_and_defended(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| clean |" in text and "| attacked, no defense |" in text
     rows = {r["run"]: r for r in json.loads((out / "summary.json").read_text())["runs"]}
-    defended = rows["sign_flip-p0.7-skip"]
-    assert defended["detected_iterations"] == defended["attacked_iterations"] > 0
-    assert defended["blame_correct"] == 1.0 and defended["false_alerts"] == 0
+    for name in ("sign_flip-p0.7-skip", "sign_flip-p0.7-repair"):
+        defended = rows[name]
+        assert defended["detected_iterations"] == defended["attacked_iterations"] > 0
+        assert defended["blame_correct"] == 1.0 and defended["false_alerts"] == 0
+    assert rows["sign_flip-p0.7-repair"]["val_ppl_end"] == rows["clean"]["val_ppl_end"]
     assert (out / "val_ppl.png").is_file()
 
 

@@ -1,6 +1,7 @@
-"""``phalanx demo``: SmolLM2-135M as a pipeline of 4 processes, trained three times on the
+"""``phalanx demo``: SmolLM2-135M as a pipeline of 4 processes, trained four times on the
 bundled corpus: clean, under a poisoning attack, and under the same attack with the duplicated
-block + jumping connection + skip layer. Prints a table and writes a plot."""
+block + jumping connection recovering by skip layer, then by repair. Prints a table and writes
+a plot."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from pathlib import Path
 
 from phalanx.experiments import robustness as rb
 
-DEMO = rb.Spec(model="smollm2", stages=4, runtime="distributed", steps=12, batch_size=4,
-               micro_batches=4, seq_len=64, eval_every=4, eval_batches=4, lr=2e-4,
+DEMO = rb.Spec(model="smollm2", stages=4, runtime="distributed", steps=10, batch_size=4,
+               micro_batches=4, seq_len=64, eval_every=5, eval_batches=4, lr=2e-4,
                warmup_steps=2, rates=(0.7,))
 ATTACK = "sign_flip"  # forward: a random middle stage negates what it sends, p = 0.7
 CELLS = [rb.Cell("clean", 0.0, "none"), rb.Cell(ATTACK, 0.7, "none"),
-         rb.Cell(ATTACK, 0.7, "skip")]
+         rb.Cell(ATTACK, 0.7, "skip"), rb.Cell(ATTACK, 0.7, "repair")]
 
 
 def run_demo(out: str, overrides: list[str]) -> int:
@@ -24,7 +25,8 @@ def run_demo(out: str, overrides: list[str]) -> int:
     print(f"phalanx demo: SmolLM2-135M, {spec.stages} pipeline stages (one process each, gloo), "
           f"{spec.steps} steps of {spec.batch_size}x{spec.seq_len} tokens of Python docs; "
           f"clean, then a {ATTACK} attack by a random middle stage in 70% of the iterations, "
-          "without and with the duplicated block + jumping connection + skip layer",
+          "without defense, with the duplicated block + jumping connection + skip layer, and "
+          "with the same block repairing the poisoned messages",
           file=sys.stderr)
     rows = rb.Runner(spec, Path(out), fresh=True).run(CELLS)
     summary = rb.write(rows, spec, Path(out))
@@ -38,7 +40,9 @@ def run_demo(out: str, overrides: list[str]) -> int:
 
 def headline(rows: list[dict]) -> str:
     """The demo's three rows as a short Markdown table."""
-    names = {"clean": "clean", "none": "attacked, no defense", "skip": "attacked, defended"}
+    names = {"clean": "clean", "none": "attacked, no defense",
+             "skip": "attacked, duplicated block + skip layer",
+             "repair": "attacked, duplicated block + repair"}
     lines = ["| run | val ppl start | val ppl end | × clean | attacked its. | detected | "
              "blame correct | tok/s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
