@@ -2,11 +2,13 @@
 
 For every stage s of a run with a duplicated block (checked stages are the middle ones):
 
-- link s -> s + 1: :class:`Outbound` (marks activations that come from a bypass; jumps to
-  s + 2 when s + 1 is checked) and :class:`GradCheck` (gradients coming back);
+- link s -> s + 1: :class:`Outbound` (marks activations that come from a bypass or a repaired
+  input; jumps to s + 2 when s + 1 is checked, and to s + 3 while s + 1 is quarantined) and
+  :class:`GradCheck` (gradients coming back);
 - link s -> s - 1: :class:`Outbound` (marks gradients that come from a bypass);
-- link from s - 2: an :class:`Inbox` of jumped activations, and link from s - 1: a
-  :class:`FlagTap`, when s verifies s - 1 (:class:`Verifier`);
+- links from s - 2 and s - 3: :class:`Inbox` es of jumped activations, and link from s - 1: a
+  :class:`FlagTap` and an :class:`Inbox` of repaired inputs, when s verifies s - 1
+  (:class:`Verifier`);
 - link from s + 2: an :class:`Inbox` of replica gradients, the evidence of :class:`GradCheck`,
   when s checks the gradient of s + 1.
 
