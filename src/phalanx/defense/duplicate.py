@@ -8,7 +8,7 @@ Before stage v runs a micro-batch, :class:`Verifier` (a forward pre-hook) recomp
 output from that true input and compares it with what stage s claims (:func:`agrees`); a forged
 input/output pair cannot pass, since the input comes from stage s - 1.
 
-- Clean: the shadow's output is tied to the claimed activation (:class:`_Tie`) so the gradient
+- Clean: the shadow's output is tied to the claimed activation (:func:`tie`) so the gradient
   stage v sends upstream also trains the shadow in the same backward pass, and the shadow's
   gradient with respect to the true input goes to stage s - 1 (``JUMP_GRAD``), which checks the
   gradient stage s sends (:mod:`phalanx.defense.gradcheck`).
@@ -16,7 +16,7 @@ input/output pair cannot pass, since the input comes from stage s - 1.
   Stage v forwards the true input unchanged (it is a suspect too), or, when it is the trusted
   last stage, runs its own layers on it; its output is marked ``FLAG_SKIP``. In the backward
   pass the gradient of the true input goes straight to stage s - 1 (``JUMP_GRAD`` with
-  ``FLAG_SKIP``), which uses it instead of what stage s sends (:class:`_Route`).
+  ``FLAG_SKIP``), which uses it instead of what stage s sends (:func:`route`).
 
 Everything is a wrapper: channels and hooks on the stage module; the engine knows nothing of it.
 """
@@ -47,16 +47,36 @@ def agrees(recomputed: torch.Tensor, claimed: torch.Tensor, rtol: float, atol: f
     return diff <= atol + rtol * float(recomputed.abs().max())
 
 
-class _Tie(torch.autograd.Function):
-    """Identity on ``x`` whose gradient also flows into ``shadow_out``."""
+class _Join(torch.autograd.Function):
+    """Joins the claimed input with the replica's side of the graph.
+
+    The output has the values of ``other`` when ``use_other`` (else of ``claimed``); the
+    gradient flows to ``other`` always and to ``claimed`` when ``to_claimed`` (else zeros).
+    Tie (claimed, g to both): the replica learns in the same backward pass. Route (true input,
+    zeros to the claim): a bypass. Repair (replica's output, g to both): the sender still steps
+    in lockstep with its replica."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, shadow_out: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return x.clone()
+    def forward(ctx, claimed: torch.Tensor, other: torch.Tensor, use_other: bool,  # noqa: ANN001
+                to_claimed: bool) -> torch.Tensor:
+        ctx.to_claimed = to_claimed
+        return (other if use_other else claimed).clone()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
-        return grad, grad
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
+        return (grad if ctx.to_claimed else torch.zeros_like(grad)), grad, None, None
+
+
+def tie(claimed: torch.Tensor, shadow_out: torch.Tensor) -> torch.Tensor:
+    return _Join.apply(claimed, shadow_out, False, True)
+
+
+def route(claimed: torch.Tensor, true_in: torch.Tensor) -> torch.Tensor:
+    return _Join.apply(claimed, true_in, True, False)
+
+
+def repair(claimed: torch.Tensor, shadow_out: torch.Tensor) -> torch.Tensor:
+    return _Join.apply(claimed, shadow_out, True, True)
 
 
 @dataclass
@@ -67,31 +87,6 @@ class Alert:
     micro: int
     verifier: int
     suspect: int
-
-
-class _Route(torch.autograd.Function):
-    """The true input in place of the claimed one: the gradient goes to ``true_in`` only."""
-
-    @staticmethod
-    def forward(ctx, claimed: torch.Tensor, true_in: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return true_in.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
-        return torch.zeros_like(grad), grad
-
-
-class _Repair(torch.autograd.Function):
-    """The replica's output in place of the claimed one; the gradient goes to both (the stage
-    that sent the claim still steps in lockstep with its replica)."""
-
-    @staticmethod
-    def forward(ctx, claimed: torch.Tensor, shadow_out: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return shadow_out.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
-        return grad, grad
 
 
 @dataclass
@@ -195,7 +190,7 @@ class Verifier:
                 self._send_back(key, torch.empty(0), 0)
                 return args
         t.register_hook(lambda g, key=key: self._evidence(key, g))
-        return (_Tie.apply(claimed, shadow_out),)
+        return (tie(claimed, shadow_out),)
 
     def _repair(self, claimed: torch.Tensor, t: torch.Tensor, shadow_out: torch.Tensor,
                 key: Key) -> tuple:
@@ -207,7 +202,7 @@ class Verifier:
             self.ahead.send(Frame(kind=Kind.JUMP, step=key[0], micro=key[1], src=self.v,
                                   dst=self.v + 1, tensor=shadow_out.detach(),
                                   flags=FLAG_REPAIRED))
-        return (_Repair.apply(claimed, shadow_out),)
+        return (repair(claimed, shadow_out),)
 
     def _evidence(self, key: Key, grad: torch.Tensor) -> None:
         """The replica's gradient for stage s - 1 to compare with, unless this stage's own
@@ -227,7 +222,7 @@ class Verifier:
         if mark:
             self.checks.marked.add(key)
         self._identity = identity
-        return (_Route.apply(claimed, t),)
+        return (route(claimed, t),)
 
     def _send_back(self, key: Key, tensor: torch.Tensor, flags: int) -> None:
         """To stage s - 1: the replica's gradient (to compare), or the bypass gradient (to use)."""
