@@ -266,7 +266,8 @@ def plot(rows: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2), dpi=110,
                              squeeze=False)
     for ax, (attack, rate) in zip(axes[0], panels, strict=True):
-        ax.plot(*zip(*clean["val_ppl_curve"], strict=True), "k--", label="clean", lw=1.2)
+        ax.plot(*zip(*clean["val_ppl_curve"], strict=True), "k--", label="clean", lw=1.6,
+                zorder=5)  # on top: repair lies exactly on it
         for r in rows:
             if (r["attack"], r["rate"]) == (attack, rate):
                 ax.plot(*zip(*r["val_ppl_curve"], strict=True), "o-", ms=3, lw=1.4,
@@ -275,7 +276,6 @@ def plot(rows: list[dict], path: Path) -> Path:
                                    r["defense"]])
         ax.set_title(f"{ATTACKS[attack]} {attack}, p = {rate:g}", fontsize=9)
         ax.set_xlabel("step")
-        ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation perplexity")
     axes[0][-1].legend(fontsize=8)
