@@ -113,12 +113,6 @@ class Checks:
             self.max_deviation = max(self.max_deviation, dev)
         return ok
 
-    def forget_before(self, step: int) -> None:
-        """Drop the bookkeeping of iterations before ``step``."""
-        for keys in (self.marked, self.bypassed, self.repaired):
-            if any(k[0] < step for k in keys):
-                keys.intersection_update({k for k in keys if k[0] >= step})
-
     def counts(self, n: int) -> torch.Tensor:
         """Alerts by suspect, as an (n,) vector; clears them."""
         c = torch.zeros(n, dtype=torch.float64)
@@ -166,7 +160,6 @@ class Verifier:
             return self._route(claimed, true_in, key, identity=False, mark=False)
         if not module.training:
             return args
-        self.checks.forget_before(key[0])
         if self.skip_step == key[0]:
             return self._route(claimed, true_in, key, identity=self.bypass_self)
         flags = self.tap.flags.get(key, 0)

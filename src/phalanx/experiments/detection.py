@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phalanx.experiments.robustness import Cell, score
+from phalanx.experiments.robustness import Cell, Runner, score
 from phalanx.threats.attacks import BACKWARD_ATTACKS, FORWARD_ATTACKS
 
 
@@ -44,9 +44,7 @@ def attacks() -> list[tuple[str, str]]:
 
 def run(spec: DetectionSpec, out: Path) -> list[dict]:
     """Run every attack; write ``summary.json`` and ``table.md`` into ``out``."""
-    from phalanx.config import load_config
     from phalanx.experiments.report import read_run
-    from phalanx.train import Config, Trainer
 
     rows = []
     for k, (direction, name) in enumerate(attacks(), 1):
@@ -59,11 +57,7 @@ def run(spec: DetectionSpec, out: Path) -> list[dict]:
             f"attack.{direction}={json.dumps(name)}", "attack.rate=1.0",
             f"attack.strength={spec.strength}", f"attack.seed={spec.seed}",
             'defense.verify="duplicate"', 'defense.recovery="skip"', *spec.extra]
-        trainer = Trainer(load_config(Config, None, settings))
-        try:
-            trainer.run()
-        finally:
-            trainer.close()
+        Runner.train_here(settings)
         records, summary = read_run(run_dir)
         row = score(Cell(name, 1.0, "skip"), records, summary)
         row["direction"] = direction

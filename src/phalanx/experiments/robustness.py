@@ -159,7 +159,7 @@ class Runner:
         from phalanx.train import Config
 
         if load_config(Config, None, settings).pipeline.runtime == "local":
-            self._train_here(settings)
+            self.train_here(settings)
         else:
             self._train_launched(settings, run_dir / "train.log", cell)
         stamp.write_text(json.dumps(settings, indent=1) + "\n")
@@ -167,7 +167,7 @@ class Runner:
         return score(cell, records, summary)
 
     @staticmethod
-    def _train_here(settings: list[str]) -> None:
+    def train_here(settings: list[str]) -> None:
         """A simulator run, in this process."""
         from phalanx.config import load_config
         from phalanx.train import Config, Trainer
