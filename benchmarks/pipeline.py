@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -319,10 +320,21 @@ def _stdout_target() -> int | None:
         return subprocess.DEVNULL
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """Stop a job started with ``start_new_session=True`` and all its children."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=10)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_job(a: argparse.Namespace, system: str, tmp: Path, rep: int) -> dict[str, Any]:
     """Run one repetition of ``system`` as a fresh process or torchrun job; its result."""
-    from phalanx.cli.launch import kill_group
-
     script = str(Path(__file__).resolve())
     result = tmp / f"{system}-{rep}.json"
     child = {"phalanx": "phalanx", "torch_pp": "torchpp", "single": "single"}[system]

@@ -42,7 +42,7 @@ def test_user_files_and_folders(tmp_path):
 def test_bad_corpora(tmp_path):
     with pytest.raises(PhalanxError, match="does not exist"):
         load_documents(str(tmp_path / "missing"))
-    with pytest.raises(PhalanxError, match="no text files"):
+    with pytest.raises(PhalanxError, match="holds no files"):
         load_documents(str(tmp_path))
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\xfa")
     with pytest.raises(PhalanxError, match="UTF-8"):
@@ -50,3 +50,34 @@ def test_bad_corpora(tmp_path):
     (tmp_path / "short.txt").write_text("hi")
     with pytest.raises(PhalanxError, match="too few"):
         build_data(DataConfig(corpus=str(tmp_path / "short.txt"), seq_len=64), ByteTokenizer())
+
+
+@pytest.mark.parametrize("corpus", ["", "  "])
+def test_empty_corpus_setting_is_an_error_not_the_current_folder(corpus):
+    with pytest.raises(PhalanxError, match="data.corpus is empty"):
+        load_documents(corpus)
+
+
+def test_folder_reads_text_files_without_extensions_and_skips_hidden_and_binary(tmp_path):
+    """Like /usr/share/common-licenses: plain text files named GPL-3, Apache-2.0, ..."""
+    (tmp_path / "GPL-3").write_text("GNU GENERAL PUBLIC LICENSE " * 20)
+    (tmp_path / "Apache-2.0").write_text("Apache License " * 20)
+    (tmp_path / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0")
+    (tmp_path / "latin1").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / ".venv" / "lib").mkdir(parents=True)
+    (tmp_path / ".venv" / "lib" / "LICENSE.txt").write_text("not part of the corpus")
+    (tmp_path / ".notes").write_text("hidden")
+    names = [n.split("/")[-1] for n, _ in load_documents(str(tmp_path))]
+    assert names == ["Apache-2.0", "GPL-3"]
+    (tmp_path / "readme.txt").write_text("a text file " * 20)
+    assert [n.split("/")[-1] for n, _ in load_documents(str(tmp_path), suffixes=["txt"])] == [
+        "readme.txt"]
+    with pytest.raises(PhalanxError, match="no files with suffix .md"):
+        load_documents(str(tmp_path), suffixes=[".md"])
+
+
+def test_corpus_larger_than_the_limit_is_refused(tmp_path):
+    (tmp_path / "big.txt").write_text("x" * (2 * 2**20))
+    with pytest.raises(PhalanxError, match="larger than data.max_mb=1"):
+        load_documents(str(tmp_path), max_mb=1.0)
+    assert len(load_documents(str(tmp_path), max_mb=3.0)) == 1

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from phalanx.cli.main import main
 from phalanx.experiments.robustness import Cell, Spec, attempts, grid, score
 
@@ -87,3 +89,46 @@ def test_detection_coverage_of_every_attack(tmp_path, capsys):
         assert r["detected_iterations"] == r["attacked_iterations"] == 2, r
         assert r["blame_correct"] == 1.0 and r["false_alerts"] == 0, r
     assert "| forward | forged | 2 | 2 | 100% | 0 |" in capsys.readouterr().out
+
+
+def test_model_cache_loads_once_and_hands_out_independent_copies():
+    import torch
+
+    from phalanx.experiments.session import ModelCache
+    from phalanx.models import ModelConfig, load_model
+
+    calls = []
+    cache = ModelCache(lambda cfg: calls.append(cfg) or load_model(cfg))
+    a, b = cache(ModelConfig(name="tiny")), cache(ModelConfig(name="tiny"))
+    assert len(calls) == 1 and cache.loads == 1
+    pa, pb = next(a.model.parameters()), next(b.model.parameters())
+    assert pa is not pb and torch.equal(pa, pb)
+    with torch.no_grad():
+        pa.add_(1.0)  # training one run's copy leaves the next run's start untouched
+    assert torch.equal(next(cache(ModelConfig(name="tiny")).model.parameters()), pb)
+    cache(ModelConfig(name="tiny", seed=1))
+    assert cache.loads == 2
+
+
+@pytest.mark.slow
+def test_a_session_of_distributed_runs_trains_each_exactly_as_alone(tmp_path):
+    """One set of 4 stage processes trains three cells in turn (the model loaded once per
+    process); each equals the same cell trained alone in the simulator."""
+    from phalanx.experiments.report import read_run
+    from phalanx.experiments.robustness import Runner
+
+    spec = Spec.quick()
+    spec.steps, spec.runtime = 4, "distributed"
+    cells = [Cell("clean", 0.0, "none"), Cell("sign_flip", 0.7, "skip"),
+             Cell("sign_flip", 0.7, "repair")]
+    rows = Runner(spec, tmp_path / "d").run(cells)
+    assert rows[1]["detected_iterations"] == rows[1]["attacked_iterations"] > 0
+    local = Spec.quick()
+    local.steps = 4
+    lrun = Runner(local, tmp_path / "l")
+    for cell in cells:
+        lrun.train_here(lrun.session_run(cell).settings)
+        d, _ = read_run(tmp_path / "d" / "runs" / cell.name)
+        ref, _ = read_run(tmp_path / "l" / "runs" / cell.name)
+        assert [r["loss"] for r in d] == pytest.approx([r["loss"] for r in ref], rel=1e-6)
+        assert (tmp_path / "d" / "runs" / cell.name / "settings.json").is_file()

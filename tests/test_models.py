@@ -97,3 +97,52 @@ def test_dropout_setting():
     assert drops and all(p == 0.1 for p in drops)
     with pytest.raises(PhalanxError):
         load_model(ModelConfig(name="tiny", dtype="float8"))
+
+
+def _model_dir_with_tokenizer(path, vocab_size: int, tokenizer_vocab: dict | None):  # noqa: ANN001, ANN202
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from phalanx.models.loading import tiny_config
+
+    AutoModelForCausalLM.from_config(tiny_config(vocab_size=vocab_size)).save_pretrained(path)
+    if tokenizer_vocab is not None:  # a tokenizer that loads but knows no words
+        tok = Tokenizer(models.WordLevel(vocab=tokenizer_vocab, unk_token="[UNK]"))
+        PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("vocab", [None, {"[UNK]": 0}], ids=["no files", "empty tokenizer"])
+def test_unusable_tokenizer_falls_back_to_bytes_with_a_warning(tmp_path, caplog, vocab):
+    """An empty tokenizer used to encode the corpus to almost nothing, and the user was told
+    the corpus was too small."""
+    from phalanx.data import DataConfig, build_data
+    from phalanx.models.loading import load_tokenizer
+    from phalanx.models.tokenizer import ByteTokenizer
+
+    path = _model_dir_with_tokenizer(tmp_path / "m", 300, vocab)
+    with caplog.at_level("WARNING"):
+        tok = load_tokenizer(ModelConfig(name=str(path)))
+    assert isinstance(tok, ByteTokenizer)
+    assert "no usable tokenizer" in caplog.text and "byte-level" in caplog.text
+    assert isinstance(load_model(ModelConfig(name=str(path))).tokenizer, ByteTokenizer)
+    data = build_data(DataConfig(corpus="pydoc", seq_len=128), tok)
+    assert data.train.shape[0] > 1000  # the corpus is large: bytes, not 79 tokens
+
+
+def test_unusable_tokenizer_with_a_small_vocabulary_is_an_error(tmp_path):
+    from phalanx.models.loading import load_tokenizer
+
+    path = _model_dir_with_tokenizer(tmp_path / "m", 100, {"[UNK]": 0})
+    with pytest.raises(PhalanxError, match="too small for byte-level tokens"):
+        load_tokenizer(ModelConfig(name=str(path)))
+
+
+def test_usable_tokenizer_probe_accepts_a_real_tokenizer():
+    from phalanx.models.loading import load_tokenizer, prepare, usable
+
+    cfg = ModelConfig(name="smollm2")
+    prepare(cfg)
+    tok = load_tokenizer(cfg)
+    assert usable(tok, tok.vocab_size) is None
+    assert tok.vocab_size == 49152

@@ -53,7 +53,7 @@ def test_pipeline_step_equals_single_process(smol):
     batch = build_data(DataConfig(seq_len=16), smol.tokenizer).batch(0, 4)
     import copy
 
-    loss_ref, ref = reference_step(copy.deepcopy(smol.model), batch)
+    loss_ref, ref = reference_step(copy.deepcopy(smol.model), batch, micro=2)
     stages = partition(smol.model, smol.family, 4)
     rt = LocalRuntime(stages, PipelineConfig(stages=4, micro_batches=2), OptimConfig(), 1)
     res = rt.train_step(0, batch, optimize=False)

@@ -84,3 +84,18 @@ def test_simulator_reports_a_deadlocked_schedule(stages):
     plans = {0: [Action(Op.BACKWARD, 0)], 1: [Action(Op.FORWARD, 0)], 2: []}
     with pytest.raises(RuntimeError, match="deadlock"):
         simulate(workers, plans)
+
+
+def test_timeout_message_names_a_control_tag_not_a_micro_batch(stages):
+    """A control message's ``micro`` field is a tag; calling it a micro-batch misleads."""
+    from phalanx.comm import ChannelTimeout
+
+    worker, _, _ = _middle(stages)
+    worker.timeout = 0.05
+    worker.begin(4, 1)
+    with pytest.raises(ChannelTimeout) as err:
+        worker.take_control(0, 2)
+    msg = str(err.value)
+    assert "CONTROL message 2" in msg and "micro-batch" not in msg and "from stage 0" in msg
+    with pytest.raises(ChannelTimeout, match="ACTIVATION of micro-batch 0 \\(step 4\\)"):
+        worker.execute(Action(Op.FORWARD, 0))

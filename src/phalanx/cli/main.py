@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
 
     w = sub.add_parser("worker")  # one rank of a spawned job; no help: not listed
-    w.add_argument("job", choices=["equivalence"])
+    w.add_argument("job", choices=["equivalence", "session"])
     w.add_argument("--out", required=True)
     w.add_argument("overrides", nargs="*")
     return ap
@@ -96,14 +96,12 @@ def _config(path: str | None, overrides: list[str]):  # noqa: ANN202
 
 
 def _preflight(cfg) -> None:  # noqa: ANN001
-    """Catch bad input before any process is spawned or any weight is loaded."""
-    from phalanx.data import load_documents
-    from phalanx.models.loading import prepare
-    from phalanx.models.stages import resolve_bounds
+    """Catch bad input before any process is spawned or any weight is loaded; print the
+    warnings once, here, rather than once per stage."""
+    from phalanx.train.preflight import preflight
 
-    layers = prepare(cfg.model)
-    resolve_bounds(layers, cfg.pipeline.stages, cfg.pipeline.boundaries or None)
-    load_documents(cfg.data.corpus)
+    for w in preflight(cfg):
+        print(f"phalanx: warning: {w}", file=sys.stderr)
 
 
 def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
@@ -113,15 +111,11 @@ def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
     cfg = _config(a.config, a.overrides)
     if not under_launcher():
         _preflight(cfg)
-        if cfg.pipeline.runtime == "distributed":  # started by hand: re-run under torchrun
-            from phalanx.cli.launch import spawn
+        if cfg.pipeline.runtime == "distributed":  # started by hand: one process per stage
+            from phalanx.launch import spawn
 
-            code = spawn(cfg.pipeline.stages, argv)
-            if code:
-                raise SystemExit(f"phalanx: error: the distributed run failed (exit {code}); "
-                                 "see the messages above")
-            return 0
-    trainer = Trainer(cfg, resume=a.resume)
+            return spawn(cfg.pipeline.stages, argv, log_dir=Path(cfg.train.out_dir))
+    trainer = Trainer(cfg, resume=a.resume, progress=_STATUS.progress)
     try:
         summary = trainer.run()
     finally:
@@ -185,7 +179,7 @@ def _detection(a: argparse.Namespace) -> int:
 
 
 def cmd_launch(a: argparse.Namespace) -> int:
-    from phalanx.cli.launch import spawn
+    from phalanx.launch import spawn
 
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
     if not args:
@@ -209,19 +203,20 @@ def cmd_check(a: argparse.Namespace) -> int:
     if cfg.pipeline.runtime == "local":
         rec = eq.check_local(cfg)
     else:
-        from phalanx.cli.launch import spawn
         from phalanx.config import to_dict, to_overrides
+        from phalanx.launch import spawn
         from phalanx.models import load_model
 
         loaded = load_model(cfg.model)
-        loss_ref, ref = eq.reference_step(loaded.model, eq.first_batch(cfg, loaded.tokenizer))
+        loss_ref, ref = eq.reference_step(loaded.model, eq.first_batch(cfg, loaded.tokenizer),
+                                          cfg.pipeline.micro_batches)
         del loaded
         with tempfile.TemporaryDirectory(prefix="phalanx-eq-") as tmp:
             code = spawn(cfg.pipeline.stages,
                          ["worker", "--out", tmp, "equivalence", *to_overrides(to_dict(cfg))],
                          timeout=cfg.pipeline.timeout_s * 2)
             if code:
-                raise SystemExit(f"phalanx: error: the distributed check failed (exit {code})")
+                return code  # the launcher said which stage failed and why
             loss_pipe, pipe = eq.collect(Path(tmp), cfg.pipeline.stages)
         rec = eq.report(cfg, loss_ref, ref, loss_pipe, pipe)
     print(json.dumps(rec))
@@ -239,6 +234,11 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_worker(a: argparse.Namespace) -> int:
+    if a.job == "session":
+        from phalanx.experiments.session import run_session
+
+        run_session(Path(a.out), progress=_STATUS.progress)
+        return 0
     from phalanx.config import load_config
     from phalanx.train import Config
     from phalanx.train.equivalence import worker_main
@@ -259,11 +259,32 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+class _Status:
+    """This process's word to its launcher, when it is a stage started by ``phalanx.launch``."""
+
+    def __init__(self) -> None:
+        self.file = None
+
+    def join(self) -> None:
+        from phalanx.launch import join_launcher
+
+        self.file = join_launcher()
+
+    def progress(self, phase: str, step: int | None) -> None:
+        if self.file is not None:
+            self.file.update(phase, step)
+
+
+_STATUS = _Status()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("PHALANX_LOG", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
     a = _parser().parse_args(argv)
+    _STATUS.join()
+    stage = _STATUS.file  # a stage of a launch: errors go to the launcher's report
     try:
         if a.command == "train":
             return cmd_train(a, argv)
@@ -272,11 +293,19 @@ def main(argv: list[str] | None = None) -> int:
                     "bench": cmd_bench, "report": cmd_report, "worker": cmd_worker}
         return handlers[a.command](a)
     except PhalanxError as exc:
-        print(f"phalanx: error: {exc}", file=sys.stderr)
+        if stage is not None:
+            stage.failed(exc, user_error=True)
+        else:
+            print(f"phalanx: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("phalanx: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if stage is None:
+            raise
+        stage.failed(exc, user_error=False)  # the traceback goes to the launcher's log
+        return 1
 
 
 if __name__ == "__main__":

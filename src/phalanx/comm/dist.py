@@ -14,6 +14,7 @@ makes the blocking wait raise, which the channel reports as :class:`ChannelClose
 from __future__ import annotations
 
 import queue
+import re
 import threading
 
 import torch
@@ -34,6 +35,14 @@ from phalanx.wire.frame import encode_header, payload_tensor
 
 _BYE = Kind.CONTROL  # a CONTROL frame with micro == BYE_MICRO ends a link
 BYE_MICRO = 0xFFFFFFFF
+
+
+def transport_reason(exc: BaseException) -> str:
+    """The gist of a gloo/NCCL transport error ("Connection reset by peer"), without the
+    source location and the boilerplate advice around it."""
+    text = str(exc).split(" This is typically caused", 1)[0]
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text)
+    return re.sub(r"\s*\[[0-9.:]+\]:\d+", "", text).strip().rstrip(".") or type(exc).__name__
 
 
 class DistChannel(Channel):
@@ -96,7 +105,8 @@ class DistChannel(Channel):
                                               "malformed frame"))
                 return
             except RuntimeError as exc:
-                self._inbox.put(ChannelClosed(f"link to stage {self.peer} failed: {exc}"))
+                self._inbox.put(ChannelClosed(f"link to stage {self.peer} failed: "
+                                              f"{transport_reason(exc)}"))
                 return
             if frame.kind is _BYE and frame.micro == BYE_MICRO:
                 self._inbox.put(ChannelClosed(f"stage {self.peer} closed the link"))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from phalanx.errors import PhalanxError
+from phalanx.experiments.session import SessionRun, run_session, stamp_path, write_plan
 
 ATTACKS = {"sign_flip": "forward", "gaussian": "backward"}  # the paper's two attacks
 DEFENSES = ("none", "restart", "skip", "repair")
@@ -136,35 +136,22 @@ def score(cell: Cell, records: list[dict], summary: dict) -> dict:
 
 
 class Runner:
-    """Runs the cells of a grid through ``phalanx train``, skipping finished ones."""
+    """Runs the cells of a grid, skipping finished ones; the cells left run as one session
+    (:mod:`phalanx.experiments.session`): one set of stage processes, the model loaded once."""
 
     def __init__(self, spec: Spec, out: Path, fresh: bool = False,
                  log: Callable[[str], None] | None = None) -> None:
         self.spec, self.out, self.fresh = spec, out, fresh
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
 
-    def run_cell(self, cell: Cell) -> dict:
-        from phalanx.experiments.report import read_run
-
+    def session_run(self, cell: Cell) -> SessionRun:
         run_dir = self.out / "runs" / cell.name
-        settings = overrides(self.spec, cell, run_dir)
-        stamp = run_dir / "settings.json"
-        if not self.fresh and stamp.is_file() and (run_dir / "summary.json").is_file() \
-                and json.loads(stamp.read_text()) == settings:
-            records, summary = read_run(run_dir)
-            return score(cell, records, summary)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        stamp.unlink(missing_ok=True)
-        from phalanx.config import load_config
-        from phalanx.train import Config
+        return SessionRun(cell.name, overrides(self.spec, cell, run_dir), str(run_dir))
 
-        if load_config(Config, None, settings).pipeline.runtime == "local":
-            self.train_here(settings)
-        else:
-            self._train_launched(settings, run_dir / "train.log", cell)
-        stamp.write_text(json.dumps(settings, indent=1) + "\n")
-        records, summary = read_run(run_dir)
-        return score(cell, records, summary)
+    def finished(self, run: SessionRun) -> bool:
+        stamp = stamp_path(run.out)
+        return (not self.fresh and stamp.is_file() and (Path(run.out) / "summary.json").is_file()
+                and json.loads(stamp.read_text()) == run.settings)
 
     @staticmethod
     def train_here(settings: list[str]) -> None:
@@ -178,29 +165,46 @@ class Runner:
         finally:
             trainer.close()
 
-    @staticmethod
-    def _train_launched(settings: list[str], log: Path, cell: Cell) -> None:
-        """A distributed run: ``phalanx train`` starts one process per stage."""
-        with open(log, "w") as f:
-            code = subprocess.run([sys.executable, "-m", "phalanx.cli", "train", *settings],
-                                  stdout=f, stderr=subprocess.STDOUT).returncode
+    def train(self, runs: list[SessionRun]) -> None:
+        """Train ``runs`` as one session: in this process for the simulator, else in one
+        process per stage."""
+        from phalanx.config import load_config
+        from phalanx.train import Config
+
+        for run in runs:
+            Path(run.out).mkdir(parents=True, exist_ok=True)
+            stamp_path(run.out).unlink(missing_ok=True)
+        plan = self.out / "session.json"
+        write_plan(plan, runs)
+        cfg = load_config(Config, None, runs[0].settings)
+        if cfg.pipeline.runtime == "local":
+            run_session(plan)
+            return
+        from phalanx.launch import spawn
+
+        code = spawn(cfg.pipeline.stages, ["worker", "session", "--out", str(plan)],
+                     log_dir=self.out)
         if code:
-            tail = log.read_text(errors="replace")[-1500:]
-            raise PhalanxError(f"the run {cell.name} failed (exit {code}); its log {log} ends "
-                               f"with:\n{tail}")
+            raise PhalanxError(f"the session of {len(runs)} runs failed (exit {code}); the "
+                               "report above says which stage and why; finished runs are kept")
 
     def run(self, cells: list[Cell] | None = None) -> list[dict]:
         """Run ``cells`` (the whole grid by default); rows with ``ppl_ratio_to_clean``."""
-        cells, rows = cells or grid(self.spec), []
+        from phalanx.experiments.report import read_run
+
+        cells = cells or grid(self.spec)
+        runs = [self.session_run(c) for c in cells]
+        todo = [r for r in runs if not self.finished(r)]
+        if len(todo) < len(runs):
+            self.log(f"reusing {len(runs) - len(todo)} finished run(s) in {self.out / 'runs'}")
         t0 = time.perf_counter()
-        for k, cell in enumerate(cells, 1):
-            self.log(f"[{k}/{len(cells)}] {cell.name} ...")
-            row = self.run_cell(cell)
-            rows.append(row)
-            self.log(f"[{k}/{len(cells)}] {cell.name}: val ppl {row['val_ppl_end']:.2f}, "
-                     f"attacked {row['attacked_iterations']}, detected "
-                     f"{row['detected_iterations']}, {row['wall_s']:.0f} s "
-                     f"(elapsed {time.perf_counter() - t0:.0f} s)")
+        if todo:
+            self.train(todo)
+        rows = []
+        for cell, run in zip(cells, runs, strict=True):
+            rows.append(score(cell, *read_run(Path(run.out))))
+        if todo:
+            self.log(f"{len(todo)} run(s) in {time.perf_counter() - t0:.0f} s")
         clean = next(r["val_ppl_end"] for r in rows if r["run"] == "clean")
         for r in rows:
             r["ppl_ratio_to_clean"] = r["val_ppl_end"] / clean

@@ -2,7 +2,7 @@
 
 from phalanx.models.config import ModelConfig
 from phalanx.models.loading import LoadedModel, load_model
-from phalanx.models.stages import StageModule, lm_loss, partition, resolve_bounds
+from phalanx.models.stages import StageModule, lm_loss, partition, resolve_bounds, ties_embeddings
 
 __all__ = [
     "LoadedModel",
@@ -12,4 +12,5 @@ __all__ = [
     "load_model",
     "partition",
     "resolve_bounds",
+    "ties_embeddings",
 ]

@@ -148,7 +148,7 @@ def _tiny(cfg: ModelConfig) -> LoadedModel:
 
 
 def _from_dir(path: Path) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (path / "config.json").is_file():
         raise PhalanxError(
@@ -165,12 +165,73 @@ def _from_dir(path: Path) -> LoadedModel:
         )
     except (OSError, ValueError) as exc:
         raise PhalanxError(f"cannot load the weights in {path}: {exc}") from None
+    tok = dir_tokenizer(path, int(conf.vocab_size))
+    return LoadedModel(model=model, tokenizer=tok, family=family, source=str(path))
+
+
+PROBE = "The quick brown fox jumps over the lazy dog, then returns 42 results."
+
+
+def usable(tok: Tokenizer, vocab_size: int) -> str | None:
+    """Why ``tok`` cannot tokenize text for a model of ``vocab_size`` ids (``None``: it can).
+
+    A folder without tokenizer files can still yield a tokenizer object that encodes English
+    to almost nothing (transformers 5.23 builds an empty one); a probe sentence shows it.
+    """
+    try:
+        ids = tok.encode(PROBE)
+    except Exception as exc:  # noqa: BLE001 - any failure of a third-party tokenizer
+        return f"it fails on plain English ({type(exc).__name__}: {exc})"
+    if len(ids) < len(PROBE.split()) // 2:
+        return f"it encodes a {len(PROBE.split())}-word sentence to {len(ids)} tokens"
+    if any(not 0 <= i < vocab_size for i in ids):
+        return f"it yields token ids outside the model's vocabulary of {vocab_size}"
+    if "quick brown fox" not in tok.decode(ids):
+        return "decoding its tokens does not give the text back"
+    return None
+
+
+def dir_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
+    """The tokenizer of a model folder; byte-level tokens (with a warning) when it has none
+    that works, or an error when the model's vocabulary is too small for bytes either."""
+    from transformers import AutoTokenizer
+
     try:
         tok: Tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
-    except (OSError, ValueError, TypeError):
-        log.warning("%s has no usable tokenizer; using byte-level tokens", path)
-        tok = ByteTokenizer()
-    return LoadedModel(model=model, tokenizer=tok, family=family, source=str(path))
+        why = usable(tok, vocab_size)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        why = f"it cannot be loaded ({type(exc).__name__})"
+    if why is None:
+        return tok
+    if vocab_size < ByteTokenizer.vocab_size:
+        raise PhalanxError(
+            f"{path} has no usable tokenizer ({why}), and its vocabulary of {vocab_size} is too "
+            f"small for byte-level tokens ({ByteTokenizer.vocab_size}): add the model's "
+            "tokenizer files (tokenizer.json, tokenizer_config.json) to the folder"
+        )
+    log.warning("%s has no usable tokenizer (%s); training on byte-level tokens (ids 0-256) "
+                "instead: add the model's tokenizer files to the folder to use its own", path, why)
+    return ByteTokenizer()
+
+
+def load_tokenizer(cfg: ModelConfig) -> Tokenizer:
+    """The tokenizer ``load_model(cfg)`` would use, without loading any weights (after
+    :func:`prepare`, which makes the SmolLM2 cache ready)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if cfg.name in ("tiny", "tiny-llama", "tiny-gpt2"):
+        return ByteTokenizer()
+    if cfg.name == "smollm2":
+        path = cache_root(cfg) / "models" / smollm2_gguf().stem
+    else:
+        path = Path(cfg.name).expanduser()
+        if path.suffix == ".gguf":
+            try:
+                return HFTokenizer(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
+            except (OSError, ValueError) as exc:
+                raise PhalanxError(f"cannot load the tokenizer of {path}: {exc}") from None
+    conf = AutoConfig.from_pretrained(path, local_files_only=True)
+    return dir_tokenizer(path, int(conf.vocab_size))
 
 
 def _from_gguf(folder: Path, filename: str) -> LoadedModel:

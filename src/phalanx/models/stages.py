@@ -9,6 +9,8 @@ training stays identical to the unsplit model (``tied`` lists those parameters).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -68,8 +70,6 @@ class StageModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) on the first stage, hidden states (B, T, C) elsewhere; returns hidden
         states (B, T, C), or logits (B, T, V) on the last stage."""
-        from transformers.masking_utils import create_causal_mask
-
         if self.is_first:
             ids = x  # (B, T)
             x = self.embed(ids)  # (B, T, C)
@@ -77,10 +77,7 @@ class StageModule(nn.Module):
         pos = torch.arange(T, device=x.device).unsqueeze(0)  # (1, T)
         if self.is_first and self.pos_embed is not None:
             x = self.drop(x + self.pos_embed(pos))
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=None,
-            position_ids=pos,
-        )
+        mask = _causal_mask(self.config, x, pos)
         if self.family == "llama":
             rope = self.rotary(x, position_ids=pos) if len(self.blocks) else None
             for block in self.blocks:
@@ -92,6 +89,23 @@ class StageModule(nn.Module):
         if self.is_last:
             x = self.head(self.norm(x))  # (B, T, V)
         return x
+
+
+@functools.cache
+def _no_cache_kwarg() -> str:
+    """The name transformers gives the (absent) KV cache of ``create_causal_mask``: ``cache``
+    from 5.24 on, ``past_key_values`` before (deprecated since)."""
+    from transformers.masking_utils import create_causal_mask
+
+    return "cache" if "cache" in inspect.signature(create_causal_mask).parameters \
+        else "past_key_values"
+
+
+def _causal_mask(config, x: torch.Tensor, pos: torch.Tensor):  # noqa: ANN001, ANN202
+    from transformers.masking_utils import create_causal_mask
+
+    return create_causal_mask(config=config, inputs_embeds=x, attention_mask=None,
+                              position_ids=pos, **{_no_cache_kwarg(): None})
 
 
 def _first(out: torch.Tensor | tuple) -> torch.Tensor:
@@ -151,6 +165,12 @@ def _parts(model: nn.Module, family: str) -> dict:
                 blocks=("h", core.h), rotary=None, norm=("ln_f", core.ln_f), head=model.lm_head)
 
 
+def ties_embeddings(model: nn.Module, family: str) -> bool:
+    """Whether the model's output head shares its matrix with the input embedding: a fact of
+    the model, the same in every process (a stage's own ``tied`` is empty in the middle)."""
+    return model.lm_head.weight is _parts(model, family)["embed"][1].weight
+
+
 def partition(
     model: nn.Module, family: str, num_stages: int, cuts: Sequence[int] | None = None,
     only: int | None = None,
@@ -165,7 +185,7 @@ def partition(
     bounds = resolve_bounds(len(blocks), num_stages, cuts)
     points = [0, *bounds, len(blocks)]
     pre = p["prefix"]
-    tied_model = model.lm_head.weight is p["embed"][1].weight
+    tied_model = ties_embeddings(model, family)
     stages = []
     for i in range(num_stages):
         if only is not None and i != only:

@@ -61,9 +61,11 @@ class DistributedRuntime(Runtime):
     """This process's stage, talking to its peers through :class:`DistChannel` links."""
 
     def __init__(self, stage: StageModule, cfg: PipelineConfig, optim: OptimConfig,
-                 total_steps: int, device: torch.device, wrap: Wrap = no_wrap,
-                 attach: Attach = no_attach) -> None:
-        super().__init__(cfg, stage.num_stages, tied=bool(stage.tied))
+                 total_steps: int, device: torch.device, *, tied: bool, wrap: Wrap = no_wrap,
+                 attach: Attach = no_attach, owns_group: bool = True) -> None:
+        # ``tied`` is the model's, not this stage's: every rank must take the same collective
+        # decisions (a middle stage holds no tied weight but still joins the replica sync).
+        super().__init__(cfg, stage.num_stages, tied=tied)
         self.rank = dist.get_rank()
         stage.to(device)
         channels = wrap(stage, dist_channels(self.rank, dist.get_world_size(), device=device))
@@ -72,6 +74,7 @@ class DistributedRuntime(Runtime):
                                    timeout=cfg.timeout_s, dtype=next(stage.parameters()).dtype)
         attach(self._worker)
         self._tag = 0
+        self.owns_group = owns_group  # False: the group outlives this run (a session of runs)
 
     @property
     def workers(self) -> list[StageWorker]:
@@ -122,6 +125,6 @@ class DistributedRuntime(Runtime):
     def close(self) -> None:
         for ch in self._worker.channels.values():
             ch.close()  # flushes, says goodbye, waits (bounded) for the peer's goodbye
-        if dist.is_initialized():
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -27,6 +27,19 @@ log = logging.getLogger(__name__)
 REPORT_FIELDS = ("loss_sum", "loss_count", "compute_s", "wait_s", "tokens")
 
 
+PER_MICRO = (Kind.ACTIVATION, Kind.GRADIENT, Kind.LABELS, Kind.JUMP, Kind.JUMP_GRAD)
+
+
+def describe(kind: Kind, micro: int) -> str:
+    """A frame's kind and its ``micro`` field, named for what the field means for that kind: a
+    micro-batch for pipeline data, a tag for control messages, nothing for per-step frames."""
+    if kind in PER_MICRO:
+        return f"{kind.name} of micro-batch {micro}"
+    if kind is Kind.CONTROL:
+        return f"CONTROL message {micro}"
+    return kind.name
+
+
 @dataclass
 class StageStats:
     """What a stage did in one iteration."""
@@ -389,21 +402,20 @@ class StageWorker:
             while key not in self._stash:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if left == 0.0:
-                    raise ChannelTimeout(
-                        f"stage {self.me} waited {self.timeout} s for {kind.name} of micro-batch "
-                        f"{micro} (step {self.step}) from stage {peer}"
-                    )
+                    raise ChannelTimeout(self._waited(peer, kind, micro))
                 try:
                     self._file(self.channels[peer].recv(timeout=left))
                 except ChannelTimeout:
                     if deadline is not None and time.monotonic() >= deadline:
-                        raise ChannelTimeout(
-                            f"stage {self.me} waited {self.timeout} s for {kind.name} of "
-                            f"micro-batch {micro} (step {self.step}) from stage {peer}"
-                        ) from None
+                        raise ChannelTimeout(self._waited(peer, kind, micro)) from None
         finally:
             self.stats.wait_s += time.perf_counter() - t0
         return self._stash.pop(key)
+
+    def _waited(self, peer: int, kind: Kind, micro: int) -> str:
+        """What a wait that ran out was for, in the words of the frame's kind."""
+        return (f"stage {self.me} waited {self.timeout:g} s for {describe(kind, micro)} "
+                f"(step {self.step}) from stage {peer}")
 
     def _check_activation(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.hidden_size or x.dtype != self.dtype:

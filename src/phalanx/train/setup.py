@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,14 @@ import torch
 from phalanx.comm import Channel
 from phalanx.defense.duplicate import add_shadow, checked
 from phalanx.defense.wiring import Duplicate
-from phalanx.models import LoadedModel, StageModule, load_model, partition
+from phalanx.models import (
+    LoadedModel,
+    ModelConfig,
+    StageModule,
+    load_model,
+    partition,
+    ties_embeddings,
+)
 from phalanx.pipeline import LocalRuntime, Runtime, StageWorker
 from phalanx.threats import AttackPlan
 from phalanx.threats.channel import poison
@@ -48,10 +56,13 @@ def attacher(defense: Duplicate | None):  # noqa: ANN201
     return attach
 
 
-def build_pipeline(cfg: Config, total_steps: int) -> Pipeline:
+Loader = Callable[[ModelConfig], LoadedModel]
+"""Gives a fresh model for a config (:func:`load_model`, or a cache of loaded models)."""
+
+
+def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> Pipeline:
     """Load and cut the model, then start the runtime ``cfg.pipeline.runtime`` names."""
     cfg.validate()
-    torch.manual_seed(cfg.train.seed)
     p = cfg.pipeline
     attack = AttackPlan(cfg.attack, p.stages)
     defense = None
@@ -59,19 +70,26 @@ def build_pipeline(cfg: Config, total_steps: int) -> Pipeline:
         defense = Duplicate(cfg.defense, p.stages, p.timeout_s)
     wrap = wrapper(attack, defense)
     if p.runtime == "distributed":
+        import torch.distributed as dist
+
         from phalanx.pipeline.distributed import DistributedRuntime, init_distributed
 
+        owns_group = not dist.is_initialized()  # else a session keeps it for its next run
         rank, _, device = init_distributed(p)
-        loaded = load_model(cfg.model)
+        loaded = load(cfg.model)
+        torch.manual_seed(cfg.train.seed)  # after loading: a cached model draws no numbers
         (stage,) = partition(loaded.model, loaded.family, p.stages, p.boundaries or None, only=rank)
         if defense is not None and rank - 1 in checked(p.stages):
             (original,) = partition(loaded.model, loaded.family, p.stages, p.boundaries or None,
                                     only=rank - 1)
             add_shadow(stage, original)
-        runtime: Runtime = DistributedRuntime(stage, p, cfg.optim, total_steps, device, wrap,
-                                              attacher(defense))
+        tied = ties_embeddings(loaded.model, loaded.family) and p.stages > 1
+        runtime: Runtime = DistributedRuntime(stage, p, cfg.optim, total_steps, device, tied=tied,
+                                              wrap=wrap, attach=attacher(defense),
+                                              owns_group=owns_group)
     else:
-        loaded = load_model(cfg.model)
+        loaded = load(cfg.model)
+        torch.manual_seed(cfg.train.seed)
         stages = partition(loaded.model, loaded.family, p.stages, p.boundaries or None)
         if defense is not None:
             for i in reversed(checked(p.stages)):

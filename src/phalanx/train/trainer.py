@@ -7,6 +7,7 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,11 +15,15 @@ from tqdm import tqdm
 
 from phalanx.config import to_dict
 from phalanx.data import TokenData, build_data
+from phalanx.models import load_model
 from phalanx.pipeline import IterationResult
 from phalanx.pipeline.verdict import Verdict
 from phalanx.train.checkpoint import load_stage, read_manifest, save_stage, write_manifest
 from phalanx.train.config import Config
-from phalanx.train.setup import build_pipeline
+from phalanx.train.setup import Loader, build_pipeline
+
+Progress = Callable[[str, "int | None"], None]
+"""Told where the run is: a phase (evaluating, training, checkpointing, done) and a step."""
 
 
 def peak_rss_mb() -> float:
@@ -39,25 +44,33 @@ def ppl(loss: float) -> float:
 class Trainer:
     """Runs ``cfg``; in a distributed run every process runs it, the driver (stage 0) reports."""
 
-    def __init__(self, cfg: Config, resume: bool = False) -> None:
+    def __init__(self, cfg: Config, resume: bool = False, progress: Progress | None = None,
+                 load: Loader = load_model) -> None:
         cfg.validate()
         self.cfg = cfg
         self.resume = resume
+        self.progress: Progress = progress or (lambda phase, step: None)
         self.out = Path(cfg.train.out_dir)
-        self.pipe = build_pipeline(cfg, cfg.train.steps)
+        self.pipe = build_pipeline(cfg, cfg.train.steps, load=load)
         self.runtime = self.pipe.runtime
         self.driver = self.runtime.is_driver
         self.data: TokenData | None = None
-        if self.driver:
-            self.data = build_data(cfg.data, self.pipe.loaded.tokenizer)
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.val = self.data.val_batches(cfg.train.batch_size, cfg.train.eval_batches)
+        try:
+            if self.driver:
+                self.data = build_data(cfg.data, self.pipe.loaded.tokenizer)
+                self.out.mkdir(parents=True, exist_ok=True)
+                self.val = self.data.val_batches(cfg.train.batch_size, cfg.train.eval_batches)
+        except BaseException:
+            self.runtime.close()  # the peers learn at once that this stage is gone
+            raise
 
     # -- pieces -------------------------------------------------------------------------------
     def evaluate(self, step: int) -> float | None:
+        self.progress("evaluating", step)
         return self.runtime.evaluate(self.val if self.driver else None, step=step)
 
     def checkpoint(self, step: int, extra: dict) -> None:
+        self.progress("checkpointing", step)
         directory = self.out / "checkpoints" / f"step_{step}"
         self.runtime.sync_replicas(step)
         hashes = {w.me: save_stage(directory, w) for w in self.runtime.workers}
@@ -158,6 +171,7 @@ class Trainer:
         try:
             for step in range(start, t_cfg.steps):
                 batch = self.data.batch(step, t_cfg.batch_size) if self.data else None
+                self.progress("training", step)
                 lr = rt.workers[0].optimizer.lr  # the rate this step uses
                 t0 = time.perf_counter()
                 res, tries = self.attempt(step, batch)
@@ -190,6 +204,7 @@ class Trainer:
             rss = self.runtime.gather(
                 {w.me: torch.tensor([peak_rss_mb()], dtype=torch.float64) for w in rt.workers})
             checks = self.check_totals()
+            self.progress("done", t_cfg.steps)
         finally:
             bar.close()
             if metrics is not None:

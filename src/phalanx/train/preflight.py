@@ -1,0 +1,40 @@
+"""Everything a run can be refused for, checked once before any stage process is spawned.
+
+A stage process that finds bad input can only fail: its peers then fail too, on a closed link.
+So the launching process checks here what each stage would check later — the config, the model
+and its cut, the tokenizer, the corpus and whether it yields the batches the run asks for — and
+collects the settings that work but probably are not what the user meant (warnings).
+"""
+
+from __future__ import annotations
+
+from phalanx.data import build_data
+from phalanx.models.loading import load_tokenizer, prepare
+from phalanx.models.stages import resolve_bounds
+from phalanx.pipeline.optim import lr_factor
+from phalanx.train.config import Config
+
+
+def preflight(cfg: Config) -> list[str]:
+    """Raise :class:`~phalanx.errors.PhalanxError` for anything the run would fail on; return
+    warnings about settings that run but probably do not do what was meant."""
+    cfg.validate()
+    layers = prepare(cfg.model)
+    resolve_bounds(layers, cfg.pipeline.stages, cfg.pipeline.boundaries or None)
+    data = build_data(cfg.data, load_tokenizer(cfg.model))
+    data.batch(0, cfg.train.batch_size)  # raises when the corpus is too small for a batch
+    data.val_batches(cfg.train.batch_size, cfg.train.eval_batches)
+    return warnings(cfg)
+
+
+def warnings(cfg: Config) -> list[str]:
+    """Settings that run but probably are not what the user meant."""
+    out = []
+    o, steps = cfg.optim, cfg.train.steps
+    if o.warmup_steps > steps:
+        peak = o.lr * lr_factor(steps - 1, steps, o.warmup_steps, o.decay, o.min_lr_ratio)
+        out.append(
+            f"optim.warmup_steps={o.warmup_steps} is longer than train.steps={steps}: the "
+            f"learning rate never reaches optim.lr={o.lr:g} (it peaks at {peak:.3g}); lower "
+            "optim.warmup_steps")
+    return out
