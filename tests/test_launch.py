@@ -178,3 +178,26 @@ def test_launcher_environment_needs_no_torchrun():
     assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"], env["MASTER_PORT"]) == (
         "1", "4", "127.0.0.1", "29511")
     assert env["PHALANX_LAUNCHER_PID"] == str(os.getpid())
+
+
+def test_the_culprit_is_the_stage_whose_failure_was_not_a_closed_link():
+    """A peer of the failing stage often exits first (its link closed at once, while the
+    failing stage still unwinds); the report must still name the stage that failed."""
+    from phalanx.launch.supervisor import Launch
+
+    launch = Launch(3, [])
+    try:
+        follower = StageExit(1, 1, 1, {"phase": "failed", "during": "training", "step": 3,
+                                       "error": "ChannelClosed: stage 0 closed the link",
+                                       "time": 1.0})
+        bad = StageExit(0, 2, 2, {"phase": "failed", "during": "starting", "user_error": True,
+                                  "error": "PhalanxError: data.corpus is empty", "time": 2.0})
+        ok = StageExit(2, -15, 3, {"phase": "training", "step": 3}, stopped=True)
+        out = launch._outcome([bad, follower, ok], timed_out=False, timeout=None)
+        assert (out.code, out.report) == (2, "data.corpus is empty")
+        crash = StageExit(2, -9, 2, {"phase": "training", "step": 3, "time": 0.5})
+        out = launch._outcome([follower, crash], timed_out=False, timeout=None)
+        assert out.code == 1 and out.report.startswith(
+            "stage 2 failed first: killed by SIGKILL during step 3")
+    finally:
+        launch.close()

@@ -95,12 +95,12 @@ def _config(path: str | None, overrides: list[str]):  # noqa: ANN202
     return cfg
 
 
-def _preflight(cfg) -> None:  # noqa: ANN001
+def _preflight(cfg, resume: bool = False) -> None:  # noqa: ANN001
     """Catch bad input before any process is spawned or any weight is loaded; print the
     warnings once, here, rather than once per stage."""
     from phalanx.train.preflight import preflight
 
-    for w in preflight(cfg):
+    for w in preflight(cfg, resume):
         print(f"phalanx: warning: {w}", file=sys.stderr)
 
 
@@ -110,7 +110,7 @@ def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
 
     cfg = _config(a.config, a.overrides)
     if not under_launcher():
-        _preflight(cfg)
+        _preflight(cfg, a.resume)
         if cfg.pipeline.runtime == "distributed":  # started by hand: one process per stage
             from phalanx.launch import spawn
 

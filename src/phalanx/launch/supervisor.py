@@ -207,10 +207,15 @@ class Launch:
         return path
 
 
-def _when(e: StageExit) -> tuple[int, float]:
-    """When a stage ended: the order the launcher saw, then the time its status gives (two
-    stages seen in the same poll are told apart by it)."""
-    return e.order, float((e.status or {}).get("time", 0.0))
+FOLLOWER_ERRORS = ("ChannelClosed", "ChannelTimeout")  # a peer went away or went silent
+
+
+def _when(e: StageExit) -> tuple[bool, int, float]:
+    """Which failure came first, as a sort key. A stage that failed because a link closed or
+    timed out followed another one's failure, however early it exited (the one that failed
+    may still be unwinding); then the order the launcher saw, then the time of the status."""
+    err = str((e.status or {}).get("error", ""))
+    return err.startswith(FOLLOWER_ERRORS), e.order, float((e.status or {}).get("time", 0.0))
 
 
 def describe_exit(e: StageExit) -> str:

@@ -8,17 +8,28 @@ collects the settings that work but probably are not what the user meant (warnin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from phalanx.data import build_data
+from phalanx.errors import PhalanxError
 from phalanx.models.loading import load_tokenizer, prepare
 from phalanx.models.stages import resolve_bounds
 from phalanx.pipeline.optim import lr_factor
+from phalanx.train.checkpoint import read_manifest
 from phalanx.train.config import Config
 
 
-def preflight(cfg: Config) -> list[str]:
+def preflight(cfg: Config, resume: bool = False) -> list[str]:
     """Raise :class:`~phalanx.errors.PhalanxError` for anything the run would fail on; return
     warnings about settings that run but probably do not do what was meant."""
     cfg.validate()
+    if resume:  # the checkpoint index and manifest (each stage checks its file's hash)
+        _, manifest = read_manifest(Path(cfg.train.out_dir) / "checkpoints")
+        missing = {str(i) for i in range(cfg.pipeline.stages)} - set(manifest.get("stages", {}))
+        if missing:
+            raise PhalanxError(f"the checkpoint in {cfg.train.out_dir} has no stage "
+                               f"{', '.join(sorted(missing))}: resume with the same "
+                               "pipeline.stages it was written with")
     layers = prepare(cfg.model)
     resolve_bounds(layers, cfg.pipeline.stages, cfg.pipeline.boundaries or None)
     data = build_data(cfg.data, load_tokenizer(cfg.model))
