@@ -174,7 +174,7 @@ class Runner:
         for run in runs:
             Path(run.out).mkdir(parents=True, exist_ok=True)
             stamp_path(run.out).unlink(missing_ok=True)
-        plan = self.out / "session.json"
+        plan = self.out / "runs" / "session.json"
         write_plan(plan, runs)
         cfg = load_config(Config, None, runs[0].settings)
         if cfg.pipeline.runtime == "local":
