@@ -128,3 +128,19 @@ def test_forged_consistent_pair_is_caught_by_the_jumping_connection():
     link.inner.send = lambda f: (sent.append(f.tensor.clone()), inner_send(f))
     fresh.runtime.train_step(0, BATCH)
     assert torch.equal(sent[0], expected)
+
+
+def test_bf16_autocast_keeps_replicas_bitwise_and_attacks_caught():
+    """Under mixed precision a replica computes exactly as its original (same ops, same
+    device): the bitwise comparison raises nothing on an honest run and still names the
+    attacker; repair still gives the clean run's losses."""
+    bf16 = ['pipeline.precision="bf16"', 'defense.verify="duplicate"', "defense.rtol=0",
+            "defense.atol=0"]
+    _, honest = _run(bf16)
+    _, clean = _run(['pipeline.precision="bf16"'])
+    assert [r.loss for r in honest] == [r.loss for r in clean]
+    assert _alerts(honest) == [{}, {}, {}]
+    attack = ['attack.forward="sign_flip"', "attack.rate=1.0", "attack.stages=[1]"]
+    _, repaired = _run([*bf16, *attack, 'defense.recovery="repair"'])
+    assert _alerts(repaired) == [{1: 2}] * 3
+    assert [r.loss for r in repaired] == [r.loss for r in clean]

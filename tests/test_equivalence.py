@@ -96,3 +96,21 @@ def test_distributed_runtime_equivalence(stages, schedule):
     rec = json.loads(out.stdout.strip().splitlines()[-1])
     assert rec["ok"] and rec["max_rel_grad_diff"] <= TOLERANCE
     assert rec["runtime"] == "distributed" and rec["stages"] == stages
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_bf16_autocast_pipeline_equals_the_bf16_single_process_step(stages, schedule):
+    """Mixed precision: the stages compute in bf16 (autocast), weights and gradients stay fp32;
+    the pipeline equals one process doing the same, and bf16 really changed the arithmetic."""
+    from phalanx.config import load_config
+    from phalanx.train import Config
+    from phalanx.train.equivalence import TOLERANCES, check_local
+
+    base = ['model.name="tiny"', f"pipeline.stages={stages}", f'pipeline.schedule="{schedule}"',
+            "pipeline.micro_batches=4", "train.batch_size=4", "data.seq_len=32"]
+    bf16 = check_local(load_config(Config, None, [*base, 'pipeline.precision="bf16"']))
+    fp32 = check_local(load_config(Config, None, base))
+    assert bf16["ok"] and bf16["max_rel_grad_diff"] <= 1e-5 < TOLERANCES["bf16"]
+    assert abs(bf16["loss_pipe"] - fp32["loss_pipe"]) > 1e-6  # autocast was on
+    assert bf16["precision"] == "bf16"

@@ -208,8 +208,7 @@ def cmd_check(a: argparse.Namespace) -> int:
         from phalanx.models import load_model
 
         loaded = load_model(cfg.model)
-        loss_ref, ref = eq.reference_step(loaded.model, eq.first_batch(cfg, loaded.tokenizer),
-                                          cfg.pipeline.micro_batches)
+        loss_ref, ref = eq.reference_for(cfg, loaded.model, eq.first_batch(cfg, loaded.tokenizer))
         del loaded
         with tempfile.TemporaryDirectory(prefix="phalanx-eq-") as tmp:
             code = spawn(cfg.pipeline.stages,

@@ -43,6 +43,7 @@ class StageModule(nn.Module):
         self.names = names  # local parameter name -> name in the unsplit model
         self.tied = tied  # local name -> canonical name, for parameters shared with another stage
         self.drop = nn.Dropout(getattr(config, "embd_pdrop", 0.0)) if family == "gpt2" else None
+        self.autocast: torch.dtype | None = None  # mixed precision: compute dtype of autocast
 
     def shadow_params(self) -> list[nn.Parameter]:
         """Parameters of a ``shadow`` submodule: a copy of another stage, stepped here in
@@ -69,7 +70,14 @@ class StageModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) on the first stage, hidden states (B, T, C) elsewhere; returns hidden
-        states (B, T, C), or logits (B, T, V) on the last stage."""
+        states (B, T, C), or logits (B, T, V) on the last stage. Under mixed precision the
+        layers compute in ``self.autocast`` while the weights (and so the optimizer) stay in
+        their own dtype."""
+        with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16,
+                            enabled=self.autocast is not None):
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_first:
             ids = x  # (B, T)
             x = self.embed(ids)  # (B, T, C)
@@ -163,6 +171,20 @@ def _parts(model: nn.Module, family: str) -> dict:
     core = model.transformer
     return dict(prefix="transformer", embed=("wte", core.wte), pos=("wpe", core.wpe),
                 blocks=("h", core.h), rotary=None, norm=("ln_f", core.ln_f), head=model.lm_head)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def set_precision(stage: nn.Module, precision: str) -> None:
+    """Mixed precision for ``stage`` and every stage module inside it (a verifier's replica
+    computes exactly as its original): ``fp32`` (off) or ``bf16`` autocast."""
+    if precision not in PRECISIONS:
+        raise PhalanxError(f"pipeline.precision={precision!r} is unknown; use one of "
+                           f"{', '.join(PRECISIONS)}")
+    for m in stage.modules():
+        if isinstance(m, StageModule):
+            m.autocast = PRECISIONS[precision]
 
 
 def ties_embeddings(model: nn.Module, family: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from phalanx.errors import ConfigError
+from phalanx.models.stages import PRECISIONS
 from phalanx.pipeline.schedule import SCHEDULES
 
 RUNTIMES = ("local", "distributed")
@@ -20,7 +21,10 @@ class PipelineConfig:
     schedule: str = "1f1b"  # gpipe | 1f1b
     micro_batches: int = 4
     runtime: str = "local"  # local (all stages in one process) | distributed (one per process)
-    backend: str = "auto"  # torch.distributed backend: auto (nccl on GPU, else gloo) | gloo | nccl
+    device: str = "auto"  # auto (the GPUs if any, else CPU) | cpu | cuda (spread) | cuda:N
+    backend: str = "auto"  # auto (nccl when each stage has a GPU of its own, else gloo) | gloo
+    # | nccl
+    precision: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer state stay fp32)
     timeout_s: float = 300.0  # longest wait for a frame from a peer
     threads: int = 0  # torch threads per stage process; 0 = cores / stages
 
@@ -41,5 +45,8 @@ class PipelineConfig:
             raise ConfigError(
                 f"pipeline.backend={self.backend!r} is unknown; use one of {', '.join(BACKENDS)}"
             )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"pipeline.precision={self.precision!r} is unknown; use one of "
+                              f"{', '.join(PRECISIONS)}")
         if self.timeout_s <= 0:
             raise ConfigError(f"pipeline.timeout_s={self.timeout_s} must be positive")

@@ -8,10 +8,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from phalanx.comm.device import on_device
 from phalanx.comm.dist import dist_channels
 from phalanx.errors import PhalanxError
-from phalanx.models.stages import StageModule
+from phalanx.models.stages import StageModule, set_precision
 from phalanx.pipeline.config import PipelineConfig
+from phalanx.pipeline.devices import choose_backend, stage_devices, wire_device
 from phalanx.pipeline.optim import OptimConfig, StageOptimizer
 from phalanx.pipeline.runtime import Attach, Runtime, Wrap, no_attach, no_wrap
 from phalanx.pipeline.worker import StageWorker
@@ -25,32 +27,31 @@ def under_launcher() -> bool:
 
 
 def init_distributed(cfg: PipelineConfig) -> tuple[int, int, torch.device]:
-    """Join the process group torchrun set up; returns (rank, world size, device)."""
+    """Join the process group the launcher set up; returns (rank, world size, this stage's
+    device). The backend follows from the devices: NCCL only when every stage has a GPU of its
+    own, gloo (through host memory) otherwise."""
     if not dist.is_initialized():
         if not under_launcher():
             raise PhalanxError(
-                "pipeline.runtime=distributed needs the processes started by torchrun or "
-                "`phalanx launch`"
+                "pipeline.runtime=distributed needs the processes started by `phalanx train`, "
+                "`phalanx launch` or torchrun"
             )
-        backend = cfg.backend
-        if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl" and not torch.cuda.is_available():
-            raise PhalanxError("pipeline.backend=nccl needs a GPU; use gloo on CPU")
-        # gloo (and NCCL's watchdog) end a process whose receive waits longer than the group's
-        # timeout; a link can be idle for a whole run (stage 1 never hears from stage 5), so
-        # the group gets a long timeout and every wait phalanx makes is bounded by
-        # pipeline.timeout_s instead.
-        dist.init_process_group(backend, timeout=GROUP_TIMEOUT)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ["WORLD_SIZE"])
     if world != cfg.stages:
         raise PhalanxError(
             f"{world} processes were launched for pipeline.stages={cfg.stages}: "
             "launch one per stage"
         )
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    devices = stage_devices(cfg.device, cfg.stages)
+    if not dist.is_initialized():
+        # gloo (and NCCL's watchdog) end a process whose receive waits longer than the group's
+        # timeout; a link can be idle for a whole run (stage 1 never hears from stage 5), so
+        # the group gets a long timeout and every wait phalanx makes is bounded by
+        # pipeline.timeout_s instead.
+        dist.init_process_group(choose_backend(cfg.backend, devices), timeout=GROUP_TIMEOUT)
+    rank = dist.get_rank()
+    device = devices[rank]
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     cores = os.cpu_count() or 1
     torch.set_num_threads(cfg.threads or max(1, cores // world))
@@ -68,7 +69,10 @@ class DistributedRuntime(Runtime):
         super().__init__(cfg, stage.num_stages, tied=tied)
         self.rank = dist.get_rank()
         stage.to(device)
-        channels = wrap(stage, dist_channels(self.rank, dist.get_world_size(), device=device))
+        set_precision(stage, cfg.precision)
+        links = dist_channels(self.rank, dist.get_world_size(),
+                              device=wire_device(dist.get_backend(), device))
+        channels = wrap(stage, on_device(links, device))
         opt = StageOptimizer(stage, optim, total_steps, exclude=stage.replicas())
         self._worker = StageWorker(stage, channels, opt,
                                    timeout=cfg.timeout_s, dtype=next(stage.parameters()).dtype)

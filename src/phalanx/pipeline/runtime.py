@@ -8,8 +8,10 @@ from collections.abc import Callable
 import torch
 
 from phalanx.comm import Channel, LocalFabric
-from phalanx.models.stages import StageModule
+from phalanx.comm.device import on_device
+from phalanx.models.stages import StageModule, set_precision
 from phalanx.pipeline.config import PipelineConfig
+from phalanx.pipeline.devices import stage_devices
 from phalanx.pipeline.optim import OptimConfig, StageOptimizer
 from phalanx.pipeline.schedule import Action, eval_actions, replica_sync, train_actions
 from phalanx.pipeline.worker import IterationResult, StageWorker
@@ -146,8 +148,11 @@ class LocalRuntime(Runtime):
                  total_steps: int, wrap: Wrap = no_wrap, attach: Attach = no_attach) -> None:
         super().__init__(cfg, len(stages), tied=any(s.tied for s in stages))
         fabric = LocalFabric(len(stages))
+        for s, device in zip(stages, stage_devices(cfg.device, len(stages)), strict=True):
+            s.to(device)
+            set_precision(s, cfg.precision)
         self._workers = [
-            StageWorker(s, wrap(s, fabric.channels(s.index)),
+            StageWorker(s, wrap(s, on_device(fabric.channels(s.index), _device_of(s))),
                         StageOptimizer(s, optim, total_steps, exclude=s.replicas()),
                         timeout=None, dtype=_dtype_of(s))
             for s in stages
@@ -168,3 +173,7 @@ class LocalRuntime(Runtime):
 
 def _dtype_of(stage: StageModule) -> torch.dtype:
     return next(stage.parameters()).dtype
+
+
+def _device_of(stage: StageModule) -> torch.device:
+    return next(stage.parameters()).device

@@ -104,6 +104,7 @@ class StageWorker:
         self.hidden_size = hidden_size or int(stage.config.hidden_size if hasattr(
             stage.config, "hidden_size") else stage.config.n_embd)
         self.dtype = dtype
+        self.device = next(stage.parameters()).device
         self.tied = sorted(stage.tied.items(), key=lambda kv: kv[1])  # (local, canonical)
         self._params = dict(stage.named_parameters())
         self._stash: dict[tuple[int, Kind, int], Frame] = {}
@@ -131,7 +132,7 @@ class StageWorker:
         if self.me == 0 and len(inputs or []) != micro:
             raise ValueError(f"stage 0 needs the {micro} micro-batches of the iteration")
         self.step, self.micro, self.train = step, micro, train
-        self.inputs = list(inputs or [])
+        self.inputs = [x.to(self.device) for x in inputs or []]
         self._saved.clear()
         self.stats = StageStats()
         self.result = None

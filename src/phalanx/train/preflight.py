@@ -14,6 +14,7 @@ from phalanx.data import build_data
 from phalanx.errors import PhalanxError
 from phalanx.models.loading import load_tokenizer, prepare
 from phalanx.models.stages import resolve_bounds
+from phalanx.pipeline.devices import choose_backend, stage_devices
 from phalanx.pipeline.optim import lr_factor
 from phalanx.train.checkpoint import read_manifest
 from phalanx.train.config import Config
@@ -23,6 +24,9 @@ def preflight(cfg: Config, resume: bool = False) -> list[str]:
     """Raise :class:`~phalanx.errors.PhalanxError` for anything the run would fail on; return
     warnings about settings that run but probably do not do what was meant."""
     cfg.validate()
+    devices = stage_devices(cfg.pipeline.device, cfg.pipeline.stages)
+    if cfg.pipeline.runtime == "distributed":
+        choose_backend(cfg.pipeline.backend, devices)
     if resume:  # the checkpoint index and manifest (each stage checks its file's hash)
         _, manifest = read_manifest(Path(cfg.train.out_dir) / "checkpoints")
         missing = {str(i) for i in range(cfg.pipeline.stages)} - set(manifest.get("stages", {}))
