@@ -81,3 +81,35 @@ def test_corpus_larger_than_the_limit_is_refused(tmp_path):
     with pytest.raises(PhalanxError, match="larger than data.max_mb=1"):
         load_documents(str(tmp_path), max_mb=1.0)
     assert len(load_documents(str(tmp_path), max_mb=3.0)) == 1
+
+
+def test_stdlib_corpus_is_real_english_larger_than_pydoc_and_deduplicated():
+    from phalanx.data.stdlib import module_docstrings, stdlib_documents
+
+    docs = stdlib_documents()
+    names = [n for n, _ in docs]
+    assert names == sorted(names) and not any("/test/" in n or n.startswith("test/")
+                                               for n in names)
+    text = "\n".join(t for _, t in docs)
+    pydoc = sum(len(t) for _, t in load_documents("pydoc"))
+    assert len(text) > 3 * pydoc
+    assert " the " in text and "Return" in text  # English prose, not code
+    data = build_data(DataConfig(corpus="stdlib", seq_len=256), ByteTokenizer())
+    assert data.train.shape[0] > 6000 and data.val.shape[0] > 600
+    assert dict(docs)["json/__init__.py"].startswith("JSON (JavaScript Object Notation)")
+    src = 'def f():\n    """Short."""\n\nclass A:\n    """' + "A class that does things. " * 3 + '"""\n'
+    assert module_docstrings(src) == ["A class that does things. " * 3]
+
+
+def test_stdlib_documents_keep_a_repeated_docstring_once_and_skip_tests(tmp_path):
+    from phalanx.data.stdlib import stdlib_documents
+
+    doc = '"""' + "Shared words about a module that two files both carry. " + '"""\n'
+    (tmp_path / "a.py").write_text(doc)
+    (tmp_path / "b.py").write_text(doc + 'def g():\n    """' + "Own text " * 6 + '"""\n')
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "t.py").write_text('"""' + "Test words " * 6 + '"""\n')
+    (tmp_path / "bad.py").write_text("def (:\n")
+    docs = stdlib_documents(tmp_path)
+    assert [n for n, _ in docs] == ["a.py", "b.py"]
+    assert dict(docs)["b.py"].startswith("Own text")

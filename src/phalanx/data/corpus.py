@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 class DataConfig:
     """Where the text comes from and how it is cut."""
 
-    corpus: str = "pydoc"  # "pydoc" (bundled Python reference docs) or a text file / folder
+    corpus: str = "pydoc"  # pydoc (Python reference docs), stdlib (standard-library docstrings,
+    # 4x larger) or a text file / folder
     suffixes: list[str] = field(default_factory=list)  # in a folder, read only these (".txt");
     # empty: every file that is UTF-8 text
     max_mb: float = 1024.0  # refuse a corpus larger than this (MiB read from disk)
@@ -56,7 +57,8 @@ def corpus_files(corpus: str, suffixes: list[str] | None = None) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise PhalanxError(
-            f"data.corpus={corpus!r} does not exist: use data.corpus=pydoc or a text file / folder"
+            f"data.corpus={corpus!r} does not exist: use data.corpus=pydoc, stdlib, or a text "
+            "file / folder"
         )
     want = {s if s.startswith(".") else "." + s for s in (suffixes or [])}
     files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path)
@@ -78,6 +80,10 @@ def load_documents(corpus: str, suffixes: list[str] | None = None,
         from pydoc_data.topics import topics
 
         return sorted(topics.items())
+    if corpus == "stdlib":
+        from phalanx.data.stdlib import stdlib_documents
+
+        return stdlib_documents()
     if not max_mb > 0:
         raise PhalanxError(f"data.max_mb={max_mb} must be positive")
     files = corpus_files(corpus, suffixes)
