@@ -4,6 +4,7 @@ on a host without a GPU."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -96,3 +97,37 @@ def test_local_pipeline_on_the_gpu_equals_the_cpu():
                           OptimConfig(), 2)
         losses[device] = [rt.train_step(s, batch).loss for s in range(2)]
     assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-4)
+
+
+def _check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "phalanx.cli", "check", "gpu", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_check_gpu_runs_its_whole_path_on_the_cpu():
+    """The same checks and training as on a GPU, with --device cpu: every record equal."""
+    r = _check("--device", "cpu", "--model", "tiny", "--stage-counts", "2,3", "--runtimes",
+               "local", "--train-steps", "2", "--seq-len", "32", "--precision", "bf16")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [(c["stages"], c["schedule"]) for c in rec["checks"]] == [
+        (2, "gpipe"), (2, "1f1b"), (3, "gpipe"), (3, "1f1b")]
+    assert rec["all_ok"] and rec["loss_equal"] and rec["max_rel_grad_diff"] <= 1e-5
+    assert rec["precision"] == "bf16" and rec["train"]["tokens_per_s"] > 0
+    assert rec["train"]["peak_gpu_mb"] == 0.0 and rec["device_name"] == "cpu"
+
+
+def test_check_gpu_without_a_gpu_is_one_line_exit_2():
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU")
+    r = _check()
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "needs a CUDA GPU" in r.stderr and "--device cpu" in r.stderr
+
+
+@cuda
+def test_check_gpu_on_the_gpu():
+    r = _check("--model", "tiny", "--train-steps", "3", "--seq-len", "32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rec["all_ok"] and rec["train"]["peak_gpu_mb"] > 0

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from phalanx.errors import PhalanxError
@@ -62,15 +61,25 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("--nproc", type=int, required=True, help="number of processes (= stages)")
     la.add_argument("args", nargs=argparse.REMAINDER, help="the phalanx command, after --")
 
-    c = sub.add_parser("check", help="correctness checks")
-    c.add_argument("what", choices=["equivalence"])
-    c.add_argument("--model", default="smollm2")
+    c = sub.add_parser(
+        "check", help="correctness checks",
+        description="equivalence: one pipeline iteration against the single-process step. gpu: "
+        "the equivalence check for every stage count, schedule and runtime on a device, plus a "
+        "short training, as one JSON line (default model: random-smollm2, SmolLM2's shape).")
+    c.add_argument("what", choices=["equivalence", "gpu"])
+    c.add_argument("--model", help="smollm2 (equivalence default), random-smollm2 (gpu "
+                   "default), tiny, a model folder")
     c.add_argument("--stages", type=int, default=4)
     c.add_argument("--schedule", default="1f1b")
     c.add_argument("--runtime", default="local")
+    c.add_argument("--device", help="pipeline.device (equivalence default auto; gpu: cuda)")
+    c.add_argument("--precision", default="fp32", help="fp32 or bf16")
     c.add_argument("--micro-batches", type=int, default=4)
     c.add_argument("--batch-size", type=int, default=4)
     c.add_argument("--seq-len", type=int, default=64)
+    c.add_argument("--stage-counts", default="2,4", help="gpu: stage counts to check")
+    c.add_argument("--runtimes", default="local,distributed", help="gpu: runtimes to check")
+    c.add_argument("--train-steps", type=int, default=20, help="gpu: steps of the training")
 
     r = sub.add_parser("report", help="summary table and loss plot of a run directory")
     r.add_argument("run_dir", help="a train.out_dir")
@@ -193,33 +202,29 @@ def cmd_launch(a: argparse.Namespace) -> int:
 def cmd_check(a: argparse.Namespace) -> int:
     from phalanx.train import equivalence as eq
 
-    cfg = _config(None, [
-        f"model.name={json.dumps(a.model)}", f"pipeline.stages={a.stages}",
-        f'pipeline.schedule="{a.schedule}"', f'pipeline.runtime="{a.runtime}"',
-        f"pipeline.micro_batches={a.micro_batches}", f"train.batch_size={a.batch_size}",
-        f"data.seq_len={a.seq_len}",
-    ])
-    _preflight(cfg)
-    if cfg.pipeline.runtime == "local":
-        rec = eq.check_local(cfg)
-    else:
-        from phalanx.config import to_dict, to_overrides
-        from phalanx.launch import spawn
-        from phalanx.models import load_model
+    if a.what == "gpu":
+        from phalanx.train.devicecheck import device_check
 
-        loaded = load_model(cfg.model)
-        loss_ref, ref = eq.reference_for(cfg, loaded.model, eq.first_batch(cfg, loaded.tokenizer))
-        del loaded
-        with tempfile.TemporaryDirectory(prefix="phalanx-eq-") as tmp:
-            code = spawn(cfg.pipeline.stages,
-                         ["worker", "--out", tmp, "equivalence", *to_overrides(to_dict(cfg))],
-                         timeout=cfg.pipeline.timeout_s * 2)
-            if code:
-                return code  # the launcher said which stage failed and why
-            loss_pipe, pipe = eq.collect(Path(tmp), cfg.pipeline.stages)
-        rec = eq.report(cfg, loss_ref, ref, loss_pipe, pipe)
+        rec = device_check(a.model or "random-smollm2", a.device, a.precision,
+                           stages=_ints(a.stage_counts), runtimes=a.runtimes.split(","),
+                           train_steps=a.train_steps, batch_size=a.batch_size,
+                           seq_len=a.seq_len, micro_batches=a.micro_batches)
+        print(json.dumps(rec))
+        return 0 if rec["all_ok"] else 1
+    cfg = _config(None, eq.check_overrides(
+        a.model or "smollm2", a.stages, a.schedule, a.runtime, a.micro_batches, a.batch_size,
+        a.seq_len, device=a.device, precision=a.precision))
+    _preflight(cfg)
+    rec = eq.check_local(cfg) if cfg.pipeline.runtime == "local" else eq.check_distributed(cfg)
     print(json.dumps(rec))
     return 0 if rec["ok"] else 1
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PhalanxError(f"--stage-counts={text!r}: give stage counts such as 2,4") from None
 
 
 def cmd_report(a: argparse.Namespace) -> int:

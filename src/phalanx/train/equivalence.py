@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -89,6 +90,36 @@ def reference_for(cfg: Config, model: torch.nn.Module, batch: torch.Tensor
     device = stage_devices(cfg.pipeline.device, 1)[0]
     return reference_step(copy.deepcopy(model).to(device), batch, cfg.pipeline.micro_batches,
                           cfg.pipeline.precision)
+
+
+def check_overrides(model: str, stages: int, schedule: str, runtime: str, micro_batches: int,
+                    batch_size: int, seq_len: int, device: str | None = None,
+                    precision: str = "fp32") -> list[str]:
+    """The config of one equivalence check, as ``phalanx train`` overrides."""
+    o = [f"model.name={json.dumps(model)}", f"pipeline.stages={stages}",
+         f"pipeline.schedule={json.dumps(schedule)}", f"pipeline.runtime={json.dumps(runtime)}",
+         f"pipeline.micro_batches={micro_batches}", f"train.batch_size={batch_size}",
+         f"data.seq_len={seq_len}", f"pipeline.precision={json.dumps(precision)}"]
+    return o + ([f"pipeline.device={json.dumps(device)}"] if device else [])
+
+
+def check_distributed(cfg: Config) -> dict:
+    """Reference here, pipeline in one process per stage (each writes its gradients)."""
+    from phalanx.config import to_dict, to_overrides
+    from phalanx.errors import PhalanxError
+    from phalanx.launch import spawn
+
+    loaded = load_model(cfg.model)
+    loss_ref, ref = reference_for(cfg, loaded.model, first_batch(cfg, loaded.tokenizer))
+    del loaded
+    with tempfile.TemporaryDirectory(prefix="phalanx-eq-") as tmp:
+        code = spawn(cfg.pipeline.stages,
+                     ["worker", "--out", tmp, "equivalence", *to_overrides(to_dict(cfg))],
+                     timeout=cfg.pipeline.timeout_s * 2)
+        if code:  # the launcher has printed which stage failed and why
+            raise PhalanxError(f"the distributed equivalence check failed (exit {code})")
+        loss_pipe, pipe = collect(Path(tmp), cfg.pipeline.stages)
+    return report(cfg, loss_ref, ref, loss_pipe, pipe)
 
 
 def run_pipeline_step(cfg: Config, batch: torch.Tensor | None) -> tuple[Runtime, float | None]:

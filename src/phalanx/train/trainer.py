@@ -26,6 +26,12 @@ Progress = Callable[[str, "int | None"], None]
 """Told where the run is: a phase (evaluating, training, checkpointing, done) and a step."""
 
 
+def peak_gpu_mb(workers: list) -> float:
+    """Peak GPU memory allocated by torch on the devices of these stages, in MiB (0 on CPU)."""
+    devices = {w.device for w in workers if w.device.type == "cuda"}
+    return max((torch.cuda.max_memory_allocated(d) / 2**20 for d in devices), default=0.0)
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process, in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -201,8 +207,8 @@ class Trainer:
             val_end = self.evaluate(t_cfg.steps)
             if t_cfg.save:
                 self.checkpoint(t_cfg.steps, self.run_state(val_start))
-            rss = self.runtime.gather(
-                {w.me: torch.tensor([peak_rss_mb()], dtype=torch.float64) for w in rt.workers})
+            mem = torch.tensor([peak_rss_mb(), peak_gpu_mb(rt.workers)], dtype=torch.float64)
+            rss = self.runtime.gather({w.me: mem for w in rt.workers})
             checks = self.check_totals()
             self.progress("done", t_cfg.steps)
         finally:
@@ -222,6 +228,7 @@ class Trainer:
             else peak_rss_mb(),
             "peak_rss_mb_per_process": per_stage if cfg.pipeline.runtime == "distributed"
             else [peak_rss_mb()],
+            "peak_gpu_mb": max(float(rss[i][1]) for i in rss),
             "model": self.pipe.loaded.source, "config": to_dict(cfg),
         }
         if checks is not None:
