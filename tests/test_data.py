@@ -97,8 +97,9 @@ def test_stdlib_corpus_is_real_english_larger_than_pydoc_and_deduplicated():
     data = build_data(DataConfig(corpus="stdlib", seq_len=256), ByteTokenizer())
     assert data.train.shape[0] > 6000 and data.val.shape[0] > 600
     assert dict(docs)["json/__init__.py"].startswith("JSON (JavaScript Object Notation)")
-    src = 'def f():\n    """Short."""\n\nclass A:\n    """' + "A class that does things. " * 3 + '"""\n'
-    assert module_docstrings(src) == ["A class that does things. " * 3]
+    text3 = "A class that does things. " * 3
+    src = 'def f():\n    """Short."""\n\nclass A:\n    """' + text3 + '"""\n'
+    assert module_docstrings(src) == [text3]
 
 
 def test_stdlib_documents_keep_a_repeated_docstring_once_and_skip_tests(tmp_path):
