@@ -132,3 +132,35 @@ def test_a_session_of_distributed_runs_trains_each_exactly_as_alone(tmp_path):
         ref, _ = read_run(tmp_path / "l" / "runs" / cell.name)
         assert [r["loss"] for r in d] == pytest.approx([r["loss"] for r in ref], rel=1e-6)
         assert (tmp_path / "d" / "runs" / cell.name / "settings.json").is_file()
+
+
+def test_paper_preset_is_the_papers_setting_at_gpu_scale():
+    s = Spec.paper()
+    assert (s.stages, s.batch_size // s.micro_batches, s.lr) == (6, 1, 5e-5)  # micro-batch 1
+    assert s.steps >= 800 and s.corpus == "stdlib" and s.seq_len == 512
+    assert len(grid(s)) == 18
+
+
+def test_grid_estimate_by_hand():
+    from phalanx.experiments.estimate import grid_seconds
+
+    s = Spec.quick()
+    s.steps = 10
+    cells = [Cell("clean", 0.0, "none"), Cell("sign_flip", 0.7, "skip"),
+             Cell("sign_flip", 0.7, "restart")]
+    assert grid_seconds(s, cells, 2.0) == pytest.approx((20 + 28 + 44) * 1.1)
+
+
+def test_paper_preset_refuses_a_cpu_host_with_its_estimate(tmp_path, monkeypatch, capsys):
+    import torch
+
+    import phalanx.experiments.estimate as est
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU")
+    monkeypatch.setattr(est, "probe_step_s", lambda spec: 10.0)
+    code = main(["experiment", "robustness", "--preset", "paper", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    # 26.4 clean-run equivalents x 800 steps x 10 s x 1.1
+    assert code == 2 and "estimated 64.5 h" in err and "add --force" in err
+    assert not (tmp_path / "runs").exists()  # nothing started

@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="output directory (default results/NAME)")
     e.add_argument("--quick", action="store_true",
                    help="tiny model, few steps (minutes): a smoke run of the whole grid")
+    e.add_argument("--preset", choices=["paper"],
+                   help="robustness: paper = paper 1 at its own scale (6 stages, 800 steps of "
+                   "4x512 tokens, the stdlib corpus) on a GPU; prints its estimated time")
+    e.add_argument("--force", action="store_true",
+                   help="start a --preset paper grid on a host without a GPU anyway")
+    e.add_argument("--device", help="pipeline.device of every run (default auto)")
     e.add_argument("--fresh", action="store_true", help="redo cells that already finished")
     e.add_argument("--steps", type=int, help="optimizer steps per run")
     e.add_argument("--runtime", choices=["local", "distributed"], help="runtime of every run")
@@ -148,7 +154,11 @@ def cmd_experiment(a: argparse.Namespace) -> int:
     a.out = a.out or f"results/{a.name}"
     if a.name == "detection":
         return _detection(a)
-    spec = rb.Spec.quick() if a.quick else rb.Spec()
+    if a.quick and a.preset:
+        raise PhalanxError("--quick and --preset are alternatives: choose one")
+    spec = rb.Spec.quick() if a.quick else rb.Spec.paper() if a.preset else rb.Spec()
+    if a.device:
+        spec.device = a.device
     if a.steps is not None:
         if a.steps < 1:
             raise PhalanxError("--steps must be at least 1")
@@ -165,6 +175,8 @@ def cmd_experiment(a: argparse.Namespace) -> int:
     spec.extra = list(a.overrides)
     cells = rb.grid(spec)
     _preflight(_config(None, rb.overrides(spec, cells[-1], Path(a.out) / "check")))
+    if a.preset:
+        _estimate(spec, cells, a.force)
     out = Path(a.out)
     rows = rb.Runner(spec, out, fresh=a.fresh).run()
     summary = rb.write(rows, spec, out)
@@ -172,6 +184,24 @@ def cmd_experiment(a: argparse.Namespace) -> int:
     print(json.dumps(summary["totals"]))
     print(f"results: {out}/summary.json, {out}/table.md, {out}/val_ppl.png", file=sys.stderr)
     return 0
+
+
+def _estimate(spec, cells: list, force: bool) -> None:  # noqa: ANN001
+    """Say how long the grid will take here (two measured iterations); refuse a GPU-sized grid
+    on a CPU-only host unless forced."""
+    from phalanx.experiments.estimate import grid_seconds, probe_step_s
+    from phalanx.pipeline.devices import stage_devices
+
+    device = stage_devices(spec.device, 1)[0]
+    print(f"phalanx: timing two iterations of the grid's first run on {device} ...",
+          file=sys.stderr, flush=True)
+    step_s = probe_step_s(spec)
+    hours = grid_seconds(spec, cells, step_s) / 3600
+    print(f"phalanx: {len(cells)} runs of {spec.steps} steps; one iteration takes {step_s:.2f} s "
+          f"here: estimated {hours:.1f} h", file=sys.stderr, flush=True)
+    if device.type == "cpu" and not force:
+        raise PhalanxError(f"--preset paper is sized for a GPU and would take about {hours:.0f} "
+                           "h on this CPU-only host: run it where a GPU is, or add --force")
 
 
 def _detection(a: argparse.Namespace) -> int:

@@ -44,6 +44,8 @@ class Spec:
     warmup_steps: int = 4
     rates: tuple[float, ...] = (0.3, 0.7)
     defenses: tuple[str, ...] = DEFENSES
+    corpus: str = "pydoc"
+    device: str = "auto"
     seed: int = 0
     extra: list[str] = field(default_factory=list)  # further config overrides for every run
 
@@ -53,6 +55,16 @@ class Spec:
         return cls(model="tiny", stages=4, runtime="local", steps=8, batch_size=4,
                    micro_batches=2, seq_len=32, eval_every=4, eval_batches=2, lr=1e-3,
                    warmup_steps=1)
+
+    @classmethod
+    def paper(cls) -> Spec:
+        """Paper 1 at its own scale, as far as SmolLM2 on one GPU allows: 6 stages, micro-batch
+        1 (batch 4 in 4 micro-batches), sequences of 512 tokens (the paper: 1024), 800 steps of
+        the paper's AdamW, the standard library's docstrings (4x the pydoc text, so the clean
+        run does not just memorise it), the simulator on the GPU."""
+        return cls(model="smollm2", stages=6, runtime="local", steps=800, batch_size=4,
+                   micro_batches=4, seq_len=512, eval_every=50, eval_batches=8, lr=5e-5,
+                   warmup_steps=40, corpus="stdlib")
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,7 @@ def overrides(spec: Spec, cell: Cell, out: Path) -> list[str]:
          f"optim.lr={spec.lr}", f"optim.warmup_steps={spec.warmup_steps}",
          "optim.weight_decay=0.01", "optim.clip=1.0", 'model.dtype="float32"',
          "train.save=false", "train.progress=false", f"train.seed={spec.seed}",
+         f"data.corpus={json.dumps(spec.corpus)}", f"pipeline.device={json.dumps(spec.device)}",
          f"train.out_dir={json.dumps(str(out))}"]
     if cell.attack != "clean":
         o += [f"attack.{ATTACKS[cell.attack]}={json.dumps(cell.attack)}",
