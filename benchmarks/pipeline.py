@@ -30,10 +30,17 @@ the per-repetition lists, ``ratio_vs_torch_pp`` (phalanx / torch_pp) and ``ratio
 (phalanx / single), the first-step loss of each system (a sanity check: all three see the same
 weights and batch) and the settings.
 
+With ``--device cuda`` (or ``cuda:N``) every system trains on that one GPU: ``phalanx`` as one
+process per stage sharing it (gloo links, tensors staged through host memory), ``phalanx_local``
+as the simulator (all stages in one process), and ``single``; torch pipelining is left out there
+(its NCCL point-to-point needs a GPU per rank). ``ratio_local_vs_single`` and
+``ratio_vs_single`` are then the figures to read (target >= 0.9).
+
 Usage::
 
     python benchmarks/pipeline.py --model tiny --stages 2 --steps 3 --reps 2
     phalanx bench pipeline --model smollm2 --stages 4 --schedule 1f1b
+    phalanx bench pipeline --model random-smollm2 --device cuda --batch-size 16 --seq-len 1024
 """
 
 from __future__ import annotations
@@ -51,7 +58,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-SYSTEMS = ("phalanx", "torch_pp", "single")
+CPU_SYSTEMS = ("phalanx", "torch_pp", "single")
+GPU_SYSTEMS = ("phalanx", "phalanx_local", "single")  # NCCL pipelining needs a GPU per rank
+
+
+def systems(a: argparse.Namespace) -> tuple[str, ...]:
+    """What runs: on the CPU phalanx against torch pipelining and one process; on a GPU the
+    stages share the one device, as processes and in the simulator, against one process."""
+    return CPU_SYSTEMS if a.device == "cpu" else GPU_SYSTEMS
 LR = 5e-5
 CLIP = 1.0
 WEIGHT_DECAY = 0.01
@@ -97,9 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=1800.0,
                     help="seconds one job (one system, one repetition) may take")
     ap.add_argument("--out", help="also write the JSON result to this file")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu, or cuda / cuda:N: every stage and the single process on it")
     ap.add_argument("--torch-pp-bare", action="store_true",
                     help="torch baseline without tied-gradient sum and global clipping")
-    ap.add_argument("--child", choices=("phalanx", "torchpp", "single"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("phalanx", "phalanx_local", "torchpp", "single"),
+                    help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     problems = []
@@ -125,7 +142,7 @@ def child_argv(a: argparse.Namespace, child: str, result: Path) -> list[str]:
         "--model", a.model, "--stages", str(a.stages), "--schedule", a.schedule,
         "--micro-batches", str(a.micro_batches), "--batch-size", str(a.batch_size),
         "--seq-len", str(a.seq_len), "--steps", str(a.steps), "--warmup", str(a.warmup),
-        "--reps", "1", "--child", child, "--result", str(result),
+        "--reps", "1", "--child", child, "--result", str(result), "--device", a.device,
         *(["--torch-pp-bare"] if a.torch_pp_bare else []),
     ]
 
@@ -148,8 +165,17 @@ def write_result(path: str, a: argparse.Namespace, elapsed: float, step_s: list[
     Path(path).write_text(json.dumps(rec))
 
 
-def child_phalanx(a: argparse.Namespace) -> None:
-    """One rank of phalanx's distributed runtime (started by torchrun)."""
+def sync(device: str) -> None:
+    """Wait for the GPU's queued work, so that wall time covers it."""
+    import torch
+
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
+def child_phalanx(a: argparse.Namespace, runtime: str = "distributed") -> None:
+    """One rank of phalanx's distributed runtime (started by torchrun), or with
+    ``runtime="local"`` the whole pipeline in this one process (the simulator)."""
     import torch
 
     from phalanx.config import load_config
@@ -159,7 +185,8 @@ def child_phalanx(a: argparse.Namespace) -> None:
     total = a.warmup + a.steps
     cfg = load_config(Config, None, [
         f"model.name={json.dumps(a.model)}", f"pipeline.stages={a.stages}",
-        'pipeline.runtime="distributed"', f"pipeline.schedule={json.dumps(a.schedule)}",
+        f"pipeline.runtime={json.dumps(runtime)}", f"pipeline.schedule={json.dumps(a.schedule)}",
+        f"pipeline.device={json.dumps(a.device)}",
         f"pipeline.micro_batches={a.micro_batches}", f"train.batch_size={a.batch_size}",
         f"train.steps={total}", f"data.seq_len={a.seq_len}", "optim.warmup_steps=0",
         'optim.decay="constant"', f"optim.lr={LR}", f"optim.weight_decay={WEIGHT_DECAY}",
@@ -178,6 +205,7 @@ def child_phalanx(a: argparse.Namespace) -> None:
         for i in range(total):
             if i == a.warmup:
                 rt.barrier()  # every stage finished the warm-up, optimizer steps included
+                sync(a.device)
                 t0 = time.perf_counter()
             ts = time.perf_counter()
             res = rt.train_step(i, batches[i] if batches is not None else None)
@@ -189,6 +217,7 @@ def child_phalanx(a: argparse.Namespace) -> None:
                         compute[k] += st.compute_s / a.steps
                         wait[k] += st.wait_s / a.steps
         rt.barrier()  # stages > 0 report before their step: wait for the last steps too
+        sync(a.device)
         elapsed = time.perf_counter() - t0
     finally:
         rt.close()
@@ -286,17 +315,18 @@ def child_single(a: argparse.Namespace) -> None:
     total = a.warmup + a.steps
     t_load = time.perf_counter()
     loaded = load_model(ModelConfig(name=a.model))
-    model = loaded.model
+    model = loaded.model.to(a.device)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR,
                             weight_decay=WEIGHT_DECAY)
-    batches = make_batches(a, loaded.tokenizer)
+    batches = [b.to(a.device) for b in make_batches(a, loaded.tokenizer)]
     load_s = time.perf_counter() - t_load
     step_s: list[float] = []
     losses: list[float] = []
     t0 = time.perf_counter()
     for i in range(total):
         if i == a.warmup:
+            sync(a.device)
             t0 = time.perf_counter()
         ts = time.perf_counter()
         loss = model(batches[i], labels=batches[i]).loss
@@ -306,6 +336,7 @@ def child_single(a: argparse.Namespace) -> None:
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         step_s.append(time.perf_counter() - ts)
+    sync(a.device)
     elapsed = time.perf_counter() - t0
     write_result(a.result, a, elapsed, step_s[a.warmup:], losses, load_s=load_s,
                  threads=torch.get_num_threads())
@@ -337,10 +368,11 @@ def run_job(a: argparse.Namespace, system: str, tmp: Path, rep: int) -> dict[str
     """Run one repetition of ``system`` as a fresh process or torchrun job; its result."""
     script = str(Path(__file__).resolve())
     result = tmp / f"{system}-{rep}.json"
-    child = {"phalanx": "phalanx", "torch_pp": "torchpp", "single": "single"}[system]
+    child = {"phalanx": "phalanx", "phalanx_local": "phalanx_local", "torch_pp": "torchpp",
+             "single": "single"}[system]
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
-    if system == "single":
+    if system in ("single", "phalanx_local"):
         env["OMP_NUM_THREADS"] = str(cores())
         cmd = [sys.executable, script, *child_argv(a, child, result)]
     else:
@@ -391,39 +423,41 @@ def summarise(a: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], laye
     """The JSON record of the whole benchmark."""
     import torch
 
-    tps = {s: [r["tokens_per_s"] for r in runs[s]] for s in SYSTEMS}
+    names = systems(a)
+    tps = {s: [r["tokens_per_s"] for r in runs[s]] for s in names}
     med = {s: statistics.median(v) for s, v in tps.items()}
-    rec: dict[str, Any] = {
-        "benchmark": "pipeline",
-        "phalanx_tokens_per_s": med["phalanx"],
-        "torch_pp_tokens_per_s": med["torch_pp"],
-        "single_tokens_per_s": med["single"],
-        "ratio_vs_torch_pp": med["phalanx"] / med["torch_pp"],
-        "ratio_vs_single": med["phalanx"] / med["single"],
-        "phalanx_tokens_per_s_reps": tps["phalanx"],
-        "torch_pp_tokens_per_s_reps": tps["torch_pp"],
-        "single_tokens_per_s_reps": tps["single"],
+    rec: dict[str, Any] = {"benchmark": "pipeline", "device": a.device}
+    for s in names:
+        rec[f"{s}_tokens_per_s"] = med[s]
+    if "torch_pp" in med:
+        rec["ratio_vs_torch_pp"] = med["phalanx"] / med["torch_pp"]
+    rec["ratio_vs_single"] = med["phalanx"] / med["single"]
+    if "phalanx_local" in med:
+        rec["ratio_local_vs_single"] = med["phalanx_local"] / med["single"]
+    for s in names:
+        rec[f"{s}_tokens_per_s_reps"] = tps[s]
+    rec.update({
         "median_step_s": {s: statistics.median(x for r in runs[s] for x in r["step_s"])
-                          for s in SYSTEMS},
-        "first_step_loss": {s: runs[s][0]["losses"][0] for s in SYSTEMS},
-        # same data, weights and optimizer maths: the three runs' losses agree at the end too
-        "last_step_loss": {s: runs[s][0]["losses"][-1] for s in SYSTEMS},
-        # phalanx's own accounting, mean per timed step and stage, median over repetitions
+                          for s in names},
+        "first_step_loss": {s: runs[s][0]["losses"][0] for s in names},
+        # same data, weights and optimizer maths: the runs' losses agree at the end too
+        "last_step_loss": {s: runs[s][0]["losses"][-1] for s in names},
         "phalanx_stage_compute_s": _median_lists([r["stage_compute_s"] for r in runs["phalanx"]]),
         "phalanx_stage_wait_s": _median_lists([r["stage_wait_s"] for r in runs["phalanx"]]),
-        "threads_per_process": {s: runs[s][0]["threads"] for s in SYSTEMS},
+        "threads_per_process": {s: runs[s][0]["threads"] for s in names},
         "torch_pp_note": TORCH_PP_BARE_NOTE if a.torch_pp_bare else TORCH_PP_NOTE,
         "settings": {
             "model": a.model, "layers": layers, "stages": a.stages, "schedule": a.schedule,
             "micro_batches": a.micro_batches, "batch_size": a.batch_size, "seq_len": a.seq_len,
             "tokens_per_step": a.batch_size * a.seq_len, "steps": a.steps,
-            "warmup_steps": a.warmup, "reps": a.reps, "order": "alternating " + ",".join(SYSTEMS),
+            "warmup_steps": a.warmup, "reps": a.reps, "order": "alternating " + ",".join(names),
             "backend": "gloo", "cpu_count": cores(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if a.device != "cpu" else None,
             "python": platform.python_version(),
             "load_avg_1min_at_start": load_start,
         },
         "wall_s": wall_s,
-    }
+    })
     return rec
 
 
@@ -435,10 +469,10 @@ def run_parent(a: argparse.Namespace) -> int:
     log(f"model={a.model} ({layers} layers) stages={a.stages} schedule={a.schedule} "
         f"micro_batches={a.micro_batches} batch={a.batch_size}x{a.seq_len} steps={a.steps} "
         f"warmup={a.warmup} reps={a.reps} cores={cores()}")
-    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems(a)}
     with tempfile.TemporaryDirectory(prefix="phalanx-bench-") as tmp:
         for rep in range(a.reps):
-            for system in SYSTEMS:
+            for system in systems(a):
                 log(f"rep {rep + 1}/{a.reps}: {system} ...")
                 rec = run_job(a, system, Path(tmp), rep)
                 runs[system].append(rec)
@@ -450,9 +484,9 @@ def run_parent(a: argparse.Namespace) -> int:
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(line + "\n")
-    log(f"phalanx {rec['phalanx_tokens_per_s']:.1f}, torch_pp {rec['torch_pp_tokens_per_s']:.1f}, "
-        f"single {rec['single_tokens_per_s']:.1f} tokens/s; phalanx/torch_pp "
-        f"{rec['ratio_vs_torch_pp']:.3f}, phalanx/single {rec['ratio_vs_single']:.3f}")
+    ratios = {k: v for k, v in rec.items() if k.startswith("ratio_")}
+    log(", ".join(f"{s} {rec[s + '_tokens_per_s']:.1f}" for s in systems(a)) + " tokens/s; "
+        + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     print(line, flush=True)
     return 0
 
@@ -464,7 +498,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_parent(a)
     if not a.result:
         raise SystemExit("--child needs --result PATH")
-    {"phalanx": child_phalanx, "torchpp": child_torchpp, "single": child_single}[a.child](a)
+    children = {"phalanx": child_phalanx, "torchpp": child_torchpp, "single": child_single,
+                "phalanx_local": lambda a: child_phalanx(a, runtime="local")}
+    children[a.child](a)
     return 0
 
 
