@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from phalanx.errors import PhalanxError
@@ -22,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
         "training of real models over real processes, attacks and defenses.",
     )
     sub = ap.add_subparsers(dest="command", required=True,
-                            metavar="{demo,train,experiment,launch,check,report,bench}")
+                            metavar="{demo,train,experiment,launch,check,keys,report,bench}")
 
     d = sub.add_parser("demo", help="SmolLM2-135M, 4 pipeline processes: clean vs attacked vs "
                        "defended")
@@ -87,6 +88,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--runtimes", default="local,distributed", help="gpu: runtimes to check")
     c.add_argument("--train-steps", type=int, default=20, help="gpu: steps of the training")
 
+    k = sub.add_parser(
+        "keys", help="identities and the roster of the secure transport",
+        description="new: an Ed25519 key and its certificate in --out (key.pem is 0600; share "
+        "only cert.pem). roster: the data owner's list of admitted stages, one identity folder "
+        "(or a copy of its cert.pem beside a key) per stage, in stage order.")
+    ks = k.add_subparsers(dest="action", required=True, metavar="{new,roster}")
+    kn = ks.add_parser("new", help="a new identity (key.pem, cert.pem) in --out")
+    kn.add_argument("--out", required=True, help="identity folder")
+    kn.add_argument("--name", help="a name for the certificate")
+    kr = ks.add_parser("roster", help="the roster admitting these identities as stages 0..N-1")
+    kr.add_argument("--out", required=True, help="roster file")
+    kr.add_argument("identities", nargs="+", help="identity folders of stages 0..N-1")
+
     r = sub.add_parser("report", help="summary table and loss plot of a run directory")
     r.add_argument("run_dir", help="a train.out_dir")
 
@@ -124,12 +138,15 @@ def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
     from phalanx.train import Trainer
 
     cfg = _config(a.config, a.overrides)
-    if not under_launcher():
+    one_stage = cfg.pipeline.runtime == "secure" and cfg.secure.stage >= 0  # one host's stage
+    if not under_launcher() and not one_stage:
         _preflight(cfg, a.resume)
         if cfg.pipeline.runtime == "distributed":  # started by hand: one process per stage
             from phalanx.launch import spawn
 
             return spawn(cfg.pipeline.stages, argv, log_dir=Path(cfg.train.out_dir))
+        if cfg.pipeline.runtime == "secure":
+            return _spawn_secure(cfg, argv)
     trainer = Trainer(cfg, resume=a.resume, progress=_STATUS.progress)
     try:
         summary = trainer.run()
@@ -139,6 +156,39 @@ def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
         keys = ("val_ppl_start", "val_ppl_end", "tokens_per_s", "peak_rss_mb", "wall_s")
         print(json.dumps({k: summary[k] for k in keys}))
         print(f"run directory: {cfg.train.out_dir}", file=sys.stderr)
+    return 0
+
+
+def _spawn_secure(cfg, argv: list[str]) -> int:  # noqa: ANN001
+    """All stages on this host over TLS links: throwaway identities unless given."""
+    from phalanx.launch import spawn
+    from phalanx.launch.supervisor import free_port
+
+    extra = []
+    with tempfile.TemporaryDirectory(prefix="phalanx-keys-") as tmp:
+        if not (cfg.secure.key and cfg.secure.roster):
+            from phalanx.secure.local import local_identities
+
+            extra += local_identities(Path(tmp), cfg.pipeline.stages)
+        if not cfg.secure.coordinator:
+            extra.append(f'secure.coordinator="127.0.0.1:{free_port()}"')
+        return spawn(cfg.pipeline.stages, [*argv, *extra], log_dir=Path(cfg.train.out_dir))
+
+
+def cmd_keys(a: argparse.Namespace) -> int:
+    """Identities and the roster of the secure transport."""
+    from phalanx.secure.identity import load_identity, new_identity, roster_of
+
+    if a.action == "new":
+        ident = new_identity(Path(a.out), a.name or Path(a.out).name)
+        print(json.dumps({"identity": str(ident.cert_path.parent),
+                          "fingerprint": ident.fingerprint}))
+        return 0
+    ids = [load_identity(d) for d in a.identities]
+    roster = roster_of([(Path(d).name, x.cert_pem) for d, x in zip(a.identities, ids,
+                                                                   strict=True)])
+    roster.save(Path(a.out))
+    print(json.dumps({"roster": a.out, "stages": [x.fingerprint[:16] for x in ids]}))
     return 0
 
 
@@ -323,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "train":
             return cmd_train(a, argv)
         handlers = {"demo": cmd_demo, "experiment": cmd_experiment, "launch": cmd_launch,
+                    "keys": cmd_keys,
                     "check": cmd_check,
                     "bench": cmd_bench, "report": cmd_report, "worker": cmd_worker}
         return handlers[a.command](a)

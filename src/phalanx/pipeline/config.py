@@ -8,7 +8,7 @@ from phalanx.errors import ConfigError
 from phalanx.models.stages import PRECISIONS
 from phalanx.pipeline.schedule import SCHEDULES
 
-RUNTIMES = ("local", "distributed")
+RUNTIMES = ("local", "distributed", "secure")
 BACKENDS = ("auto", "gloo", "nccl")
 
 
@@ -20,7 +20,8 @@ class PipelineConfig:
     boundaries: list[int] = field(default_factory=list)  # first layer of stages 1..N-1
     schedule: str = "1f1b"  # gpipe | 1f1b
     micro_batches: int = 4
-    runtime: str = "local"  # local (all stages in one process) | distributed (one per process)
+    runtime: str = "local"  # local (all stages in one process) | distributed (one per process,
+    # torch.distributed: trusted networks) | secure (one per process, TLS links: any network)
     device: str = "auto"  # auto (the GPUs if any, else CPU) | cpu | cuda (spread) | cuda:N
     backend: str = "auto"  # auto (nccl when each stage has a GPU of its own, else gloo) | gloo
     # | nccl

@@ -9,6 +9,7 @@ from phalanx.defense.config import DefenseConfig
 from phalanx.errors import ConfigError
 from phalanx.models import ModelConfig
 from phalanx.pipeline import OptimConfig, PipelineConfig
+from phalanx.secure.config import SecureConfig
 from phalanx.threats import AttackConfig
 
 
@@ -38,6 +39,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
+    secure: SecureConfig = field(default_factory=SecureConfig)
 
     def validate(self) -> None:
         """Check every component and the settings that involve several of them."""
@@ -45,6 +47,7 @@ class Config:
         self.optim.validate()
         self.attack.validate(self.pipeline.stages)
         self.defense.validate(self.pipeline.stages)
+        self.secure.validate(self.pipeline.runtime)
         t = self.train
         if t.steps < 1 or t.batch_size < 1 or t.eval_batches < 1:
             raise ConfigError("train.steps, train.batch_size and train.eval_batches must be >= 1")

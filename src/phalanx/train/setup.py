@@ -19,6 +19,7 @@ from phalanx.models import (
     ties_embeddings,
 )
 from phalanx.pipeline import LocalRuntime, Runtime, StageWorker
+from phalanx.pipeline.devices import stage_devices
 from phalanx.threats import AttackPlan
 from phalanx.threats.channel import poison
 from phalanx.train.config import Config
@@ -60,6 +61,21 @@ Loader = Callable[[ModelConfig], LoadedModel]
 """Gives a fresh model for a config (:func:`load_model`, or a cache of loaded models)."""
 
 
+def _one_stage(cfg: Config, load: Loader, rank: int, defense: Duplicate | None
+               ) -> tuple[LoadedModel, StageModule, bool]:
+    """This process's stage (with the replica it verifies, under the duplicated block) and
+    whether the model ties its embeddings (a fact every rank must agree on)."""
+    p = cfg.pipeline
+    loaded = load(cfg.model)
+    torch.manual_seed(cfg.train.seed)  # after loading: a cached model draws no numbers
+    (stage,) = partition(loaded.model, loaded.family, p.stages, p.boundaries or None, only=rank)
+    if defense is not None and rank - 1 in checked(p.stages):
+        (original,) = partition(loaded.model, loaded.family, p.stages, p.boundaries or None,
+                                only=rank - 1)
+        add_shadow(stage, original)
+    return loaded, stage, ties_embeddings(loaded.model, loaded.family) and p.stages > 1
+
+
 def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> Pipeline:
     """Load and cut the model, then start the runtime ``cfg.pipeline.runtime`` names."""
     cfg.validate()
@@ -76,17 +92,20 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
 
         owns_group = not dist.is_initialized()  # else a session keeps it for its next run
         rank, _, device = init_distributed(p)
-        loaded = load(cfg.model)
-        torch.manual_seed(cfg.train.seed)  # after loading: a cached model draws no numbers
-        (stage,) = partition(loaded.model, loaded.family, p.stages, p.boundaries or None, only=rank)
-        if defense is not None and rank - 1 in checked(p.stages):
-            (original,) = partition(loaded.model, loaded.family, p.stages, p.boundaries or None,
-                                    only=rank - 1)
-            add_shadow(stage, original)
-        tied = ties_embeddings(loaded.model, loaded.family) and p.stages > 1
+        loaded, stage, tied = _one_stage(cfg, load, rank, defense)
         runtime: Runtime = DistributedRuntime(stage, p, cfg.optim, total_steps, device, tied=tied,
                                               wrap=wrap, attach=attacher(defense),
                                               owns_group=owns_group)
+    elif p.runtime == "secure":
+        from phalanx.pipeline.process import ProcessRuntime
+        from phalanx.secure.runtime import secure_links
+
+        rank = cfg.secure.rank()
+        device = stage_devices(p.device, p.stages)[rank]
+        links = secure_links(cfg.secure, rank, p.stages, p.timeout_s)
+        loaded, stage, tied = _one_stage(cfg, load, rank, defense)
+        runtime = ProcessRuntime(stage, p, cfg.optim, total_steps, device, links, tied=tied,
+                                 wrap=wrap, attach=attacher(defense))
     else:
         loaded = load(cfg.model)
         torch.manual_seed(cfg.train.seed)

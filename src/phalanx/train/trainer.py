@@ -224,9 +224,9 @@ class Trainer:
             "steps": t_cfg.steps, "resumed_from": start if self.resume else None,
             "tokens_per_s": tokens_done / train_s if train_s else float("nan"),
             "wall_s": time.perf_counter() - t_run,
-            "peak_rss_mb": max(per_stage) if cfg.pipeline.runtime == "distributed"
+            "peak_rss_mb": max(per_stage) if cfg.pipeline.runtime != "local"
             else peak_rss_mb(),
-            "peak_rss_mb_per_process": per_stage if cfg.pipeline.runtime == "distributed"
+            "peak_rss_mb_per_process": per_stage if cfg.pipeline.runtime != "local"
             else [peak_rss_mb()],
             "peak_gpu_mb": max(float(rss[i][1]) for i in rss),
             "model": self.pipe.loaded.source, "config": to_dict(cfg),

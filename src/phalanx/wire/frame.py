@@ -89,6 +89,10 @@ class Frame:
     tensor: torch.Tensor
     seq: int = 0
     flags: int = 0  # FLAG_* bits
+    # Accountability (the secure transport): SHA-256 of the payload and the sender's Ed25519
+    # signature over header + digest, both verified on receipt; empty where nothing signs.
+    digest: bytes = b""
+    signature: bytes = b""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,229 @@
+"""Rendezvous without pickle or an open store: every stage meets the others through the
+coordinator's address and the roster.
+
+1. Every stage listens; stage 0 (the data owner's coordinator) at ``secure.coordinator``.
+2. Stage s > 0 dials the coordinator over TLS (both ends authenticated against the roster, the
+   coordinator's key pinned as stage 0's) and says where it listens (HELLO).
+3. The coordinator dials each stage back; once every admitted stage has joined it sends each
+   the address book (BOOK).
+4. Every stage dials every other one; each connection carries one direction of a link.
+
+The accepting side learns who called from the pinned key of the TLS handshake, never from what
+the caller says. A key that is not in the roster fails its handshake, which is logged and
+dropped; a caller admitted for a stage that is already connected is refused the same way. The
+honest process keeps waiting, bounded by the timeout, whose error names the missing stages.
+Rendezvous messages are length-prefixed JSON of a few hundred bytes, size-checked before
+reading; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import socket
+import ssl
+import struct
+import threading
+import time
+
+from phalanx.comm.channel import ChannelTimeout
+from phalanx.errors import PhalanxError
+from phalanx.secure.identity import Identity, Roster
+from phalanx.secure.tls import Signer, TlsChannel, _recv_into, context, peer_fingerprint
+from phalanx.wire import FrameError
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 64 * 1024
+HANDSHAKE_S = 30.0
+
+
+def parse_address(text: str, what: str) -> tuple[str, int]:
+    """``host:port`` (port 0 = any free port when listening)."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise PhalanxError(f"{what}={text!r} is not an address: use host:port, e.g. "
+                           "127.0.0.1:29600")
+    return host.strip("[]"), int(port)
+
+
+def send_message(sock: ssl.SSLSocket, msg: dict) -> None:
+    data = json.dumps(msg).encode()
+    sock.sendall(struct.pack("<I", len(data)) + data)
+
+
+def read_message(sock: ssl.SSLSocket) -> dict:
+    size = bytearray(4)
+    _recv_into(sock, memoryview(size))
+    (n,) = struct.unpack("<I", size)
+    if n > MAX_MESSAGE:
+        raise FrameError(f"a rendezvous message of {n} bytes (at most {MAX_MESSAGE})")
+    data = bytearray(n)
+    _recv_into(sock, memoryview(data))
+    try:
+        msg = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise FrameError("a rendezvous message that is not JSON") from None
+    if not isinstance(msg, dict):
+        raise FrameError("a rendezvous message that is not a JSON object")
+    return msg
+
+
+class Mesh:
+    """Builds this stage's TLS links to every other stage of the roster."""
+
+    def __init__(self, me: int, identity: Identity, roster: Roster, coordinator: str,
+                 listen: str = "127.0.0.1:0", advertise: str = "", timeout: float = 300.0,
+                 sign: bool = True, encrypt: bool = True) -> None:
+        self.me, self.n = me, roster.size
+        if roster.stage_of(identity.fingerprint) != me:
+            raise PhalanxError(f"the identity {identity.cert_path.parent} is not the roster's "
+                               f"stage {me}: use the key the roster admits for it")
+        self.identity, self.roster, self.timeout = identity, roster, timeout
+        self.coordinator = parse_address(coordinator, "secure.coordinator")
+        self.listen = self.coordinator if me == 0 else parse_address(listen, "secure.listen")
+        self.advertise = advertise
+        self.sign, self.encrypt = sign, encrypt
+        self._server_ctx = context(identity, roster, server=True)
+        self._client_ctx = context(identity, roster, server=False)
+        self._incoming: queue.Queue = queue.Queue()
+        self._accepted: set[int] = set()
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+
+    # -- accepting (one direction of each link) -------------------------------------------
+    def _listen(self) -> int:
+        host, port = self.listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise PhalanxError(f"stage {self.me} cannot listen at {host}:{port} ({exc}): pick "
+                               "a free address") from None
+        sock.listen(64)
+        self._listener = sock
+        threading.Thread(target=self._accept_loop, args=(sock,), daemon=True,
+                         name=f"phalanx-accept-{self.me}").start()
+        return sock.getsockname()[1]
+
+    def _accept_loop(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                raw, where = sock.accept()
+            except OSError:
+                return  # the listener was closed
+            threading.Thread(target=self._handshake, args=(raw, where), daemon=True).start()
+
+    def _handshake(self, raw: socket.socket, where: object) -> None:
+        raw.settimeout(HANDSHAKE_S)
+        try:
+            tls = self._server_ctx.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("stage %d refused a connection from %s: TLS handshake failed (%s): an "
+                        "unknown or revoked key, or not TLS 1.3", self.me, where,
+                        getattr(exc, "reason", None) or type(exc).__name__)
+            raw.close()
+            return
+        stage = self.roster.stage_of(peer_fingerprint(tls) or "")
+        with self._lock:
+            fresh = stage is not None and stage != self.me and stage not in self._accepted
+            if fresh:
+                self._accepted.add(stage)
+        if not fresh:
+            log.warning("stage %d refused %s: its key is admitted for stage %s, which is "
+                        "already connected here", self.me, where, stage)
+            tls.close()
+            return
+        tls.settimeout(None)
+        self._incoming.put((stage, self._after_handshake(tls)))
+
+    def _collect(self, stages: set[int], deadline: float) -> dict[int, ssl.SSLSocket]:
+        got: dict[int, ssl.SSLSocket] = {}
+        while set(got) != stages:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChannelTimeout(f"stage {self.me} waited {self.timeout:g} s for stage(s) "
+                                     f"{sorted(stages - set(got))} to connect")
+            try:
+                stage, tls = self._incoming.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            got[stage] = tls
+        return got
+
+    # -- dialling (the other direction) ---------------------------------------------------
+    def _dial(self, host: str, port: int, stage: int, deadline: float) -> ssl.SSLSocket:
+        """Dial until the peer listens (it may start later) or the deadline passes."""
+        while True:
+            try:
+                raw = socket.create_connection((host, port), timeout=HANDSHAKE_S)
+                tls = self._client_ctx.wrap_socket(raw)
+                break
+            except (ConnectionError, OSError) as exc:
+                if isinstance(exc, ssl.SSLError) or time.monotonic() > deadline:
+                    raise PhalanxError(f"stage {self.me} cannot reach stage {stage} at "
+                                       f"{host}:{port} ({type(exc).__name__}: {exc}): check "
+                                       "the address, the roster, and that the stage runs"
+                                       ) from None
+                time.sleep(0.2)
+        if self.roster.stage_of(peer_fingerprint(tls) or "") != stage:
+            tls.close()
+            raise PhalanxError(f"the peer at {host}:{port} is not the roster's stage {stage}")
+        tls.settimeout(None)
+        return self._after_handshake(tls)
+
+    def _after_handshake(self, tls: ssl.SSLSocket) -> socket.socket:
+        """The authenticated connection, or with ``encrypt=False`` the same TCP connection
+        after a clean TLS close (authenticated once; frames then travel in the clear, their
+        integrity resting on the signatures: for benchmarks and confidential-anyway links)."""
+        return tls if self.encrypt else tls.unwrap()
+
+    def _signer(self, peer: int) -> Signer | None:
+        if not self.sign:
+            return None
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        key = serialization.load_pem_private_key(self.identity.key_path.read_bytes(), None)
+        cert = x509.load_pem_x509_certificate(self.roster.members[peer].cert_pem.encode())
+        return Signer(key, cert.public_key())  # type: ignore[arg-type]
+
+    # -- the rendezvous -------------------------------------------------------------------
+    def connect(self) -> dict[int, TlsChannel]:
+        """Every link of this stage, once all stages of the roster are connected."""
+        deadline = time.monotonic() + self.timeout
+        others = set(range(self.n)) - {self.me}
+        port = self._listen()
+        out: dict[int, ssl.SSLSocket] = {}
+        if self.me == 0:
+            inc = self._collect(others, deadline)
+            book = [f"{self.coordinator[0]}:{self.coordinator[1]}"] + [""] * (self.n - 1)
+            for s in sorted(others):
+                book[s] = str(read_message(inc[s]).get("listen", ""))
+                out[s] = self._dial(*parse_address(book[s], f"stage {s}'s address"), s,
+                                    deadline)
+            for s in sorted(others):
+                send_message(out[s], {"book": book})
+        else:
+            out[0] = self._dial(*self.coordinator, 0, deadline)
+            host = self.advertise or self.listen[0]
+            send_message(out[0], {"listen": f"{host}:{port}"})
+            inc = self._collect({0}, deadline)
+            book = read_message(inc[0]).get("book")
+            if not isinstance(book, list) or len(book) != self.n:
+                raise FrameError("the coordinator's address book does not list every stage")
+            for t in sorted(others - {0}):
+                out[t] = self._dial(*parse_address(str(book[t]), f"stage {t}'s address"), t,
+                                    deadline)
+            inc.update(self._collect(others - {0}, deadline))
+        self.close_listener()
+        return {p: TlsChannel(self.me, p, out[p], inc[p], signer=self._signer(p))
+                for p in sorted(others)}
+
+    def close_listener(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None

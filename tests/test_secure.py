@@ -1,0 +1,288 @@
+"""The transport for untrusted networks: identities and roster checked, unknown keys refused
+before any frame byte, tampered streams rejected, and a pipeline that trains over it exactly
+as in the simulator."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from phalanx.comm import ChannelClosed
+from phalanx.errors import PhalanxError
+from phalanx.launch.supervisor import free_port
+from phalanx.secure.identity import load_identity, load_roster, new_identity, roster_of
+from phalanx.secure.mesh import Mesh
+from phalanx.secure.tls import context
+from phalanx.wire import Frame, Kind
+
+
+@pytest.fixture()
+def crew(tmp_path):
+    """Three admitted identities, their roster, and one identity nobody admitted."""
+    ids = [new_identity(tmp_path / f"s{i}", f"stage {i}") for i in range(3)]
+    roster = roster_of([(f"s{i}", x.cert_pem) for i, x in enumerate(ids)])
+    roster.save(tmp_path / "roster.json")
+    return ids, roster, new_identity(tmp_path / "intruder", "intruder")
+
+
+def _mesh(ids, roster, port, timeout=20.0):  # noqa: ANN001, ANN202
+    links, threads = {}, []
+
+    def run(i: int) -> None:
+        links[i] = Mesh(i, ids[i], roster, f"127.0.0.1:{port}", timeout=timeout).connect()
+
+    for i in range(len(ids)):
+        threads.append(threading.Thread(target=run, args=(i,), daemon=True))
+    return links, threads
+
+
+def _close(links) -> None:  # noqa: ANN001
+    closers = [threading.Thread(target=ch.close, daemon=True)
+               for per in links.values() for ch in per.values()]
+    for t in closers:
+        t.start()
+    for t in closers:
+        t.join(15)
+
+
+def test_identity_files_and_key_hygiene(tmp_path):
+    ident = new_identity(tmp_path / "me", "me")
+    assert (tmp_path / "me" / "key.pem").stat().st_mode & 0o777 == 0o600
+    assert load_identity(tmp_path / "me").fingerprint == ident.fingerprint
+    assert "PRIVATE" not in repr(ident) and ident.fingerprint[:16] in repr(ident)
+    with pytest.raises(PhalanxError, match="never overwritten"):
+        new_identity(tmp_path / "me", "me")
+    with pytest.raises(PhalanxError, match="is missing: create an identity"):
+        load_identity(tmp_path / "nobody")
+    other = new_identity(tmp_path / "other", "other")
+    (tmp_path / "me" / "cert.pem").write_text(other.cert_pem)
+    with pytest.raises(PhalanxError, match="does not belong to the key"):
+        load_identity(tmp_path / "me")
+    (tmp_path / "me" / "key.pem").write_text("garbage")
+    with pytest.raises(PhalanxError, match="unreadable"):
+        load_identity(tmp_path / "me")
+
+
+def test_roster_is_checked(tmp_path, crew):
+    ids, roster, _ = crew
+    assert load_roster(tmp_path / "roster.json", 3).stage_of(ids[2].fingerprint) == 2
+    bad = tmp_path / "bad.json"
+    cases = [("{not json", "does not parse"),
+             (json.dumps({"format": "phalanx-roster-1", "stages": [
+                 {"stage": 0, "cert": ids[0].cert_pem}, {"stage": 2, "cert": ids[1].cert_pem}]}),
+              "stages 0..N-1 once each"),
+             (json.dumps({"format": "phalanx-roster-1", "stages": [
+                 {"stage": 0, "cert": ids[0].cert_pem}, {"stage": 1, "cert": ids[0].cert_pem}]}),
+              "one key for two stages"),
+             (json.dumps({"format": "phalanx-roster-1", "stages": [
+                 {"stage": 0, "cert": "-----BEGIN CERTIFICATE-----\nAAAA\n"}]}), "does not parse")]
+    for text, message in cases:
+        bad.write_text(text)
+        with pytest.raises(PhalanxError, match=message):
+            load_roster(bad)
+    with pytest.raises(PhalanxError, match="admits 3 stages but pipeline.stages=4"):
+        load_roster(tmp_path / "roster.json", 4)
+    with pytest.raises(PhalanxError, match="does not exist"):
+        load_roster(tmp_path / "none.json")
+
+
+def test_unknown_key_is_refused_before_any_frame_and_the_run_goes_on(crew, caplog):
+    ids, roster, intruder = crew
+    port = free_port()
+    links, threads = _mesh(ids, roster, port)
+    threads[0].start()  # the coordinator listens; the intruder calls first
+    deadline = time.monotonic() + 10
+    refused = None
+    while time.monotonic() < deadline and refused is None:
+        try:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        except OSError:
+            time.sleep(0.1)
+            continue
+        with caplog.at_level(logging.WARNING):
+            try:
+                s = context(intruder, roster, server=False).wrap_socket(raw)
+                s.recv(1)
+                refused = False
+            except (OSError, ConnectionError) as exc:
+                refused = exc
+    assert refused, "the intruder's handshake succeeded"
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert {i: sorted(v) for i, v in links.items()} == {0: [1, 2], 1: [0, 2], 2: [0, 1]}
+    time.sleep(0.2)
+    assert "refused a connection" in caplog.text and "TLS handshake failed" in caplog.text
+    x = torch.randn(1000, 7)
+    links[1][2].send(Frame(kind=Kind.ACTIVATION, step=3, micro=1, src=1, dst=2, tensor=x))
+    links[1][2].flush()
+    f = links[2][1].recv(10)
+    assert (f.kind, f.step, f.micro, f.src) == (Kind.ACTIVATION, 3, 1, 1)
+    assert torch.equal(f.tensor, x)
+    _close(links)
+
+
+def test_a_second_connection_for_a_connected_stage_is_refused(crew, caplog):
+    """Only the key decides who calls; a stage admitted once cannot open a second link."""
+    ids, roster, _ = crew
+    port = free_port()
+    links, threads = _mesh(ids, roster, port)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    mesh = Mesh(2, ids[2], roster, f"127.0.0.1:{port}")  # a fresh listener for stage 2
+    mesh._accepted = {1}
+    mesh._listen()
+    with caplog.at_level(logging.WARNING):
+        raw = socket.create_connection(("127.0.0.1", mesh._listener.getsockname()[1]))
+        s = context(ids[1], roster, server=False).wrap_socket(raw)
+        try:
+            assert s.recv(1) == b""
+        except OSError:
+            pass
+        time.sleep(0.3)
+    assert "already connected" in caplog.text
+    mesh.close_listener()
+    _close(links)
+
+
+def test_a_tampered_stream_is_rejected_not_decoded(crew):
+    """A man in the middle flips one byte of an activation: TLS refuses the record, the
+    receiver reports a failed link, and no altered frame ever reaches the stage."""
+    ids, roster, _ = crew
+    two = roster_of([("a", ids[0].cert_pem), ("b", ids[1].cert_pem)])
+    port, proxy_port = free_port(), free_port()
+    flipped = threading.Event()
+
+    def proxy() -> None:  # listens where stage 1 will dial stage 0; flips one byte at 20 kB
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", proxy_port))
+        srv.listen(4)
+        while True:
+            try:
+                cli, _ = srv.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", port))
+
+            def pump(a: socket.socket, b: socket.socket, tamper: bool) -> None:
+                seen = 0
+                try:
+                    while data := a.recv(65536):
+                        if tamper and not flipped.is_set() and seen + len(data) > 20_000:
+                            k = 20_000 - seen if seen < 20_000 else 0
+                            data = data[:k] + bytes([data[k] ^ 0x01]) + data[k + 1:]
+                            flipped.set()
+                        seen += len(data)
+                        b.sendall(data)
+                except OSError:
+                    pass  # one side hung up: the test is over
+
+            threading.Thread(target=pump, args=(cli, up, True), daemon=True).start()
+            threading.Thread(target=pump, args=(up, cli, False), daemon=True).start()
+
+    threading.Thread(target=proxy, daemon=True).start()
+    links = {}
+
+    def run(i: int, coordinator: int) -> None:
+        links[i] = Mesh(i, ids[i], two, f"127.0.0.1:{coordinator}", timeout=20).connect()
+
+    t0 = threading.Thread(target=run, args=(0, port))
+    t1 = threading.Thread(target=run, args=(1, proxy_port))  # stage 1 dials 0 through the proxy
+    t0.start()
+    time.sleep(0.2)
+    t1.start()
+    t0.join(30)
+    t1.join(30)
+    x = torch.arange(50_000, dtype=torch.float32)
+    links[1][0].send(Frame(kind=Kind.ACTIVATION, step=0, micro=0, src=1, dst=0, tensor=x))
+    links[1][0].flush()
+    with pytest.raises(ChannelClosed, match="failed"):
+        links[0][1].recv(10)
+    assert flipped.is_set()
+    _close(links)
+
+
+def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "phalanx.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+TINY = ['model.name="tiny"', "data.seq_len=32", "train.batch_size=4", "pipeline.micro_batches=2",
+        "train.eval_batches=2", "train.progress=false", "optim.lr=1e-3", "optim.warmup_steps=1",
+        "pipeline.stages=4", "train.steps=3", "pipeline.timeout_s=60"]
+
+
+@pytest.mark.slow
+def test_four_stage_pipeline_over_tls_trains_as_the_simulator(tmp_path):
+    """Four processes that reach each other only over TLS on loopback (throwaway identities
+    and roster made by `phalanx train`) train exactly as the simulator."""
+    r = _cli("train", *TINY, 'pipeline.runtime="secure"', f'train.out_dir="{tmp_path / "s"}"')
+    assert r.returncode == 0, r.stderr[-2000:]
+    r2 = _cli("train", *TINY, f'train.out_dir="{tmp_path / "l"}"')
+    assert r2.returncode == 0, r2.stderr[-2000:]
+
+    def losses(d: Path) -> list[float]:
+        return [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(tmp_path / "s") == pytest.approx(losses(tmp_path / "l"), rel=1e-6)
+    summary = (tmp_path / "s" / "summary.json").read_text()
+    assert "PRIVATE KEY" not in summary and "phalanx-keys-" in summary  # paths, never keys
+
+
+@pytest.mark.slow
+def test_stages_started_by_hand_with_keys_and_roster(tmp_path):
+    """The several-hosts recipe on one host: `phalanx keys`, then one `phalanx train` per
+    stage with secure.stage; a stage whose key is not in the roster is refused."""
+    for i in range(3):
+        assert _cli("keys", "new", "--out", str(tmp_path / f"k{i}")).returncode == 0
+    assert _cli("keys", "new", "--out", str(tmp_path / "evil")).returncode == 0
+    r = _cli("keys", "roster", "--out", str(tmp_path / "roster.json"),
+             *[str(tmp_path / f"k{i}") for i in range(3)])
+    assert r.returncode == 0, r.stderr
+    port = free_port()
+    common = [*TINY[:-3], "pipeline.stages=3", "train.steps=2", "pipeline.timeout_s=40",
+              'pipeline.runtime="secure"', f'secure.roster="{tmp_path / "roster.json"}"',
+              f'secure.coordinator="127.0.0.1:{port}"', f'train.out_dir="{tmp_path / "run"}"']
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    evil = subprocess.run([sys.executable, "-m", "phalanx.cli", "train", *common,
+                           "secure.stage=1", f'secure.key="{tmp_path / "evil"}"'],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert evil.returncode == 2 and "is not the roster's stage 1" in evil.stderr
+    procs = [subprocess.Popen([sys.executable, "-m", "phalanx.cli", "train", *common,
+                               f"secure.stage={i}", f'secure.key="{tmp_path / f"k{i}"}"'],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(3)]
+    try:
+        outs = [p.communicate(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-1500:] for o in outs]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (['pipeline.runtime="secure"', "secure.stage=1"], "needs secure.key, secure.roster"),
+        (['pipeline.runtime="secure"', 'secure.coordinator="nohost"'], "is not an address"),
+    ],
+)
+def test_secure_bad_input_is_one_line_exit_2(args, message):
+    r = _cli("train", 'model.name="tiny"', "pipeline.stages=2", *args, timeout=60)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
