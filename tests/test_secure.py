@@ -22,7 +22,7 @@ from phalanx.errors import PhalanxError
 from phalanx.launch.supervisor import free_port
 from phalanx.secure.identity import load_identity, load_roster, new_identity, roster_of
 from phalanx.secure.mesh import Mesh
-from phalanx.secure.tls import context
+from phalanx.secure.tls import TlsChannel, context
 from phalanx.wire import Frame, Kind
 
 
@@ -286,3 +286,88 @@ def test_secure_bad_input_is_one_line_exit_2(args, message):
     r = _cli("train", 'model.name="tiny"', "pipeline.stages=2", *args, timeout=60)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _keys(ident):  # noqa: ANN001, ANN202
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(ident.key_path.read_bytes(), None)
+    return key, x509.load_pem_x509_certificate(ident.cert_pem.encode()).public_key()
+
+
+def test_signed_frames_carry_evidence_the_coordinator_can_check(crew):
+    """Every frame but the data owner's tied transfers is signed; the receiver keeps the
+    verified digest and signature, which prove to anyone with the roster what the peer sent."""
+    import hashlib
+
+    from phalanx.secure.tls import Signer, verify_evidence
+    from phalanx.wire import encode_header, payload_tensor
+
+    ids, _, _ = crew
+    (k0, p0), (k1, p1) = _keys(ids[0]), _keys(ids[1])
+    a_out, b_inc = socket.socketpair()
+    b_out, a_inc = socket.socketpair()
+    a = TlsChannel(0, 1, a_out, a_inc, signer=Signer(k0, p1))  # type: ignore[arg-type]
+    b = TlsChannel(1, 0, b_out, b_inc, signer=Signer(k1, p0))  # type: ignore[arg-type]
+    x = torch.randn(64, 9)
+    a.send(Frame(kind=Kind.ACTIVATION, step=2, micro=1, src=0, dst=1, tensor=x))
+    a.send(Frame(kind=Kind.TIED_WEIGHT, step=2, micro=0, src=0, dst=1, tensor=x))
+    a.flush()
+    f, tied = b.recv(5), b.recv(5)
+    raw = payload_tensor(x).numpy().tobytes()
+    assert f.digest == hashlib.sha256(raw).digest() and len(f.signature) == 64
+    header = encode_header(Frame(kind=Kind.ACTIVATION, step=2, micro=1, src=0, dst=1,
+                                 tensor=x, seq=1), len(raw))
+    assert verify_evidence(p0, header, f.digest, f.signature)
+    assert not verify_evidence(p1, header, f.digest, f.signature)  # not stage 1's words
+    assert not verify_evidence(p0, header, hashlib.sha256(b"other").digest(), f.signature)
+    assert tied.signature == b"" and torch.equal(tied.tensor, x)
+    for ch in (a, b):
+        threading.Thread(target=ch.close, daemon=True).start()
+
+
+def test_a_forged_signature_is_refused_and_closes_the_link(crew):
+    from phalanx.secure.tls import Signer
+    from phalanx.wire import FrameError, encode
+
+    ids, _, intruder = crew
+    (k0, p0), (k1, _), (ki, _) = _keys(ids[0]), _keys(ids[1]), _keys(intruder)
+    theirs, ours = socket.socketpair()
+    out, _ = socket.socketpair()
+    ch = TlsChannel(1, 0, out, ours, signer=Signer(k1, p0))  # type: ignore[arg-type]
+    frame = Frame(kind=Kind.GRADIENT, step=0, micro=0, src=0, dst=1, tensor=torch.ones(4),
+                  seq=1)
+    data = encode(frame)
+    theirs.sendall(data + Signer(ki, p0).sign(data[:128], data[128:]))  # signed by another key
+    with pytest.raises(FrameError, match="signature does not verify"):
+        ch.recv(5)
+    with pytest.raises(ChannelClosed, match="malformed"):
+        ch.recv(5)
+    theirs.close()
+
+
+def test_authenticated_links_in_the_clear_still_check_signatures(crew):
+    """encrypt=false (for benchmarks, or links that need no secrecy): TLS authenticates the
+    peers, then frames travel in the clear, signed."""
+    ids, roster, _ = crew
+    port = free_port()
+    links = {}
+
+    def run(i: int) -> None:
+        links[i] = Mesh(i, ids[i], roster, f"127.0.0.1:{port}", timeout=20,
+                        encrypt=False).connect()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    ch = links[2][0]
+    assert getattr(ch._out, "_sslobj", None) is None  # the TLS layer is gone after the handshake
+    links[0][2].send(Frame(kind=Kind.LABELS, step=0, micro=0, src=0, dst=2,
+                           tensor=torch.arange(6)))
+    links[0][2].flush()
+    f = ch.recv(10)
+    assert torch.equal(f.tensor, torch.arange(6)) and len(f.signature) == 64
+    _close(links)
