@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", help="a train.out_dir")
 
     b = sub.add_parser("bench", help="benchmarks (code in benchmarks/)")
-    b.add_argument("name", choices=["pipeline", "defense"])
+    b.add_argument("name", choices=["pipeline", "defense", "secure"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
 
     w = sub.add_parser("worker")  # one rank of a spawned job; no help: not listed
