@@ -332,7 +332,7 @@ def test_a_forged_signature_is_refused_and_closes_the_link(crew):
     from phalanx.wire import FrameError, encode
 
     ids, _, intruder = crew
-    (k0, p0), (k1, _), (ki, _) = _keys(ids[0]), _keys(ids[1]), _keys(intruder)
+    (_, p0), (k1, _), (ki, _) = _keys(ids[0]), _keys(ids[1]), _keys(intruder)
     theirs, ours = socket.socketpair()
     out, _ = socket.socketpair()
     ch = TlsChannel(1, 0, out, ours, signer=Signer(k1, p0))  # type: ignore[arg-type]

@@ -109,3 +109,33 @@ def test_recv_times_out_with_a_bound():
     with pytest.raises(ChannelTimeout):
         ch.recv(timeout=0.05)
     assert ch.poll() is None
+
+
+def test_the_runs_own_limits_refuse_an_oversized_frame_of_each_kind_from_the_header():
+    """Limits derived from the run (micro-batch x sequence x hidden): a peer cannot make a
+    stage allocate more than the largest legitimate frame of that kind, whatever the 1 GiB
+    ceiling says."""
+    from phalanx.config import load_config
+    from phalanx.train import Config
+    from phalanx.train.setup import build_pipeline
+
+    cfg = load_config(Config, None, ['model.name="tiny"', "pipeline.stages=3",
+                                     "pipeline.micro_batches=2", "train.batch_size=4",
+                                     "data.seq_len=32"])
+    pipe = build_pipeline(cfg, 1)
+    limits = pipe.runtime.workers[1].channels[0].limits
+    assert limits.max_for(Kind.ACTIVATION) == 2 * 32 * 64 * 4  # (B/M) x T x C x float32
+    assert limits.max_for(Kind.LABELS) == 2 * 32 * 8
+    assert limits.max_for(Kind.TIED_WEIGHT) == 257 * 64 * 4
+    assert limits.max_for(Kind.NORM) == 64 * 1024
+    ok = encode(Frame(kind=Kind.ACTIVATION, step=0, micro=0, src=0, dst=1,
+                      tensor=torch.zeros(2, 32, 64), seq=1))
+    assert decode(ok, limits).tensor.shape == (2, 32, 64)
+    for kind, t in [(Kind.ACTIVATION, torch.zeros(2, 33, 64)),
+                    (Kind.ACTIVATION, torch.zeros(2, 32, 64, dtype=torch.float64)),
+                    (Kind.NORM, torch.zeros(10_000, dtype=torch.float64)),
+                    (Kind.TIED_WEIGHT, torch.zeros(257 * 64 + 1))]:
+        header = encode(Frame(kind=kind, step=0, micro=0, src=0, dst=1, tensor=t,
+                              seq=1))[:HEADER_SIZE]
+        with pytest.raises(FrameError, match=f"exceeds the limit of .* for {kind.name}"):
+            decode(header, limits)  # refused from the header: no payload was needed

@@ -139,13 +139,13 @@ def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
 
     cfg = _config(a.config, a.overrides)
     one_stage = cfg.pipeline.runtime == "secure" and cfg.secure.stage >= 0  # one host's stage
-    if not under_launcher() and not one_stage:
+    if not under_launcher():
         _preflight(cfg, a.resume)
         if cfg.pipeline.runtime == "distributed":  # started by hand: one process per stage
             from phalanx.launch import spawn
 
             return spawn(cfg.pipeline.stages, argv, log_dir=Path(cfg.train.out_dir))
-        if cfg.pipeline.runtime == "secure":
+        if cfg.pipeline.runtime == "secure" and not one_stage:
             return _spawn_secure(cfg, argv)
     trainer = Trainer(cfg, resume=a.resume, progress=_STATUS.progress)
     try:

@@ -35,6 +35,7 @@ from phalanx.wire.frame import encode_header, payload_tensor
 
 _BYE = Kind.CONTROL  # a CONTROL frame with micro == BYE_MICRO ends a link
 BYE_MICRO = 0xFFFFFFFF
+INBOX_FRAMES = 64  # frames a link holds before its receiver stops reading from the peer
 
 
 def transport_reason(exc: BaseException) -> str:
@@ -55,7 +56,7 @@ class DistChannel(Channel):
         super().__init__(me, peer, limits)
         self.device = device or torch.device("cpu")
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
-        self._inbox: queue.Queue = queue.Queue()
+        self._inbox: queue.Queue = queue.Queue(maxsize=INBOX_FRAMES + 1)  # full: stop reading
         self._closed = False
         self._receiver = threading.Thread(target=self._receive_loop, daemon=True,
                                           name=f"phalanx-recv-{peer}->{me}")

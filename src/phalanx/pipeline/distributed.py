@@ -16,6 +16,7 @@ from phalanx.pipeline.devices import choose_backend, stage_devices, wire_device
 from phalanx.pipeline.optim import OptimConfig
 from phalanx.pipeline.process import ProcessRuntime
 from phalanx.pipeline.runtime import Attach, Wrap, no_attach, no_wrap
+from phalanx.wire import DEFAULT_LIMITS, Limits
 
 GROUP_TIMEOUT = timedelta(days=7)
 
@@ -62,10 +63,11 @@ class DistributedRuntime(ProcessRuntime):
 
     def __init__(self, stage: StageModule, cfg: PipelineConfig, optim: OptimConfig,
                  total_steps: int, device: torch.device, *, tied: bool, wrap: Wrap = no_wrap,
-                 attach: Attach = no_attach, owns_group: bool = True) -> None:
+                 attach: Attach = no_attach, owns_group: bool = True,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         # ``tied`` is the model's, not this stage's: every rank must take the same collective
         # decisions (a middle stage holds no tied weight but still joins the replica sync).
-        links = dist_channels(dist.get_rank(), dist.get_world_size(),
+        links = dist_channels(dist.get_rank(), dist.get_world_size(), limits,
                               device=wire_device(dist.get_backend(), device))
         super().__init__(stage, cfg, optim, total_steps, device, links, tied=tied, wrap=wrap,
                          attach=attach, on_close=_destroy_group if owns_group else None)

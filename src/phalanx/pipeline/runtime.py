@@ -15,6 +15,7 @@ from phalanx.pipeline.devices import stage_devices
 from phalanx.pipeline.optim import OptimConfig, StageOptimizer
 from phalanx.pipeline.schedule import Action, eval_actions, replica_sync, train_actions
 from phalanx.pipeline.worker import IterationResult, StageWorker
+from phalanx.wire import DEFAULT_LIMITS, Limits
 
 Wrap = Callable[[StageModule, dict[int, Channel]], dict[int, Channel]]
 """A hook that wraps a stage's links (attacks, fault injection, verification) before use."""
@@ -145,9 +146,10 @@ class LocalRuntime(Runtime):
     """All stages in this process, stepped by :func:`simulate`: the research simulator."""
 
     def __init__(self, stages: list[StageModule], cfg: PipelineConfig, optim: OptimConfig,
-                 total_steps: int, wrap: Wrap = no_wrap, attach: Attach = no_attach) -> None:
+                 total_steps: int, wrap: Wrap = no_wrap, attach: Attach = no_attach,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         super().__init__(cfg, len(stages), tied=any(s.tied for s in stages))
-        fabric = LocalFabric(len(stages))
+        fabric = LocalFabric(len(stages), limits)
         for s, device in zip(stages, stage_devices(cfg.device, len(stages)), strict=True):
             s.to(device)
             set_precision(s, cfg.precision)

@@ -31,7 +31,7 @@ from phalanx.comm.channel import ChannelTimeout
 from phalanx.errors import PhalanxError
 from phalanx.secure.identity import Identity, Roster
 from phalanx.secure.tls import Signer, TlsChannel, _recv_into, context, peer_fingerprint
-from phalanx.wire import FrameError
+from phalanx.wire import DEFAULT_LIMITS, FrameError, Limits
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ class Mesh:
 
     def __init__(self, me: int, identity: Identity, roster: Roster, coordinator: str,
                  listen: str = "127.0.0.1:0", advertise: str = "", timeout: float = 300.0,
-                 sign: bool = True, encrypt: bool = True) -> None:
+                 sign: bool = True, encrypt: bool = True, limits: Limits = DEFAULT_LIMITS
+                 ) -> None:
         self.me, self.n = me, roster.size
         if roster.stage_of(identity.fingerprint) != me:
             raise PhalanxError(f"the identity {identity.cert_path.parent} is not the roster's "
@@ -84,7 +85,7 @@ class Mesh:
         self.coordinator = parse_address(coordinator, "secure.coordinator")
         self.listen = self.coordinator if me == 0 else parse_address(listen, "secure.listen")
         self.advertise = advertise
-        self.sign, self.encrypt = sign, encrypt
+        self.sign, self.encrypt, self.limits = sign, encrypt, limits
         self._server_ctx = context(identity, roster, server=True)
         self._client_ctx = context(identity, roster, server=False)
         self._incoming: queue.Queue = queue.Queue()
@@ -220,7 +221,7 @@ class Mesh:
                                     deadline)
             inc.update(self._collect(others - {0}, deadline))
         self.close_listener()
-        return {p: TlsChannel(self.me, p, out[p], inc[p], signer=self._signer(p))
+        return {p: TlsChannel(self.me, p, out[p], inc[p], self.limits, signer=self._signer(p))
                 for p in sorted(others)}
 
     def close_listener(self) -> None:

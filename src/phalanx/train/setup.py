@@ -20,9 +20,11 @@ from phalanx.models import (
 )
 from phalanx.pipeline import LocalRuntime, Runtime, StageWorker
 from phalanx.pipeline.devices import stage_devices
+from phalanx.pipeline.limits import run_limits
 from phalanx.threats import AttackPlan
 from phalanx.threats.channel import poison
 from phalanx.train.config import Config
+from phalanx.wire import Limits
 
 
 @dataclass
@@ -76,6 +78,17 @@ def _one_stage(cfg: Config, load: Loader, rank: int, defense: Duplicate | None
     return loaded, stage, ties_embeddings(loaded.model, loaded.family) and p.stages > 1
 
 
+def limits_of(cfg: Config, loaded: LoadedModel) -> Limits:
+    """The largest frame of each kind this run sends (what every receiver refuses beyond)."""
+    conf = loaded.model.config
+    hidden = int(getattr(conf, "hidden_size", None) or conf.n_embd)
+    itemsize = next(loaded.model.parameters()).element_size()
+    tied = ties_embeddings(loaded.model, loaded.family) and cfg.pipeline.stages > 1
+    return run_limits(micro_rows=cfg.train.batch_size // cfg.pipeline.micro_batches,
+                      seq_len=cfg.data.seq_len, hidden=hidden, itemsize=itemsize,
+                      tied_bytes=int(conf.vocab_size) * hidden * itemsize if tied else 0)
+
+
 def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> Pipeline:
     """Load and cut the model, then start the runtime ``cfg.pipeline.runtime`` names."""
     cfg.validate()
@@ -95,15 +108,16 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
         loaded, stage, tied = _one_stage(cfg, load, rank, defense)
         runtime: Runtime = DistributedRuntime(stage, p, cfg.optim, total_steps, device, tied=tied,
                                               wrap=wrap, attach=attacher(defense),
-                                              owns_group=owns_group)
+                                              owns_group=owns_group,
+                                              limits=limits_of(cfg, loaded))
     elif p.runtime == "secure":
         from phalanx.pipeline.process import ProcessRuntime
         from phalanx.secure.runtime import secure_links
 
         rank = cfg.secure.rank()
         device = stage_devices(p.device, p.stages)[rank]
-        links = secure_links(cfg.secure, rank, p.stages, p.timeout_s)
         loaded, stage, tied = _one_stage(cfg, load, rank, defense)
+        links = secure_links(cfg.secure, rank, p.stages, p.timeout_s, limits_of(cfg, loaded))
         runtime = ProcessRuntime(stage, p, cfg.optim, total_steps, device, links, tied=tied,
                                  wrap=wrap, attach=attacher(defense))
     else:
@@ -113,5 +127,6 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
         if defense is not None:
             for i in reversed(checked(p.stages)):
                 add_shadow(stages[i + 1], stages[i])
-        runtime = LocalRuntime(stages, p, cfg.optim, total_steps, wrap, attacher(defense))
+        runtime = LocalRuntime(stages, p, cfg.optim, total_steps, wrap, attacher(defense),
+                               limits=limits_of(cfg, loaded))
     return Pipeline(runtime=runtime, loaded=loaded, attack=attack, defense=defense)

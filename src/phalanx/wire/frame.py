@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -68,10 +69,16 @@ class FrameError(ValueError):
 
 @dataclass(frozen=True, kw_only=True)
 class Limits:
-    """Bounds a receiver enforces before allocating anything."""
+    """Bounds a receiver enforces before allocating anything: a ceiling for every frame, and
+    per kind the most a frame of that kind can hold in this run (an activation's size follows
+    from the micro-batch, the sequence length and the hidden size)."""
 
     max_bytes: int = 1 << 30  # 1 GiB per frame
     max_dim: int = 1 << 31
+    per_kind: Mapping[Kind, int] = field(default_factory=dict)
+
+    def max_for(self, kind: Kind) -> int:
+        return min(self.max_bytes, self.per_kind.get(kind, self.max_bytes))
 
 
 DEFAULT_LIMITS = Limits()
@@ -180,8 +187,9 @@ def decode_header(
             f"payload size {nbytes} does not match shape {tuple(shape)} of {dtype} "
             f"({expected} bytes)"
         )
-    if nbytes > limits.max_bytes:
-        raise FrameError(f"payload of {nbytes} bytes exceeds the limit of {limits.max_bytes}")
+    if nbytes > limits.max_for(kind_v):
+        raise FrameError(f"a {kind_v.name} payload of {nbytes} bytes exceeds the limit of "
+                         f"{limits.max_for(kind_v)} bytes for {kind_v.name}")
     return Header(
         kind=kind_v, dtype=dtype, step=step, micro=micro, src=src, dst=dst, seq=seq,
         nbytes=nbytes, shape=tuple(shape), flags=flags,
