@@ -99,3 +99,31 @@ def test_timeout_message_names_a_control_tag_not_a_micro_batch(stages):
     assert "CONTROL message 2" in msg and "micro-batch" not in msg and "from stage 0" in msg
     with pytest.raises(ChannelTimeout, match="ACTIVATION of micro-batch 0 \\(step 4\\)"):
         worker.execute(Action(Op.FORWARD, 0))
+
+
+def test_refused_frames_are_dropped_counted_and_the_stage_goes_on(stages, caplog):
+    """A replayed frame, garbage bytes and a frame from far in the future: each is logged and
+    counted against its sender, and the right frame that follows is still used."""
+    import logging
+
+    from phalanx.wire import encode
+
+    fabric = LocalFabric(3)
+    worker = StageWorker(stages[1], fabric.channels(1), timeout=5.0)
+    prev = fabric.channel(0, 1)
+    x = torch.randn(2, 8, 64)
+    first = Frame(kind=Kind.ACTIVATION, step=0, micro=0, src=0, dst=1, tensor=x)
+    prev.send(first)  # seq 1
+    worker.begin(0, 1)
+    worker.channels[0].recv(1.0)  # consumed: a copy of it again is a replay
+    inbox = worker.channels[0]
+    inbox.inject(encode(Frame(kind=Kind.ACTIVATION, step=0, micro=0, src=0, dst=1, tensor=x,
+                              seq=1)))
+    inbox.inject(b"\x00" * 200)
+    prev.send(Frame(kind=Kind.ACTIVATION, step=9, micro=0, src=0, dst=1, tensor=x))  # seq 2
+    prev.send(Frame(kind=Kind.ACTIVATION, step=0, micro=0, src=0, dst=1, tensor=x))  # seq 3
+    with caplog.at_level(logging.WARNING):
+        worker.execute(Action(Op.FORWARD, 0))
+    assert worker.rejected == {0: 3}
+    assert "sequence number 1, expected 2" in caplog.text and "too far ahead" in caplog.text
+    assert "bad magic" in caplog.text

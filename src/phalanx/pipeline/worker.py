@@ -25,6 +25,7 @@ from phalanx.wire import Frame, FrameError, Kind
 log = logging.getLogger(__name__)
 
 REPORT_FIELDS = ("loss_sum", "loss_count", "compute_s", "wait_s", "tokens")
+STASH_FRAMES = 4096  # frames that may wait for their action; beyond, a peer is flooding
 
 
 PER_MICRO = (Kind.ACTIVATION, Kind.GRADIENT, Kind.LABELS, Kind.JUMP, Kind.JUMP_GRAD)
@@ -108,6 +109,7 @@ class StageWorker:
         self.tied = sorted(stage.tied.items(), key=lambda kv: kv[1])  # (local, canonical)
         self._params = dict(stage.named_parameters())
         self._stash: dict[tuple[int, Kind, int], Frame] = {}
+        self.rejected: dict[int, int] = {}  # frames refused, by sender: evidence against it
         self.step = 0
         self.micro = 1
         self.train = True
@@ -175,7 +177,14 @@ class StageWorker:
         """Whether every frame ``action`` needs has arrived (never blocks)."""
         keys = self.needs(action)
         for peer in {k[0] for k in keys}:
-            while (frame := self.channels[peer].poll()) is not None:
+            while True:
+                try:
+                    frame = self.channels[peer].poll()
+                except FrameError as exc:
+                    self._reject(peer, exc)
+                    continue
+                if frame is None:
+                    break
                 self._file(frame)
         return all(k in self._stash for k in keys)
 
@@ -396,12 +405,26 @@ class StageWorker:
         self.channels[peer].send(Frame(kind=kind, step=self.step, micro=micro, src=self.me,
                                        dst=peer, tensor=tensor))
 
+    def _reject(self, peer: int, exc: Exception) -> None:
+        """A frame the link refused (malformed, replayed, out of order): dropped, logged and
+        counted against its sender; the link and this stage go on (a wait that then runs out
+        names the peer)."""
+        self.rejected[peer] = self.rejected.get(peer, 0) + 1
+        log.warning("stage %d dropped a frame from stage %d: %s", self.me, peer, exc)
+
     def _file(self, frame: Frame) -> None:
         if frame.step < self.step:
             log.warning("stage %d dropped a stale %s frame of step %d from stage %d",
                         self.me, frame.kind.name, frame.step, frame.src)
             return
-        self._stash[(frame.src, frame.kind, frame.micro)] = frame
+        key = (frame.src, frame.kind, frame.micro)
+        if frame.step > self.step + 1 or (key not in self._stash
+                                          and len(self._stash) >= STASH_FRAMES):
+            self._reject(frame.src, FrameError(
+                f"{describe(frame.kind, frame.micro)} of step {frame.step} while at step "
+                f"{self.step} with {len(self._stash)} frames waiting: too far ahead"))
+            return
+        self._stash[key] = frame
 
     def _take(self, peer: int, kind: Kind, micro: int) -> Frame:
         key = (peer, kind, micro)
@@ -414,6 +437,8 @@ class StageWorker:
                     raise ChannelTimeout(self._waited(peer, kind, micro))
                 try:
                     self._file(self.channels[peer].recv(timeout=left))
+                except FrameError as exc:
+                    self._reject(peer, exc)
                 except ChannelTimeout:
                     if deadline is not None and time.monotonic() >= deadline:
                         raise ChannelTimeout(self._waited(peer, kind, micro)) from None
