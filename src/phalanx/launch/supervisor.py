@@ -207,15 +207,17 @@ class Launch:
         return path
 
 
-FOLLOWER_ERRORS = ("ChannelClosed", "ChannelTimeout")  # a peer went away or went silent
+FOLLOWER_ERRORS = ("ChannelTimeout", "ChannelClosed")  # a peer went silent, or went away
 
 
-def _when(e: StageExit) -> tuple[bool, int, float]:
-    """Which failure came first, as a sort key. A stage that failed because a link closed or
-    timed out followed another one's failure, however early it exited (the one that failed
-    may still be unwinding); then the order the launcher saw, then the time of the status."""
+def _when(e: StageExit) -> tuple[int, int, float]:
+    """Which failure came first, as a sort key. A stage that failed because a link timed out
+    or closed followed another one's failure, however early it exited (the one that failed may
+    still be unwinding); a timeout comes before the closed links it causes. Then the order the
+    launcher saw, then the time of the status."""
     err = str((e.status or {}).get("error", ""))
-    return err.startswith(FOLLOWER_ERRORS), e.order, float((e.status or {}).get("time", 0.0))
+    rank = next((i + 1 for i, f in enumerate(FOLLOWER_ERRORS) if err.startswith(f)), 0)
+    return rank, e.order, float((e.status or {}).get("time", 0.0))
 
 
 def describe_exit(e: StageExit) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from phalanx.comm.faults import FaultConfig
 from phalanx.data import DataConfig
 from phalanx.defense.config import DefenseConfig
 from phalanx.errors import ConfigError
@@ -40,6 +41,7 @@ class Config:
     attack: AttackConfig = field(default_factory=AttackConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     secure: SecureConfig = field(default_factory=SecureConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     def validate(self) -> None:
         """Check every component and the settings that involve several of them."""
@@ -48,6 +50,7 @@ class Config:
         self.attack.validate(self.pipeline.stages)
         self.defense.validate(self.pipeline.stages)
         self.secure.validate(self.pipeline.runtime)
+        self.faults.parsed(self.pipeline.stages)
         t = self.train
         if t.steps < 1 or t.batch_size < 1 or t.eval_batches < 1:
             raise ConfigError("train.steps, train.batch_size and train.eval_batches must be >= 1")

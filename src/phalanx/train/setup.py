@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from phalanx.comm import Channel
+from phalanx.comm.faults import Fault, with_faults
 from phalanx.defense.duplicate import add_shadow, checked
 from phalanx.defense.wiring import Duplicate
 from phalanx.models import (
@@ -37,11 +38,15 @@ class Pipeline:
     defense: Duplicate | None = None
 
 
-def wrapper(attack: AttackPlan, defense: Duplicate | None):  # noqa: ANN201
-    """The channel wrapping of a run: the defense's links first, then poisoning on the malicious
-    stages' pipeline links (outermost, so what an attacker sends is what every link carries)."""
+def wrapper(attack: AttackPlan, defense: Duplicate | None, faults: list[Fault] = (),
+            fault_seed: int = 0):  # noqa: ANN201
+    """The channel wrapping of a run: declared network faults next to the transport, then the
+    defense's links, then poisoning on the malicious stages' pipeline links (outermost, so what
+    an attacker sends is what every link carries)."""
 
     def wrap(stage: StageModule, channels: dict[int, Channel]) -> dict[int, Channel]:
+        if faults:
+            channels = with_faults(channels, stage.index, list(faults), fault_seed)
         if defense is not None:
             channels = defense.wrap(stage, channels)
         return poison(channels, attack, stage) if attack.cfg.active else channels
@@ -97,7 +102,7 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
     defense = None
     if cfg.defense.verify == "duplicate":
         defense = Duplicate(cfg.defense, p.stages, p.timeout_s)
-    wrap = wrapper(attack, defense)
+    wrap = wrapper(attack, defense, cfg.faults.parsed(p.stages), cfg.faults.seed)
     if p.runtime == "distributed":
         import torch.distributed as dist
 
