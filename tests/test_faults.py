@@ -100,4 +100,6 @@ def test_a_link_that_drops_everything_times_out_naming_the_silent_stage(tmp_path
                         'faults.links=["drop 100% 1->2"]', f'train.out_dir="{tmp_path}"'],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "stage 2" in r.stderr and "from stage 1" in r.stderr and "waited 4 s" in r.stderr
+    # stage 2's wait names the silent link (stage 0, waiting for stage 2's report, may time out
+    # at about the same moment and be listed first)
+    assert "stage 2 waited 4 s for ACTIVATION of micro-batch 0 (step 0) from stage 1" in r.stderr
