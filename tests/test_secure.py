@@ -319,9 +319,10 @@ def test_signed_frames_carry_evidence_the_coordinator_can_check(crew):
     assert f.digest == hashlib.sha256(raw).digest() and len(f.signature) == 64
     header = encode_header(Frame(kind=Kind.ACTIVATION, step=2, micro=1, src=0, dst=1,
                                  tensor=x, seq=1), len(raw))
-    assert verify_evidence(p0, header, f.digest, f.signature)
-    assert not verify_evidence(p1, header, f.digest, f.signature)  # not stage 1's words
-    assert not verify_evidence(p0, header, hashlib.sha256(b"other").digest(), f.signature)
+    assert verify_evidence(p0, b"", header, f.digest, f.signature)
+    assert not verify_evidence(p1, b"", header, f.digest, f.signature)  # not stage 1's words
+    assert not verify_evidence(p0, b"", header, hashlib.sha256(b"other").digest(), f.signature)
+    assert not verify_evidence(p0, b"another run", header, f.digest, f.signature)
     assert tied.signature == b"" and torch.equal(tied.tensor, x)
     for ch in (a, b):
         threading.Thread(target=ch.close, daemon=True).start()
@@ -371,3 +372,70 @@ def test_authenticated_links_in_the_clear_still_check_signatures(crew):
     f = ch.recv(10)
     assert torch.equal(f.tensor, torch.arange(6)) and len(f.signature) == 64
     _close(links)
+
+
+# -- found by attacking the transport (each failed before its fix) -------------------------
+
+def test_an_admitted_stage_that_never_speaks_cannot_hang_the_coordinator(crew):
+    ids, roster, _ = crew
+    port = free_port()
+    err = {}
+
+    def coordinator() -> None:
+        try:
+            Mesh(0, ids[0], roster, f"127.0.0.1:{port}", timeout=3).connect()
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            err["e"] = exc
+
+    t = threading.Thread(target=coordinator, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    silent = []
+    for i in (1, 2):  # both admitted stages complete TLS, then say nothing
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        silent.append(context(ids[i], roster, server=False).wrap_socket(raw))
+    t.join(15)
+    assert not t.is_alive() and type(err["e"]).__name__ == "ChannelTimeout"
+    for s in silent:
+        s.close()
+
+
+def test_a_peer_that_stops_reading_fails_the_send_in_bounded_time():
+    a_out, peer_in = socket.socketpair()
+    a_in, _peer_out = socket.socketpair()
+    a_out.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ch = TlsChannel(0, 1, a_out, a_in, timeout=1.0)  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    with pytest.raises(ChannelClosed):
+        for _ in range(200):
+            ch.send(Frame(kind=Kind.ACTIVATION, step=0, micro=0, src=0, dst=1,
+                          tensor=torch.zeros(64 * 1024)))
+        ch.flush()
+    assert time.monotonic() - t0 < 20
+    peer_in.close()
+
+
+def test_tied_transfers_are_refused_on_a_link_to_an_untrusted_stage():
+    from phalanx.wire import FrameError, encode
+
+    theirs, ours = socket.socketpair()
+    out, _ = socket.socketpair()
+    ch = TlsChannel(0, 1, out, ours, stages=4)  # type: ignore[arg-type]
+    theirs.sendall(encode(Frame(kind=Kind.TIED_WEIGHT, step=1, micro=7, src=1, dst=0,
+                                tensor=torch.ones(8), seq=1)))
+    with pytest.raises(FrameError, match="tied transfers pass only between stages 0 and N-1"):
+        ch.recv(5)
+    theirs.close()
+
+
+def test_deeply_nested_rendezvous_json_is_a_clear_error():
+    from phalanx.secure.mesh import read_message
+    from phalanx.wire import FrameError
+
+    a, b = socket.socketpair()
+    body = b"[" * 60_000
+    b.sendall(len(body).to_bytes(4, "little") + body)
+    with pytest.raises(FrameError, match="nested too deep"):
+        read_message(a, 5)  # type: ignore[arg-type]
+    a.close()
+    b.close()

@@ -127,3 +127,22 @@ def test_refused_frames_are_dropped_counted_and_the_stage_goes_on(stages, caplog
     assert worker.rejected == {0: 3}
     assert "sequence number 1, expected 2" in caplog.text and "too far ahead" in caplog.text
     assert "bad magic" in caplog.text
+
+
+def test_a_negative_norm_or_a_bad_report_is_refused_not_believed(stages):
+    """A negative squared norm would shrink the global norm and turn clipping off; a NaN count
+    used to crash the driver with a ValueError."""
+    from phalanx.pipeline.worker import StageStats
+
+    fabric = LocalFabric(3)
+    w0 = StageWorker(stages[0], fabric.channels(0), timeout=2.0)
+    w0.begin(0, 1, [torch.zeros(2, 8, dtype=torch.int64)])
+    for p in (1, 2):
+        t = torch.zeros(4, dtype=torch.float64)
+        t[0] = -99.0 if p == 1 else 1.0
+        fabric.channel(p, 0).send(Frame(kind=Kind.NORM, step=0, micro=0, src=p, dst=0, tensor=t))
+    with pytest.raises(FrameError, match="stage 1 sent a squared gradient norm of -99"):
+        w0.execute(Action(Op.GATHER_NORM))
+    bad = torch.tensor([0.0, float("nan"), 0.0, 0.0, 0.0], dtype=torch.float64)
+    with pytest.raises(FrameError, match="negative or non-finite"):
+        StageStats.from_tensor(bad)

@@ -56,10 +56,13 @@ class StageStats:
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> StageStats:
-        if t.shape != (len(REPORT_FIELDS),):
+        if t.shape != (len(REPORT_FIELDS),) or not t.dtype.is_floating_point:
             raise FrameError(
-                f"a report has shape {tuple(t.shape)}, expected ({len(REPORT_FIELDS)},)"
+                f"a report has shape {tuple(t.shape)} {t.dtype}, expected "
+                f"({len(REPORT_FIELDS)},) float64"
             )
+        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+            raise FrameError("a report holds a negative or non-finite value")
         v = t.tolist()
         return cls(loss_sum=v[0], loss_count=int(v[1]), compute_s=v[2], wait_s=v[3],
                    tokens=int(v[4]))
@@ -291,6 +294,10 @@ class StageWorker:
             if t.shape != (self.n + 1,) or t.dtype != torch.float64:
                 raise FrameError(f"stage {p} sent a norm frame of {tuple(t.shape)} {t.dtype}, "
                                  f"expected ({self.n + 1},) float64")
+            if float(t[0]) < 0:
+                # a squared norm is never negative; one that is would turn clipping off (NaN
+                # and +inf are a real overflow: every stage then skips the step)
+                raise FrameError(f"stage {p} sent a squared gradient norm of {float(t[0])}")
             norms.append(float(t[0]))
             row = t[1:]
             alerts[p] = torch.where(torch.isfinite(row) & (row > 0), row, 0.0)

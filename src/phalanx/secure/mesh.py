@@ -9,8 +9,12 @@ coordinator's address and the roster.
 4. Every stage dials every other one; each connection carries one direction of a link.
 
 The accepting side learns who called from the pinned key of the TLS handshake, never from what
-the caller says. A key that is not in the roster fails its handshake, which is logged and
-dropped; a caller admitted for a stage that is already connected is refused the same way. The
+the caller says. A key that is not in the roster is refused: at the handshake when its
+certificate chains to no roster certificate, or right after it, when it does (a roster member
+could sign one) but its key is pinned for no stage. A caller admitted for a stage that is
+already connected is refused the same way; every refusal is logged. At most 32 handshakes run
+at once (more callers are turned away, logged), each bounded in time, and every rendezvous
+read is bounded by what is left of the timeout. The
 honest process keeps waiting, bounded by the timeout, whose error names the missing stages.
 Rendezvous messages are length-prefixed JSON of a few hundred bytes, size-checked before
 reading; nothing is unpickled.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import socket
 import ssl
@@ -37,6 +42,8 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 64 * 1024
 HANDSHAKE_S = 30.0
+MAX_HANDSHAKES = 32  # unauthenticated connections being checked at once; more are refused
+SESSION_BYTES = 32
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:
@@ -53,7 +60,19 @@ def send_message(sock: ssl.SSLSocket, msg: dict) -> None:
     sock.sendall(struct.pack("<I", len(data)) + data)
 
 
-def read_message(sock: ssl.SSLSocket) -> dict:
+def read_message(sock: ssl.SSLSocket, timeout: float | None = None) -> dict:
+    """One length-prefixed JSON object, within ``timeout`` seconds (a silent peer is a
+    :class:`ChannelTimeout`, not a hang)."""
+    sock.settimeout(timeout)
+    try:
+        return _read_message(sock)
+    except TimeoutError:
+        raise ChannelTimeout(f"no rendezvous message within {timeout:g} s") from None
+    finally:
+        sock.settimeout(None)
+
+
+def _read_message(sock: ssl.SSLSocket) -> dict:
     size = bytearray(4)
     _recv_into(sock, memoryview(size))
     (n,) = struct.unpack("<I", size)
@@ -63,8 +82,8 @@ def read_message(sock: ssl.SSLSocket) -> dict:
     _recv_into(sock, memoryview(data))
     try:
         msg = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise FrameError("a rendezvous message that is not JSON") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise FrameError("a rendezvous message that is not JSON (or nested too deep)") from None
     if not isinstance(msg, dict):
         raise FrameError("a rendezvous message that is not a JSON object")
     return msg
@@ -89,9 +108,13 @@ class Mesh:
         self._server_ctx = context(identity, roster, server=True)
         self._client_ctx = context(identity, roster, server=False)
         self._incoming: queue.Queue = queue.Queue()
+        self._arrived: dict[int, ssl.SSLSocket] = {}  # stages that called, kept until asked for
         self._accepted: set[int] = set()
         self._lock = threading.Lock()
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         self._listener: socket.socket | None = None
+        self._listening = False
+        self.session = b""  # the coordinator's random run id, covered by every signature
 
     # -- accepting (one direction of each link) -------------------------------------------
     def _listen(self) -> int:
@@ -106,19 +129,35 @@ class Mesh:
                                "a free address") from None
         sock.listen(64)
         self._listener = sock
+        self._listening = True
         threading.Thread(target=self._accept_loop, args=(sock,), daemon=True,
                          name=f"phalanx-accept-{self.me}").start()
         return sock.getsockname()[1]
 
     def _accept_loop(self, sock: socket.socket) -> None:
-        while True:
+        while self._listening:
             try:
                 raw, where = sock.accept()
-            except OSError:
-                return  # the listener was closed
+            except OSError as exc:
+                if not self._listening:
+                    return  # the listener was closed
+                log.warning("stage %d: accept failed (%s); retrying", self.me, exc)
+                time.sleep(0.5)  # out of file descriptors, say: wait for some to close
+                continue
+            if not self._handshakes.acquire(blocking=False):
+                log.warning("stage %d refused %s: %d handshakes already under way", self.me,
+                            where, MAX_HANDSHAKES)
+                raw.close()
+                continue
             threading.Thread(target=self._handshake, args=(raw, where), daemon=True).start()
 
     def _handshake(self, raw: socket.socket, where: object) -> None:
+        try:
+            self._authenticate(raw, where)
+        finally:
+            self._handshakes.release()
+
+    def _authenticate(self, raw: socket.socket, where: object) -> None:
         raw.settimeout(HANDSHAKE_S)
         try:
             tls = self._server_ctx.wrap_socket(raw, server_side=True)
@@ -134,26 +173,32 @@ class Mesh:
             if fresh:
                 self._accepted.add(stage)
         if not fresh:
-            log.warning("stage %d refused %s: its key is admitted for stage %s, which is "
-                        "already connected here", self.me, where, stage)
+            log.warning("stage %d refused %s: %s", self.me, where,
+                        "its key is admitted for no stage" if stage is None else
+                        f"its key is admitted for stage {stage}, which is already connected")
             tls.close()
             return
-        tls.settimeout(None)
-        self._incoming.put((stage, self._after_handshake(tls)))
+        try:
+            conn = self._after_handshake(tls)  # still under the handshake timeout
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("stage %d dropped stage %s: %s", self.me, stage, exc)
+            tls.close()
+            return
+        conn.settimeout(None)
+        self._incoming.put((stage, conn))
 
     def _collect(self, stages: set[int], deadline: float) -> dict[int, ssl.SSLSocket]:
-        got: dict[int, ssl.SSLSocket] = {}
-        while set(got) != stages:
+        while not stages <= set(self._arrived):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ChannelTimeout(f"stage {self.me} waited {self.timeout:g} s for stage(s) "
-                                     f"{sorted(stages - set(got))} to connect")
+                                     f"{sorted(stages - set(self._arrived))} to connect")
             try:
                 stage, tls = self._incoming.get(timeout=min(left, 1.0))
             except queue.Empty:
                 continue
-            got[stage] = tls
-        return got
+            self._arrived[stage] = tls  # early callers wait here for their turn
+        return {s: self._arrived.pop(s) for s in stages}
 
     # -- dialling (the other direction) ---------------------------------------------------
     def _dial(self, host: str, port: int, stage: int, deadline: float) -> ssl.SSLSocket:
@@ -173,8 +218,15 @@ class Mesh:
         if self.roster.stage_of(peer_fingerprint(tls) or "") != stage:
             tls.close()
             raise PhalanxError(f"the peer at {host}:{port} is not the roster's stage {stage}")
-        tls.settimeout(None)
-        return self._after_handshake(tls)
+        try:
+            tls.settimeout(max(0.1, min(HANDSHAKE_S, deadline - time.monotonic())))
+            conn = self._after_handshake(tls)  # still bounded: a peer that never answers
+        except (ssl.SSLError, OSError) as exc:
+            tls.close()
+            raise PhalanxError(f"stage {stage} at {host}:{port} did not finish the handshake "
+                               f"({type(exc).__name__})") from None
+        conn.settimeout(None)
+        return conn
 
     def _after_handshake(self, tls: ssl.SSLSocket) -> socket.socket:
         """The authenticated connection, or with ``encrypt=False`` the same TCP connection
@@ -190,7 +242,8 @@ class Mesh:
 
         key = serialization.load_pem_private_key(self.identity.key_path.read_bytes(), None)
         cert = x509.load_pem_x509_certificate(self.roster.members[peer].cert_pem.encode())
-        return Signer(key, cert.public_key())  # type: ignore[arg-type]
+        return Signer(key, cert.public_key(), self.session,  # type: ignore[arg-type]
+                      sign_all=not self.encrypt)
 
     # -- the rendezvous -------------------------------------------------------------------
     def connect(self) -> dict[int, TlsChannel]:
@@ -202,29 +255,45 @@ class Mesh:
         if self.me == 0:
             inc = self._collect(others, deadline)
             book = [f"{self.coordinator[0]}:{self.coordinator[1]}"] + [""] * (self.n - 1)
+            self.session = os.urandom(SESSION_BYTES)
             for s in sorted(others):
-                book[s] = str(read_message(inc[s]).get("listen", ""))
+                book[s] = str(read_message(inc[s], self._left(deadline)).get("listen", ""))
                 out[s] = self._dial(*parse_address(book[s], f"stage {s}'s address"), s,
                                     deadline)
             for s in sorted(others):
-                send_message(out[s], {"book": book})
+                send_message(out[s], {"book": book, "session": self.session.hex()})
         else:
             out[0] = self._dial(*self.coordinator, 0, deadline)
-            host = self.advertise or self.listen[0]
-            send_message(out[0], {"listen": f"{host}:{port}"})
+            here = self.advertise or f"{self.listen[0]}:{port}"
+            send_message(out[0], {"listen": here})
             inc = self._collect({0}, deadline)
-            book = read_message(inc[0]).get("book")
+            msg = read_message(inc[0], self._left(deadline))
+            book = msg.get("book")
             if not isinstance(book, list) or len(book) != self.n:
                 raise FrameError("the coordinator's address book does not list every stage")
+            try:
+                self.session = bytes.fromhex(str(msg.get("session", "")))
+            except ValueError:
+                self.session = b""
+            if len(self.session) != SESSION_BYTES:
+                raise FrameError("the coordinator's address book has no valid session id")
             for t in sorted(others - {0}):
                 out[t] = self._dial(*parse_address(str(book[t]), f"stage {t}'s address"), t,
                                     deadline)
             inc.update(self._collect(others - {0}, deadline))
         self.close_listener()
-        return {p: TlsChannel(self.me, p, out[p], inc[p], self.limits, signer=self._signer(p))
+        return {p: TlsChannel(self.me, p, out[p], inc[p], self.limits, signer=self._signer(p),
+                              stages=self.n, timeout=self.timeout)
                 for p in sorted(others)}
 
+    def _left(self, deadline: float) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ChannelTimeout(f"stage {self.me}: the rendezvous took over {self.timeout:g} s")
+        return left
+
     def close_listener(self) -> None:
+        self._listening = False
         if self._listener is not None:
             self._listener.close()
             self._listener = None

@@ -18,6 +18,7 @@ import logging
 import queue
 import ssl
 import threading
+import time
 
 import torch
 from cryptography import x509
@@ -77,33 +78,35 @@ class Signer:
     sequence number, dtype, shape, size, flags) and the payload's SHA-256, so a receiver can
     show the coordinator exactly what the peer sent it (:func:`verify_evidence`)."""
 
-    def __init__(self, key: ed25519.Ed25519PrivateKey, peer_key: ed25519.Ed25519PublicKey
-                 ) -> None:
+    def __init__(self, key: ed25519.Ed25519PrivateKey, peer_key: ed25519.Ed25519PublicKey,
+                 session: bytes = b"", sign_all: bool = False) -> None:
         self.key, self.peer_key = key, peer_key
+        self.session = session  # the run's id: a frame signed in another run proves nothing here
+        self.sign_all = sign_all  # in the clear, the tied transfers are signed too
 
-    @staticmethod
-    def signs(kind: Kind) -> bool:
-        return kind not in UNSIGNED
+    def signs(self, kind: Kind) -> bool:
+        return self.sign_all or kind not in UNSIGNED
 
     def sign(self, header: bytes, payload: memoryview | bytes) -> bytes:
-        return self.key.sign(header + hashlib.sha256(payload).digest())
+        return self.key.sign(self.session + header + hashlib.sha256(payload).digest())
 
     def verify(self, header: bytes, payload: memoryview | bytes, signature: bytes) -> bytes:
         digest = hashlib.sha256(payload).digest()
         try:
-            self.peer_key.verify(signature, header + digest)
+            self.peer_key.verify(signature, self.session + header + digest)
         except InvalidSignature:
             raise FrameError("the frame's signature does not verify against the peer's "
                              "pinned key") from None
         return digest
 
 
-def verify_evidence(public_key: ed25519.Ed25519PublicKey, header: bytes, digest: bytes,
-                    signature: bytes) -> bool:
-    """Whether ``signature`` proves that the holder of ``public_key`` sent this header and a
-    payload with this digest (what the coordinator checks of an accusation)."""
+def verify_evidence(public_key: ed25519.Ed25519PublicKey, session: bytes, header: bytes,
+                    digest: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` proves that the holder of ``public_key`` sent, in the run
+    ``session``, this header and a payload with this digest (what the coordinator checks of an
+    accusation)."""
     try:
-        public_key.verify(signature, header + digest)
+        public_key.verify(signature, session + header + digest)
         return True
     except InvalidSignature:
         return False
@@ -114,10 +117,14 @@ class TlsChannel(Channel):
     with a :class:`Signer`, every frame but the tied transfers is signed and verified."""
 
     def __init__(self, me: int, peer: int, out: ssl.SSLSocket, inc: ssl.SSLSocket,
-                 limits: Limits = DEFAULT_LIMITS, signer: Signer | None = None) -> None:
+                 limits: Limits = DEFAULT_LIMITS, signer: Signer | None = None,
+                 stages: int | None = None, timeout: float = 300.0) -> None:
         super().__init__(me, peer, limits)
         self._out, self._inc = out, inc
         self.signer = signer
+        self.timeout = timeout  # the longest a send may wait for a peer that stops reading
+        # the tied transfers pass only between the data owner's two stages
+        self.owner_link = stages is None or {me, peer} == {0, stages - 1}
         self._inbox: queue.Queue = queue.Queue(maxsize=QUEUE_FRAMES + 1)
         self._outbox: queue.Queue = queue.Queue(maxsize=QUEUE_FRAMES)
         self._send_error: Exception | None = None
@@ -134,10 +141,15 @@ class TlsChannel(Channel):
         if self._send_error is not None:
             raise ChannelClosed(f"send to stage {self.peer} failed: {self._send_error}")
         payload = payload_tensor(frame.tensor.detach().to("cpu"))
-        self._outbox.put((encode_header(frame, payload.numel()), payload, frame.kind))
+        try:
+            self._outbox.put((encode_header(frame, payload.numel()), payload, frame.kind),
+                             timeout=self.timeout)
+        except queue.Full:
+            raise ChannelClosed(f"stage {self.peer} has not read for {self.timeout:g} s") from None
         return HEADER_SIZE + payload.numel()
 
     def _send_loop(self) -> None:
+        self._out.settimeout(self.timeout)  # a peer that stops reading fails the send
         while True:
             item = self._outbox.get()
             try:
@@ -157,7 +169,15 @@ class TlsChannel(Channel):
                 self._outbox.task_done()
 
     def flush(self) -> None:
-        self._outbox.join()
+        q = self._outbox
+        deadline = time.monotonic() + self.timeout
+        with q.all_tasks_done:
+            while q.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ChannelClosed(f"sends to stage {self.peer} did not finish within "
+                                        f"{self.timeout:g} s")
+                q.all_tasks_done.wait(left)
         if self._send_error is not None:
             raise ChannelClosed(f"send to stage {self.peer} failed: {self._send_error}")
 
@@ -169,6 +189,9 @@ class TlsChannel(Channel):
                 _recv_into(self._inc, memoryview(hdr))
                 header = decode_header(hdr, self.limits)  # before any payload is allocated
                 self._check_header(header)
+                if header.kind in UNSIGNED and not self.owner_link:
+                    raise FrameError(f"a {header.kind.name} frame from stage {self.peer}: tied "
+                                     "transfers pass only between stages 0 and N-1")
                 payload = torch.empty(header.nbytes, dtype=torch.uint8)
                 if header.nbytes:
                     _recv_into(self._inc, memoryview(payload.numpy()))

@@ -187,6 +187,11 @@ def decode_header(
             f"payload size {nbytes} does not match shape {tuple(shape)} of {dtype} "
             f"({expected} bytes)"
         )
+    elements = 1
+    for d in shape:
+        elements *= max(d, 1)
+    if elements > limits.max_for(kind_v):  # an empty tensor of absurd shape is no tensor either
+        raise FrameError(f"shape {shape} is beyond the limit for {kind_v.name}")
     if nbytes > limits.max_for(kind_v):
         raise FrameError(f"a {kind_v.name} payload of {nbytes} bytes exceeds the limit of "
                          f"{limits.max_for(kind_v)} bytes for {kind_v.name}")
@@ -209,12 +214,16 @@ def decode_payload(
     size = 0 if raw is None else raw.numel()
     if size != header.nbytes:
         raise FrameError(f"truncated payload: {size} bytes, header says {header.nbytes}")
-    if raw is None or header.nbytes == 0:
-        tensor = torch.empty(header.shape, dtype=header.dtype)
-    else:
-        tensor = raw.view(header.dtype).reshape(header.shape)
-        if header.dtype == torch.bool and bool((raw > 1).any()):
-            raise FrameError("a bool payload holds bytes other than 0 and 1")
+    try:
+        if raw is None or header.nbytes == 0:
+            tensor = torch.empty(header.shape, dtype=header.dtype)
+        else:
+            tensor = raw.view(header.dtype).reshape(header.shape)
+    except RuntimeError as exc:
+        raise FrameError(f"payload does not form a tensor of shape {header.shape}: {exc}"
+                         ) from None
+    if raw is not None and header.dtype == torch.bool and bool((raw > 1).any()):
+        raise FrameError("a bool payload holds bytes other than 0 and 1")
     return Frame(
         kind=header.kind, step=header.step, micro=header.micro, src=header.src, dst=header.dst,
         tensor=tensor, seq=header.seq, flags=header.flags,
