@@ -233,9 +233,8 @@ def describe_exit(e: StageExit) -> str:
     if e.code == 0:
         return "finished"
     if e.code < 0:
-        how = f"killed by {signal.Signals(-e.code).name}"
-        how = ("stopped by the launcher" if e.stopped else how)
-        return how + where
+        killed = f"killed by {signal.Signals(-e.code).name}"
+        return ("stopped by the launcher" if e.stopped else killed) + where
     err = st.get("error")
     if err:
         return f"exited with code {e.code}{where}: {err}"

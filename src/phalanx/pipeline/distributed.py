@@ -14,7 +14,7 @@ from phalanx.models.stages import StageModule
 from phalanx.pipeline.config import PipelineConfig
 from phalanx.pipeline.devices import choose_backend, stage_devices, wire_device
 from phalanx.pipeline.optim import OptimConfig
-from phalanx.pipeline.process import ProcessRuntime
+from phalanx.pipeline.process import ProcessRuntime, stage_threads
 from phalanx.pipeline.runtime import Attach, Wrap, no_attach, no_wrap
 from phalanx.wire import DEFAULT_LIMITS, Limits
 
@@ -53,8 +53,7 @@ def init_distributed(cfg: PipelineConfig) -> tuple[int, int, torch.device]:
     device = devices[rank]
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(cfg.threads or max(1, cores // world))
+    stage_threads(cfg)
     return rank, world, device
 
 

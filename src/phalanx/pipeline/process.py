@@ -3,6 +3,7 @@ and the between-iteration agreements (values, gathers, barriers) as control fram
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -14,6 +15,12 @@ from phalanx.pipeline.config import PipelineConfig
 from phalanx.pipeline.optim import OptimConfig, StageOptimizer
 from phalanx.pipeline.runtime import Attach, Runtime, Wrap, no_attach, no_wrap
 from phalanx.pipeline.worker import StageWorker
+
+
+def stage_threads(cfg: PipelineConfig) -> None:
+    """Torch threads of a stage process: ``pipeline.threads``, or this host's cores shared
+    among the stages (a single-host run puts them all here)."""
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // cfg.stages))
 
 
 class ProcessRuntime(Runtime):

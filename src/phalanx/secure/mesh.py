@@ -35,7 +35,7 @@ import time
 from phalanx.comm.channel import ChannelTimeout
 from phalanx.errors import PhalanxError
 from phalanx.secure.identity import Identity, Roster
-from phalanx.secure.tls import Signer, TlsChannel, _recv_into, context, peer_fingerprint
+from phalanx.secure.tls import Signer, TlsChannel, context, peer_fingerprint, recv_exactly
 from phalanx.wire import DEFAULT_LIMITS, FrameError, Limits
 
 log = logging.getLogger(__name__)
@@ -74,12 +74,12 @@ def read_message(sock: ssl.SSLSocket, timeout: float | None = None) -> dict:
 
 def _read_message(sock: ssl.SSLSocket) -> dict:
     size = bytearray(4)
-    _recv_into(sock, memoryview(size))
+    recv_exactly(sock, memoryview(size))
     (n,) = struct.unpack("<I", size)
     if n > MAX_MESSAGE:
         raise FrameError(f"a rendezvous message of {n} bytes (at most {MAX_MESSAGE})")
     data = bytearray(n)
-    _recv_into(sock, memoryview(data))
+    recv_exactly(sock, memoryview(data))
     try:
         msg = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -234,16 +234,22 @@ class Mesh:
         integrity resting on the signatures: for benchmarks and confidential-anyway links)."""
         return tls if self.encrypt else tls.unwrap()
 
-    def _signer(self, peer: int) -> Signer | None:
-        if not self.sign:
+    def _signer(self, key: object, peer: int) -> Signer | None:
+        if key is None:
             return None
         from cryptography import x509
-        from cryptography.hazmat.primitives import serialization
 
-        key = serialization.load_pem_private_key(self.identity.key_path.read_bytes(), None)
         cert = x509.load_pem_x509_certificate(self.roster.members[peer].cert_pem.encode())
         return Signer(key, cert.public_key(), self.session,  # type: ignore[arg-type]
                       sign_all=not self.encrypt)
+
+    def _signing_key(self) -> object:
+        """This stage's private key, read once for all its links (None: signing is off)."""
+        if not self.sign:
+            return None
+        from cryptography.hazmat.primitives import serialization
+
+        return serialization.load_pem_private_key(self.identity.key_path.read_bytes(), None)
 
     # -- the rendezvous -------------------------------------------------------------------
     def connect(self) -> dict[int, TlsChannel]:
@@ -282,8 +288,9 @@ class Mesh:
                                     deadline)
             inc.update(self._collect(others - {0}, deadline))
         self.close_listener()
-        return {p: TlsChannel(self.me, p, out[p], inc[p], self.limits, signer=self._signer(p),
-                              stages=self.n, timeout=self.timeout)
+        key = self._signing_key()
+        return {p: TlsChannel(self.me, p, out[p], inc[p], self.limits,
+                              signer=self._signer(key, p), stages=self.n, timeout=self.timeout)
                 for p in sorted(others)}
 
     def _left(self, deadline: float) -> float:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-import torch
-
 from phalanx.comm import Channel
 from phalanx.errors import ConfigError
 from phalanx.secure.config import SecureConfig
@@ -24,6 +20,4 @@ def secure_links(cfg: SecureConfig, rank: int, stages: int, timeout: float,
     roster = load_roster(cfg.roster, stages)
     mesh = Mesh(rank, identity, roster, cfg.coordinator, cfg.listen, cfg.advertise, timeout,
                 sign=cfg.sign, encrypt=cfg.encrypt, limits=limits)
-    links = mesh.connect()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // stages))
-    return dict(links)
+    return dict(mesh.connect())

@@ -56,7 +56,7 @@ def peer_fingerprint(sock: ssl.SSLSocket) -> str | None:
     return fingerprint(x509.load_der_x509_certificate(der)) if der else None
 
 
-def _recv_into(sock: ssl.SSLSocket, buf: memoryview) -> None:
+def recv_exactly(sock: ssl.SSLSocket, buf: memoryview) -> None:
     got = 0
     while got < len(buf):
         n = sock.recv_into(buf[got:])
@@ -186,7 +186,7 @@ class TlsChannel(Channel):
         try:
             while True:
                 hdr = bytearray(HEADER_SIZE)
-                _recv_into(self._inc, memoryview(hdr))
+                recv_exactly(self._inc, memoryview(hdr))
                 header = decode_header(hdr, self.limits)  # before any payload is allocated
                 self._check_header(header)
                 if header.kind in UNSIGNED and not self.owner_link:
@@ -194,11 +194,11 @@ class TlsChannel(Channel):
                                      "transfers pass only between stages 0 and N-1")
                 payload = torch.empty(header.nbytes, dtype=torch.uint8)
                 if header.nbytes:
-                    _recv_into(self._inc, memoryview(payload.numpy()))
+                    recv_exactly(self._inc, memoryview(payload.numpy()))
                 frame = decode_payload(header, payload)
                 if self.signer is not None and self.signer.signs(header.kind):
                     sig = bytearray(SIGNATURE)
-                    _recv_into(self._inc, memoryview(sig))
+                    recv_exactly(self._inc, memoryview(sig))
                     frame.digest = self.signer.verify(
                         bytes(hdr), memoryview(payload.numpy()) if header.nbytes else b"",
                         bytes(sig))

@@ -116,9 +116,10 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
                                               owns_group=owns_group,
                                               limits=limits_of(cfg, loaded))
     elif p.runtime == "secure":
-        from phalanx.pipeline.process import ProcessRuntime
+        from phalanx.pipeline.process import ProcessRuntime, stage_threads
         from phalanx.secure.runtime import secure_links
 
+        stage_threads(p)
         rank = cfg.secure.rank()
         device = stage_devices(p.device, p.stages)[rank]
         loaded, stage, tied = _one_stage(cfg, load, rank, defense)
