@@ -24,6 +24,9 @@ class SecureConfig:
     stage: int = -1  # the stage this process runs; -1: from the launcher's RANK
     encrypt: bool = True  # false: TLS authenticates, then frames travel in the clear
     sign: bool = True  # sign every frame (accountability); false only to measure its cost
+    token: str = ""  # a join token (or its file) that binds this stage's new key at the start
+    reconnect_s: float = 30.0  # how long a broken link waits for its peer to come back
+
 
     def rank(self) -> int:
         if self.stage >= 0:
@@ -46,7 +49,11 @@ class SecureConfig:
             value = getattr(self, key)
             if value:
                 parse_address(value, f"secure.{key}")
+        if not 0 <= self.reconnect_s <= 3600:
+            raise ConfigError(f"secure.reconnect_s={self.reconnect_s} must be in [0, 3600] "
+                              "seconds (0: a broken link is not resumed)")
 
     def missing(self) -> list[str]:
         """The settings a stage process needs that are not given."""
-        return [f"secure.{k}" for k in ("key", "roster", "coordinator") if not getattr(self, k)]
+        need = ("key", "coordinator") if self.token else ("key", "roster", "coordinator")
+        return [f"secure.{k}" for k in need if not getattr(self, k)]

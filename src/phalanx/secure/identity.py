@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import hmac
 import json
 import os
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from phalanx.errors import PhalanxError
 
 KEY_FILE, CERT_FILE = "key.pem", "cert.pem"
 VALID_DAYS = 365
+ROSTER_FORMAT = "phalanx-roster-1"
+TOKEN_BYTES = 32
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -110,16 +113,38 @@ class Member:
     fingerprint: str
 
 
-class Roster:
-    """The data owner's list of admitted stages, one pinned certificate each."""
+@dataclass
+class Token:
+    """A one-time join token for ``stage``: only its SHA-256 is kept (``phalanx keys token``)."""
 
-    def __init__(self, members: list[Member]) -> None:
+    stage: int
+    sha256: str
+    used: bool = False
+
+
+def member_of(stage: int, name: str, cert_pem: str) -> Member:
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    return Member(stage, name, cert_pem, fingerprint(cert))
+
+
+class Roster:
+    """The data owner's list of admitted stages, one pinned certificate each, and the
+    one-time tokens that let a new key bind itself to a stage (an open slot, or a stage whose
+    old key it then replaces)."""
+
+    def __init__(self, members: list[Member], tokens: list[Token] | None = None,
+                 path: Path | None = None) -> None:
         self.members = {m.stage: m for m in members}
-        self.by_fingerprint = {m.fingerprint: m for m in members}
+        self.tokens = list(tokens or [])
+        self.path = path  # where it is kept: a bound token is written back at once
+        self._index()
+
+    def _index(self) -> None:
+        self.by_fingerprint = {m.fingerprint: m for m in self.members.values()}
 
     @property
     def size(self) -> int:
-        return len(self.members)
+        return len(set(self.members) | {t.stage for t in self.tokens})
 
     def trusted_pem(self) -> str:
         """Every admitted certificate: the TLS trust anchors."""
@@ -129,10 +154,48 @@ class Roster:
         m = self.by_fingerprint.get(fp)
         return None if m is None else m.stage
 
-    def save(self, path: Path) -> None:
-        data = {"format": "phalanx-roster-1", "stages": [
+    def admit(self, member: Member) -> None:
+        """Pin ``member`` for its stage (the stage's previous key, if any, is revoked)."""
+        if self.by_fingerprint.get(member.fingerprint, member).stage != member.stage:
+            raise PhalanxError("this key is already admitted for another stage: a key serves "
+                               "one stage")
+        self.members[member.stage] = member
+        self._index()
+
+    def redeem(self, secret: bytes, stage: int) -> Token:
+        """Mark the token whose secret is ``secret`` used, if it is for ``stage`` and unused."""
+        digest = hashlib.sha256(secret).hexdigest()
+        for t in self.tokens:
+            if hmac.compare_digest(t.sha256, digest):
+                if t.stage != stage:
+                    raise PhalanxError(f"this join token is for stage {t.stage}, not {stage}")
+                if t.used:
+                    raise PhalanxError(f"the join token for stage {stage} was already used: "
+                                       "ask the data owner for a new one (phalanx keys token)")
+                t.used = True
+                return t
+        raise PhalanxError("the join token is not in the coordinator's roster: ask the data "
+                           "owner for a token (phalanx keys token)")
+
+    def new_token(self, stage: int) -> bytes:
+        """A fresh one-time secret for ``stage`` (only its hash is kept)."""
+        secret = os.urandom(TOKEN_BYTES)
+        self.tokens.append(Token(stage, hashlib.sha256(secret).hexdigest()))
+        return secret
+
+    def public(self) -> dict:
+        """The roster without its tokens: what the coordinator tells the stages."""
+        return {"format": ROSTER_FORMAT, "stages": [
             {"stage": m.stage, "name": m.name, "cert": m.cert_pem}
             for m in sorted(self.members.values(), key=lambda m: m.stage)]}
+
+    def save(self, path: Path | None = None) -> None:
+        path = path or self.path
+        if path is None:
+            return
+        data = self.public()
+        data["tokens"] = [{"stage": t.stage, "sha256": t.sha256, "used": t.used}
+                          for t in self.tokens]
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(data, indent=1) + "\n")
         os.replace(tmp, path)
@@ -140,39 +203,50 @@ class Roster:
 
 def roster_of(identities: list[tuple[str, str]]) -> Roster:
     """A roster admitting, for stage i, the certificate ``identities[i] = (name, cert_pem)``."""
-    members = []
-    for i, (name, pem) in enumerate(identities):
-        cert = x509.load_pem_x509_certificate(pem.encode())
-        members.append(Member(i, name, pem, fingerprint(cert)))
-    return Roster(members)
+    return Roster([member_of(i, name, pem) for i, (name, pem) in enumerate(identities)])
+
+
+def parse_roster(data: object, stages: int | None = None, where: str = "the roster",
+                 path: Path | None = None) -> Roster:
+    """Check a roster's JSON: stages 0..N-1 each with a certificate or an unused join token,
+    stage 0's certificate given (it is the coordinator), Ed25519 keys, none admitted twice."""
+    try:
+        if not isinstance(data, dict) or data.get("format") != ROSTER_FORMAT:
+            raise ValueError("not a phalanx roster")
+        entries, raw_tokens = data["stages"], data.get("tokens", [])
+        if not isinstance(entries, list) or not isinstance(raw_tokens, list):
+            raise ValueError("stages and tokens must be lists")
+        members = [member_of(int(e["stage"]), str(e.get("name", "")), str(e["cert"]))
+                   for e in entries]
+        tokens = [Token(int(t["stage"]), str(t["sha256"]), bool(t.get("used", False)))
+                  for t in raw_tokens]
+    except (ValueError, KeyError, TypeError, AttributeError, PhalanxError) as exc:
+        raise PhalanxError(f"{where} does not parse ({type(exc).__name__}: {exc}): write it "
+                           "with `phalanx keys roster`") from None
+    roster = Roster(members, tokens, path)
+    if len(members) != len(roster.members):
+        raise PhalanxError(f"{where} admits a stage twice: one key per stage")
+    open_slots = {t.stage for t in tokens if not t.used}
+    indices = sorted(set(roster.members) | open_slots)
+    if indices != list(range(len(indices))) or 0 not in roster.members:
+        raise PhalanxError(f"{where} must admit stages 0..N-1, each by a certificate or an "
+                           f"unused join token, and stage 0 by its certificate; got {indices}")
+    if len(roster.by_fingerprint) != len(members):
+        raise PhalanxError(f"{where} admits one key for two stages: give each its own key")
+    if stages is not None and len(indices) != stages:
+        raise PhalanxError(f"{where} admits {len(indices)} stages but pipeline.stages={stages}")
+    return roster
 
 
 def load_roster(path: str | Path, stages: int | None = None) -> Roster:
-    """Parse and check a roster file: stages 0..N-1 once each, Ed25519 certificates, no key
-    admitted twice."""
+    """Read and check a roster file (:func:`parse_roster`)."""
     p = Path(path).expanduser()
     try:
         data = json.loads(p.read_text())
-        entries = data["stages"]
-        if data.get("format") != "phalanx-roster-1" or not isinstance(entries, list):
-            raise ValueError("not a phalanx roster")
-        members = []
-        for e in entries:
-            cert = x509.load_pem_x509_certificate(str(e["cert"]).encode())
-            members.append(Member(int(e["stage"]), str(e.get("name", "")), str(e["cert"]),
-                                  fingerprint(cert)))
     except FileNotFoundError:
         raise PhalanxError(f"roster {p} does not exist: write one with `phalanx keys roster`"
                            ) from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise PhalanxError(f"roster {p} does not parse ({type(exc).__name__}: {exc}): write it "
                            "with `phalanx keys roster`") from None
-    indices = sorted(m.stage for m in members)
-    if indices != list(range(len(members))):
-        raise PhalanxError(f"roster {p} must admit stages 0..N-1 once each, got {indices}")
-    if len({m.fingerprint for m in members}) != len(members):
-        raise PhalanxError(f"roster {p} admits one key for two stages: give each its own key")
-    if stages is not None and len(members) != stages:
-        raise PhalanxError(f"roster {p} admits {len(members)} stages but pipeline.stages="
-                           f"{stages}")
-    return Roster(members)
+    return parse_roster(data, stages, f"roster {p}", p)

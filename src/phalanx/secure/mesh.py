@@ -1,23 +1,29 @@
-"""Rendezvous without pickle or an open store: every stage meets the others through the
-coordinator's address and the roster.
+"""Rendezvous and membership without pickle or an open store: every stage meets the others
+through the coordinator's address and the roster, and keeps listening while the job runs.
 
 1. Every stage listens; stage 0 (the data owner's coordinator) at ``secure.coordinator``.
 2. Stage s > 0 dials the coordinator over TLS (both ends authenticated against the roster, the
-   coordinator's key pinned as stage 0's) and says where it listens (HELLO).
+   coordinator's key pinned as stage 0's) and says where it listens (hello).
 3. The coordinator dials each stage back; once every admitted stage has joined it sends each
-   the address book (BOOK).
+   the address book, the run's session id and its roster, signed with its key (book).
 4. Every stage dials every other one; each connection carries one direction of a link.
+
+Every dialled connection starts with one message: a hello (a stage joining) or a resumption
+(a link whose connection broke, :mod:`phalanx.secure.link`). While the job runs:
+
+- a broken connection is redialled and the link resumes where it stopped;
+- a peer that does not come back within ``reconnect_s`` is dropped (``on_drop``), and its place
+  is free: a process with the stage's key (restarted) or with a key bound by a join token
+  (:mod:`phalanx.secure.join`) dials the coordinator as in step 2; the coordinator sends it the
+  book and tells every other stage (a signed notice on its link to them); they dial it and
+  accept its call, and each side hands the new link to ``on_member`` (failover builds on this).
 
 The accepting side learns who called from the pinned key of the TLS handshake, never from what
 the caller says. A key that is not in the roster is refused: at the handshake when its
 certificate chains to no roster certificate, or right after it, when it does (a roster member
-could sign one) but its key is pinned for no stage. A caller admitted for a stage that is
-already connected is refused the same way; every refusal is logged. At most 32 handshakes run
-at once (more callers are turned away, logged), each bounded in time, and every rendezvous
-read is bounded by what is left of the timeout. The
-honest process keeps waiting, bounded by the timeout, whose error names the missing stages.
-Rendezvous messages are length-prefixed JSON of a few hundred bytes, size-checked before
-reading; nothing is unpickled.
+could sign one) but its key is pinned for no stage. A hello for a stage that is connected is
+refused; every refusal is logged. At most 32 handshakes run at once (more callers are turned
+away, logged), each bounded in time, and every read is bounded by what is left of the timeout.
 """
 
 from __future__ import annotations
@@ -28,22 +34,31 @@ import os
 import queue
 import socket
 import ssl
-import struct
 import threading
 import time
+from collections.abc import Callable
 
-from phalanx.comm.channel import ChannelTimeout
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from phalanx.comm.channel import ChannelError, ChannelTimeout
 from phalanx.errors import PhalanxError
-from phalanx.secure.identity import Identity, Roster
-from phalanx.secure.tls import Signer, TlsChannel, context, peer_fingerprint, recv_exactly
+from phalanx.secure.identity import Identity, Member, Roster, member_of, parse_roster
+from phalanx.secure.join import admit
+from phalanx.secure.link import TlsChannel
+from phalanx.secure.signing import Signer
+from phalanx.secure.tls import context, peer_fingerprint, read_message, send_message, trust
 from phalanx.wire import DEFAULT_LIMITS, FrameError, Limits
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE = 64 * 1024
 HANDSHAKE_S = 30.0
 MAX_HANDSHAKES = 32  # unauthenticated connections being checked at once; more are refused
 SESSION_BYTES = 32
+REFUSED_RETRY_S = 5.0  # a peer may refuse our key until it has read the coordinator's roster
+RECONNECT_S = 30.0
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:
@@ -55,47 +70,13 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def send_message(sock: ssl.SSLSocket, msg: dict) -> None:
-    data = json.dumps(msg).encode()
-    sock.sendall(struct.pack("<I", len(data)) + data)
-
-
-def read_message(sock: ssl.SSLSocket, timeout: float | None = None) -> dict:
-    """One length-prefixed JSON object, within ``timeout`` seconds (a silent peer is a
-    :class:`ChannelTimeout`, not a hang)."""
-    sock.settimeout(timeout)
-    try:
-        return _read_message(sock)
-    except TimeoutError:
-        raise ChannelTimeout(f"no rendezvous message within {timeout:g} s") from None
-    finally:
-        sock.settimeout(None)
-
-
-def _read_message(sock: ssl.SSLSocket) -> dict:
-    size = bytearray(4)
-    recv_exactly(sock, memoryview(size))
-    (n,) = struct.unpack("<I", size)
-    if n > MAX_MESSAGE:
-        raise FrameError(f"a rendezvous message of {n} bytes (at most {MAX_MESSAGE})")
-    data = bytearray(n)
-    recv_exactly(sock, memoryview(data))
-    try:
-        msg = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise FrameError("a rendezvous message that is not JSON (or nested too deep)") from None
-    if not isinstance(msg, dict):
-        raise FrameError("a rendezvous message that is not a JSON object")
-    return msg
-
-
 class Mesh:
-    """Builds this stage's TLS links to every other stage of the roster."""
+    """This stage's TLS links to every other stage of the roster, kept up while the job runs."""
 
     def __init__(self, me: int, identity: Identity, roster: Roster, coordinator: str,
                  listen: str = "127.0.0.1:0", advertise: str = "", timeout: float = 300.0,
-                 sign: bool = True, encrypt: bool = True, limits: Limits = DEFAULT_LIMITS
-                 ) -> None:
+                 sign: bool = True, encrypt: bool = True, limits: Limits = DEFAULT_LIMITS,
+                 reconnect_s: float = RECONNECT_S) -> None:
         self.me, self.n = me, roster.size
         if roster.stage_of(identity.fingerprint) != me:
             raise PhalanxError(f"the identity {identity.cert_path.parent} is not the roster's "
@@ -105,16 +86,25 @@ class Mesh:
         self.listen = self.coordinator if me == 0 else parse_address(listen, "secure.listen")
         self.advertise = advertise
         self.sign, self.encrypt, self.limits = sign, encrypt, limits
-        self._server_ctx = context(identity, roster, server=True)
-        self._client_ctx = context(identity, roster, server=False)
+        self.reconnect_s = reconnect_s
+        trusted = roster.trusted_pem()
+        self._server_ctx = context(identity, trusted, server=True, anonymous=me == 0)
+        self._client_ctx = context(identity, trusted, server=False)
+        self._key = serialization.load_pem_private_key(identity.key_path.read_bytes(), None)
         self._incoming: queue.Queue = queue.Queue()
-        self._arrived: dict[int, ssl.SSLSocket] = {}  # stages that called, kept until asked for
-        self._accepted: set[int] = set()
+        self._arrived: dict[int, tuple[socket.socket, dict]] = {}  # kept until asked for
+        self._arrival = threading.Condition()
+        self._accepted: set[int] = set()  # stages whose call this stage has taken
         self._lock = threading.Lock()
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         self._listener: socket.socket | None = None
         self._listening = False
         self.session = b""  # the coordinator's random run id, covered by every signature
+        self.book: list[str] = []
+        self.links: dict[int, TlsChannel] = {}
+        self.dropped: set[int] = set()
+        self.on_drop: Callable[[int], None] | None = None
+        self.on_member: Callable[[int, TlsChannel], None] | None = None
 
     # -- accepting (one direction of each link) -------------------------------------------
     def _listen(self) -> int:
@@ -157,6 +147,10 @@ class Mesh:
         finally:
             self._handshakes.release()
 
+    def _refuse(self, conn: socket.socket, where: object, why: str) -> None:
+        log.warning("stage %d refused %s: %s", self.me, where, why)
+        conn.close()
+
     def _authenticate(self, raw: socket.socket, where: object) -> None:
         raw.settimeout(HANDSHAKE_S)
         try:
@@ -167,49 +161,78 @@ class Mesh:
                         getattr(exc, "reason", None) or type(exc).__name__)
             raw.close()
             return
-        stage = self.roster.stage_of(peer_fingerprint(tls) or "")
-        with self._lock:
-            fresh = stage is not None and stage != self.me and stage not in self._accepted
-            if fresh:
-                self._accepted.add(stage)
-        if not fresh:
-            log.warning("stage %d refused %s: %s", self.me, where,
-                        "its key is admitted for no stage" if stage is None else
-                        f"its key is admitted for stage {stage}, which is already connected")
+        fp = peer_fingerprint(tls)
+        if fp is None:  # only the coordinator lets a caller without a key in: to join
+            admit(tls, self.roster, where, HANDSHAKE_S, self._trust)
             tls.close()
             return
+        stage = self.roster.stage_of(fp)
+        if stage is None or stage == self.me:
+            return self._refuse(tls, where, "its key is admitted for no stage")
         try:
+            hello = read_message(tls, HANDSHAKE_S)
             conn = self._after_handshake(tls)  # still under the handshake timeout
-        except (ssl.SSLError, OSError) as exc:
-            log.warning("stage %d dropped stage %s: %s", self.me, stage, exc)
-            tls.close()
-            return
+        except (ChannelError, FrameError, ssl.SSLError, OSError) as exc:
+            return self._refuse(tls, where, f"stage {stage} did not finish the handshake ({exc})")
         conn.settimeout(None)
-        self._incoming.put((stage, conn))
+        with self._lock:
+            link = self.links.get(stage)
+            if "resume" in hello:
+                if link is None or link.lost or hello["resume"] != self.session.hex():
+                    return self._refuse(conn, where, f"stage {stage} asked to resume a link "
+                                        "this stage does not have")
+                link.resume_incoming(conn)
+                return
+            if not self.links:  # the rendezvous: one call per stage
+                if stage in self._accepted:
+                    return self._refuse(conn, where, f"its key is admitted for stage {stage}, "
+                                        "which is already connected")
+                self._accepted.add(stage)
+        # while the job runs a call is a replacement: the coordinator checks that the stage
+        # was dropped; elsewhere it waits for the coordinator's notice (the latest call kept)
+        self._incoming.put((stage, conn, hello))
 
-    def _collect(self, stages: set[int], deadline: float) -> dict[int, ssl.SSLSocket]:
-        while not stages <= set(self._arrived):
+    def _collect(self, stages: set[int], deadline: float) -> dict[int, tuple[socket.socket,
+                                                                           dict]]:
+        """The calls of ``stages`` (connection, hello), as they arrive; early ones wait."""
+        while True:
+            with self._arrival:
+                if stages <= set(self._arrived):
+                    return {s: self._arrived.pop(s) for s in stages}
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ChannelTimeout(f"stage {self.me} waited {self.timeout:g} s for stage(s) "
                                      f"{sorted(stages - set(self._arrived))} to connect")
-            try:
-                stage, tls = self._incoming.get(timeout=min(left, 1.0))
-            except queue.Empty:
-                continue
-            self._arrived[stage] = tls  # early callers wait here for their turn
-        return {s: self._arrived.pop(s) for s in stages}
+            self._take_arrival(min(left, 1.0))
+
+    def _take_arrival(self, wait: float) -> None:
+        try:
+            stage, conn, hello = self._incoming.get(timeout=wait)
+        except queue.Empty:
+            return
+        with self._arrival:
+            older = self._arrived.get(stage)
+            if older is not None:
+                older[0].close()
+            self._arrived[stage] = (conn, hello)
+            self._arrival.notify_all()
 
     # -- dialling (the other direction) ---------------------------------------------------
-    def _dial(self, host: str, port: int, stage: int, deadline: float) -> ssl.SSLSocket:
-        """Dial until the peer listens (it may start later) or the deadline passes."""
+    def _dial(self, address: str, stage: int, deadline: float, first: dict) -> socket.socket:
+        """Dial until the peer listens (it may start later) or the deadline passes; say
+        ``first`` (hello or resumption)."""
+        host, port = parse_address(address, f"stage {stage}'s address")
+        refused_until = None
         while True:
             try:
                 raw = socket.create_connection((host, port), timeout=HANDSHAKE_S)
                 tls = self._client_ctx.wrap_socket(raw)
                 break
             except (ConnectionError, OSError) as exc:
-                if isinstance(exc, ssl.SSLError) or time.monotonic() > deadline:
+                now = time.monotonic()
+                if isinstance(exc, ssl.SSLError):  # the peer may not know our key yet
+                    refused_until = refused_until or now + REFUSED_RETRY_S
+                if now > deadline or (refused_until is not None and now > refused_until):
                     raise PhalanxError(f"stage {self.me} cannot reach stage {stage} at "
                                        f"{host}:{port} ({type(exc).__name__}: {exc}): check "
                                        "the address, the roster, and that the stage runs"
@@ -220,6 +243,7 @@ class Mesh:
             raise PhalanxError(f"the peer at {host}:{port} is not the roster's stage {stage}")
         try:
             tls.settimeout(max(0.1, min(HANDSHAKE_S, deadline - time.monotonic())))
+            send_message(tls, first)
             conn = self._after_handshake(tls)  # still bounded: a peer that never answers
         except (ssl.SSLError, OSError) as exc:
             tls.close()
@@ -234,22 +258,61 @@ class Mesh:
         integrity resting on the signatures: for benchmarks and confidential-anyway links)."""
         return tls if self.encrypt else tls.unwrap()
 
-    def _signer(self, key: object, peer: int) -> Signer | None:
-        if key is None:
-            return None
-        from cryptography import x509
+    # -- what the coordinator says, signed ------------------------------------------------
+    def _signed(self, body: dict) -> dict:
+        data = json.dumps(body, sort_keys=True)
+        assert isinstance(self._key, ed25519.Ed25519PrivateKey)
+        return {"signed": data, "sig": self._key.sign(data.encode()).hex()}
 
-        cert = x509.load_pem_x509_certificate(self.roster.members[peer].cert_pem.encode())
-        return Signer(key, cert.public_key(), self.session,  # type: ignore[arg-type]
-                      sign_all=not self.encrypt)
+    def _verified(self, msg: dict) -> dict:
+        """A message of the coordinator's, checked against stage 0's pinned key (frames may
+        travel in the clear, so the book must not rest on the connection alone)."""
+        cert = x509.load_pem_x509_certificate(self.roster.members[0].cert_pem.encode())
+        key = cert.public_key()
+        assert isinstance(key, ed25519.Ed25519PublicKey)
+        try:
+            data = str(msg["signed"])
+            key.verify(bytes.fromhex(str(msg["sig"])), data.encode())
+            body = json.loads(data)
+        except (KeyError, ValueError, InvalidSignature):
+            raise FrameError("a message that does not carry the coordinator's signature"
+                             ) from None
+        if not isinstance(body, dict):
+            raise FrameError("the coordinator's message is not a JSON object")
+        return body
 
-    def _signing_key(self) -> object:
-        """This stage's private key, read once for all its links (None: signing is off)."""
-        if not self.sign:
-            return None
-        from cryptography.hazmat.primitives import serialization
+    def _trust(self, member: Member) -> None:
+        """Admit ``member``'s key for its stage in both directions' TLS contexts."""
+        with self._lock:
+            if self.roster.members.get(member.stage) != member:
+                self.roster.admit(member)
+            trust(self._server_ctx, member.cert_pem)
+            trust(self._client_ctx, member.cert_pem)
 
-        return serialization.load_pem_private_key(self.identity.key_path.read_bytes(), None)
+    def _learn(self, body: dict) -> None:
+        """Take the coordinator's book: addresses, session id, and its roster (keys bound by
+        join tokens since this stage read its own copy)."""
+        book, session = body.get("book"), body.get("session")
+        if not isinstance(book, list) or len(book) != self.n:
+            raise FrameError("the coordinator's address book does not list every stage")
+        try:
+            self.session = bytes.fromhex(str(session))
+        except ValueError:
+            self.session = b""
+        if len(self.session) != SESSION_BYTES:
+            raise FrameError("the coordinator's address book has no valid session id")
+        roster = parse_roster(body.get("roster"), self.n, "the coordinator's roster")
+        if roster.stage_of(self.identity.fingerprint) != self.me:
+            raise PhalanxError(f"the coordinator's roster no longer admits this key for stage "
+                               f"{self.me}: it was replaced or revoked")
+        for m in roster.members.values():
+            if self.roster.members.get(m.stage) != m:
+                self._trust(m)
+        self.book = [str(b) for b in book]
+
+    def _book(self) -> dict:
+        return self._signed({"book": self.book, "session": self.session.hex(),
+                             "roster": self.roster.public()})
 
     # -- the rendezvous -------------------------------------------------------------------
     def connect(self) -> dict[int, TlsChannel]:
@@ -257,41 +320,46 @@ class Mesh:
         deadline = time.monotonic() + self.timeout
         others = set(range(self.n)) - {self.me}
         port = self._listen()
-        out: dict[int, ssl.SSLSocket] = {}
+        out: dict[int, socket.socket] = {}
         if self.me == 0:
-            inc = self._collect(others, deadline)
-            book = [f"{self.coordinator[0]}:{self.coordinator[1]}"] + [""] * (self.n - 1)
+            calls = self._collect(others, deadline)
             self.session = os.urandom(SESSION_BYTES)
+            self.book = [f"{self.coordinator[0]}:{self.coordinator[1]}"] + [""] * (self.n - 1)
             for s in sorted(others):
-                book[s] = str(read_message(inc[s], self._left(deadline)).get("listen", ""))
-                out[s] = self._dial(*parse_address(book[s], f"stage {s}'s address"), s,
-                                    deadline)
+                self.book[s] = str(calls[s][1].get("hello", ""))
+                out[s] = self._dial(self.book[s], s, deadline, {"hello": ""})
             for s in sorted(others):
-                send_message(out[s], {"book": book, "session": self.session.hex()})
+                send_message(out[s], self._book())
         else:
-            out[0] = self._dial(*self.coordinator, 0, deadline)
             here = self.advertise or f"{self.listen[0]}:{port}"
-            send_message(out[0], {"listen": here})
-            inc = self._collect({0}, deadline)
-            msg = read_message(inc[0], self._left(deadline))
-            book = msg.get("book")
-            if not isinstance(book, list) or len(book) != self.n:
-                raise FrameError("the coordinator's address book does not list every stage")
-            try:
-                self.session = bytes.fromhex(str(msg.get("session", "")))
-            except ValueError:
-                self.session = b""
-            if len(self.session) != SESSION_BYTES:
-                raise FrameError("the coordinator's address book has no valid session id")
+            out[0] = self._dial(f"{self.coordinator[0]}:{self.coordinator[1]}", 0, deadline,
+                                {"hello": here})
+            calls = self._collect({0}, deadline)
+            self._learn(self._verified(read_message(calls[0][0], self._left(deadline))))
             for t in sorted(others - {0}):
-                out[t] = self._dial(*parse_address(str(book[t]), f"stage {t}'s address"), t,
-                                    deadline)
-            inc.update(self._collect(others - {0}, deadline))
-        self.close_listener()
-        key = self._signing_key()
-        return {p: TlsChannel(self.me, p, out[p], inc[p], self.limits,
-                              signer=self._signer(key, p), stages=self.n, timeout=self.timeout)
-                for p in sorted(others)}
+                out[t] = self._dial(self.book[t], t, deadline, {"hello": ""})
+            calls.update(self._collect(others - {0}, deadline))
+        with self._lock:
+            self.links = {p: self._link(p, out[p], calls[p][0]) for p in sorted(others)}
+        threading.Thread(target=self._serve, daemon=True, name=f"phalanx-members-{self.me}"
+                         ).start()
+        return dict(self.links)
+
+    def _link(self, peer: int, out: socket.socket, inc: socket.socket) -> TlsChannel:
+        signer = None
+        if self.sign:
+            cert = x509.load_pem_x509_certificate(self.roster.members[peer].cert_pem.encode())
+            signer = Signer(self._key, cert.public_key(), self.session,  # type: ignore[arg-type]
+                            sign_all=not self.encrypt)
+        return TlsChannel(self.me, peer, out, inc, self.limits, signer=signer, stages=self.n,
+                          timeout=self.timeout, redial=self._redialler(peer),
+                          reconnect_s=self.reconnect_s, on_lost=self._lost,
+                          on_notice=self._notice if peer == 0 else None)
+
+    def _redialler(self, peer: int) -> Callable[[float], socket.socket]:
+        def redial(deadline: float) -> socket.socket:
+            return self._dial(self.book[peer], peer, deadline, {"resume": self.session.hex()})
+        return redial
 
     def _left(self, deadline: float) -> float:
         left = deadline - time.monotonic()
@@ -299,8 +367,89 @@ class Mesh:
             raise ChannelTimeout(f"stage {self.me}: the rendezvous took over {self.timeout:g} s")
         return left
 
+    # -- membership while the job runs ----------------------------------------------------
+    def _lost(self, peer: int) -> None:
+        with self._lock:
+            self.dropped.add(peer)  # its place is free for a replacement
+        log.warning("stage %d dropped stage %d; its place is open for a replacement", self.me,
+                    peer)
+        if self.on_drop is not None:
+            self.on_drop(peer)
+
+    def _serve(self) -> None:
+        """Take calls while the job runs: at the coordinator each is a replacement."""
+        while self._listening:
+            self._take_arrival(1.0)
+            if self.me != 0:
+                continue
+            with self._arrival:
+                calls = [(s, self._arrived.pop(s)) for s in list(self._arrived)]
+            for stage, (conn, hello) in calls:
+                threading.Thread(target=self._replace, args=(stage, conn, hello),
+                                 daemon=True).start()
+
+    def _replace(self, stage: int, inc: socket.socket, hello: dict) -> None:
+        """The coordinator takes a stage that called again after being dropped."""
+        try:
+            if stage not in self.dropped:
+                raise PhalanxError("it is not dropped")
+            address = str(hello.get("hello", ""))
+            deadline = time.monotonic() + self.timeout
+            out = self._dial(address, stage, deadline, {"hello": ""})
+            self.book[stage] = address
+            send_message(out, self._book())
+            member = self.roster.members[stage]
+            notice = self._signed({"member": stage, "listen": address, "cert": member.cert_pem,
+                                   "name": member.name, "session": self.session.hex()})
+            for p, link in list(self.links.items()):
+                if p != stage and not link.lost:
+                    link.notice(notice)
+        except (PhalanxError, ChannelError, OSError, ssl.SSLError) as exc:
+            log.warning("stage 0 could not take stage %d back: %s", stage, exc)
+            inc.close()
+            return
+        self._welcome(stage, out, inc)
+
+    def _notice(self, msg: dict) -> None:
+        """The coordinator says a replacement for a stage joined: dial it, take its call."""
+        threading.Thread(target=self._meet, args=(msg,), daemon=True).start()
+
+    def _meet(self, msg: dict) -> None:
+        try:
+            body = self._verified(msg)
+            stage = body.get("member")
+            if (not isinstance(stage, int) or isinstance(stage, bool)
+                    or not 0 < stage < self.n or stage == self.me
+                    or body.get("session") != self.session.hex()):
+                raise FrameError(f"a notice for stage {stage!r} of another run or no stage")
+            self._trust(member_of(stage, str(body.get("name", "")), str(body.get("cert", ""))))
+            old = self.links.get(stage)
+            if old is not None and not old.lost:
+                old.abandon("the coordinator replaced it")
+            deadline = time.monotonic() + self.timeout
+            address = str(body.get("listen", ""))
+            out = self._dial(address, stage, deadline, {"hello": ""})
+            self.book[stage] = address
+            inc = self._collect({stage}, deadline)[stage][0]
+        except (PhalanxError, ChannelError, FrameError, OSError, ssl.SSLError, ValueError
+                ) as exc:
+            log.warning("stage %d could not meet a replacement: %s", self.me, exc)
+            return
+        self._welcome(stage, out, inc)
+
+    def _welcome(self, stage: int, out: socket.socket, inc: socket.socket) -> None:
+        with self._lock:
+            link = self._link(stage, out, inc)
+            self.links[stage] = link
+            self.dropped.discard(stage)
+        log.warning("stage %d: stage %d is back (a new link)", self.me, stage)
+        if self.on_member is not None:
+            self.on_member(stage, link)
+
     def close_listener(self) -> None:
         self._listening = False
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+
+    close = close_listener

@@ -2,22 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 from phalanx.comm import Channel
 from phalanx.errors import ConfigError
 from phalanx.secure.config import SecureConfig
 from phalanx.secure.identity import load_identity, load_roster
-from phalanx.secure.mesh import Mesh
+from phalanx.secure.join import join
+from phalanx.secure.mesh import Mesh, parse_address
 from phalanx.wire import DEFAULT_LIMITS, Limits
 
 
 def secure_links(cfg: SecureConfig, rank: int, stages: int, timeout: float,
-                 limits: Limits = DEFAULT_LIMITS) -> dict[int, Channel]:
-    """Load this stage's identity and the roster, meet the other stages, return the links."""
+                 limits: Limits = DEFAULT_LIMITS
+                 ) -> tuple[dict[int, Channel], Callable[[], None]]:
+    """Load this stage's identity and the roster (or bind the identity with a join token),
+    meet the other stages; the links, and what closes the mesh after them."""
     if cfg.missing():
         raise ConfigError(f"pipeline.runtime=secure needs {', '.join(cfg.missing())}: see the "
                           "README's section on several hosts")
     identity = load_identity(cfg.key_dir(rank))
-    roster = load_roster(cfg.roster, stages)
+    if cfg.token:
+        stage, roster = join(identity, cfg.token, parse_address(cfg.coordinator,
+                                                                "secure.coordinator"), timeout)
+        if stage != rank:
+            raise ConfigError(f"the join token is for stage {stage}, but this process runs "
+                              f"stage {rank}: set secure.stage={stage}")
+        if roster.size != stages:
+            raise ConfigError(f"the coordinator's roster has {roster.size} stages but "
+                              f"pipeline.stages={stages}")
+        if cfg.roster:
+            roster.save(Path(cfg.roster).expanduser())
+    else:
+        roster = load_roster(cfg.roster, stages)
     mesh = Mesh(rank, identity, roster, cfg.coordinator, cfg.listen, cfg.advertise, timeout,
-                sign=cfg.sign, encrypt=cfg.encrypt, limits=limits)
-    return dict(mesh.connect())
+                sign=cfg.sign, encrypt=cfg.encrypt, limits=limits,
+                reconnect_s=cfg.reconnect_s)
+    return dict(mesh.connect()), mesh.close

@@ -123,9 +123,10 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
         rank = cfg.secure.rank()
         device = stage_devices(p.device, p.stages)[rank]
         loaded, stage, tied = _one_stage(cfg, load, rank, defense)
-        links = secure_links(cfg.secure, rank, p.stages, p.timeout_s, limits_of(cfg, loaded))
+        links, close_mesh = secure_links(cfg.secure, rank, p.stages, p.timeout_s,
+                                         limits_of(cfg, loaded))
         runtime = ProcessRuntime(stage, p, cfg.optim, total_steps, device, links, tied=tied,
-                                 wrap=wrap, attach=attacher(defense))
+                                 wrap=wrap, attach=attacher(defense), on_close=close_mesh)
     else:
         loaded = load(cfg.model)
         torch.manual_seed(cfg.train.seed)
