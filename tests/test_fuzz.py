@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from phalanx.comm import ChannelClosed
-from phalanx.secure.tls import read_message
 from phalanx.secure.link import TlsChannel
+from phalanx.secure.tls import read_message
 from phalanx.wire import HEADER_SIZE, Frame, FrameError, Kind, Limits, decode, encode
 
 LIMITS = Limits(max_bytes=4096, max_dim=1 << 20)

@@ -21,8 +21,8 @@ from phalanx.comm import ChannelClosed
 from phalanx.errors import PhalanxError
 from phalanx.launch.supervisor import free_port
 from phalanx.secure.identity import load_identity, load_roster, new_identity, roster_of
-from phalanx.secure.mesh import Mesh
 from phalanx.secure.link import TlsChannel
+from phalanx.secure.mesh import Mesh
 from phalanx.secure.tls import context, send_message
 from phalanx.wire import Frame, Kind
 

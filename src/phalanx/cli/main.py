@@ -92,14 +92,19 @@ def _parser() -> argparse.ArgumentParser:
         "keys", help="identities and the roster of the secure transport",
         description="new: an Ed25519 key and its certificate in --out (key.pem is 0600; share "
         "only cert.pem). roster: the data owner's list of admitted stages, one identity folder "
-        "(or a copy of its cert.pem beside a key) per stage, in stage order.")
-    ks = k.add_subparsers(dest="action", required=True, metavar="{new,roster}")
+        "(or a copy of its cert.pem beside a key) per stage, in stage order. token: a one-time "
+        "secret that lets a participant bind a key it made itself to a stage (secure.token).")
+    ks = k.add_subparsers(dest="action", required=True, metavar="{new,roster,token}")
     kn = ks.add_parser("new", help="a new identity (key.pem, cert.pem) in --out")
     kn.add_argument("--out", required=True, help="identity folder")
     kn.add_argument("--name", help="a name for the certificate")
     kr = ks.add_parser("roster", help="the roster admitting these identities as stages 0..N-1")
     kr.add_argument("--out", required=True, help="roster file")
-    kr.add_argument("identities", nargs="+", help="identity folders of stages 0..N-1")
+    kr.add_argument("identities", nargs="+", help="identity folders of stages 0..N-1; '-' "
+                    "for a stage a participant will join with a token (printed)")
+    kt = ks.add_parser("token", help="a one-time join token binding a new key to a stage")
+    kt.add_argument("--roster", required=True, help="the coordinator's roster file")
+    kt.add_argument("--stage", required=True, type=int, help="the stage (1..N-1) to bind")
 
     r = sub.add_parser("report", help="summary table and loss plot of a run directory")
     r.add_argument("run_dir", help="a train.out_dir")
@@ -176,19 +181,37 @@ def _spawn_secure(cfg, argv: list[str]) -> int:  # noqa: ANN001
 
 
 def cmd_keys(a: argparse.Namespace) -> int:
-    """Identities and the roster of the secure transport."""
-    from phalanx.secure.identity import load_identity, new_identity, roster_of
+    """Identities, the roster and join tokens of the secure transport."""
+    from phalanx.secure.identity import Roster, load_identity, load_roster, member_of, new_identity
+    from phalanx.secure.join import token_text
 
     if a.action == "new":
         ident = new_identity(Path(a.out), a.name or Path(a.out).name)
         print(json.dumps({"identity": str(ident.cert_path.parent),
                           "fingerprint": ident.fingerprint}))
         return 0
-    ids = [load_identity(d) for d in a.identities]
-    roster = roster_of([(Path(d).name, x.cert_pem) for d, x in zip(a.identities, ids,
-                                                                   strict=True)])
-    roster.save(Path(a.out))
-    print(json.dumps({"roster": a.out, "stages": [x.fingerprint[:16] for x in ids]}))
+    if a.action == "token":
+        roster = load_roster(a.roster)
+        if not 0 < a.stage < roster.size:
+            raise PhalanxError(f"--stage {a.stage}: a join token is for a stage 1.."
+                               f"{roster.size - 1} of this roster (stage 0 is the coordinator)")
+        secret = roster.new_token(a.stage)
+        roster.save()
+        print(json.dumps({"stage": a.stage,
+                          "token": token_text(a.stage, secret, roster.members[0].fingerprint)}))
+        return 0
+    if not a.identities or a.identities[0] == "-":
+        raise PhalanxError("the first identity of a roster is stage 0's, the coordinator's: "
+                           "give its folder")
+    ids = {i: load_identity(d) for i, d in enumerate(a.identities) if d != "-"}
+    roster = Roster([member_of(i, Path(a.identities[i]).name, x.cert_pem)
+                     for i, x in ids.items()])
+    out = Path(a.out)
+    tokens = {i: token_text(i, roster.new_token(i), roster.members[0].fingerprint)
+              for i, d in enumerate(a.identities) if d == "-"}
+    roster.save(out)
+    print(json.dumps({"roster": a.out, "stages": [x.fingerprint[:16] for x in ids.values()],
+                      **({"tokens": tokens} if tokens else {})}))
     return 0
 
 

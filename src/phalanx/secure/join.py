@@ -33,8 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from phalanx.comm.channel import ChannelError
 from phalanx.errors import PhalanxError
-from phalanx.secure.identity import TOKEN_BYTES, Identity, Member, Roster, member_of, \
-    parse_roster
+from phalanx.secure.identity import TOKEN_BYTES, Identity, Member, Roster, member_of, parse_roster
 from phalanx.secure.tls import context, peer_fingerprint, read_message, send_message
 from phalanx.wire import FrameError
 

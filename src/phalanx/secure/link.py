@@ -293,8 +293,8 @@ class TlsChannel(Channel):
                 if conn is None:
                     why = (f"stage {self.peer} did not come back within {self.reconnect_s:g} s "
                            f"({_reason(exc)}): dropped")
-                    self._inbox.put(ChannelClosed(why))
                     self._drop(why)
+                    self._inbox.put(ChannelClosed(why))
                     return
                 self._inc = conn
 
