@@ -50,9 +50,11 @@ def _frame(step: int, x: torch.Tensor) -> Frame:
     return Frame(kind=Kind.ACTIVATION, step=step, micro=0, src=0, dst=0, tensor=x)
 
 
-def _shut(links) -> None:  # noqa: ANN001
-    for per in links.values():
-        for ch in per.values():
+def _shut(*meshes: Mesh) -> None:
+    """End the test's meshes: no listener, no link left redialling."""
+    for m in meshes:
+        m.close_listener()
+        for ch in m.links.values():
             ch.abandon("the test is over")
 
 
@@ -83,7 +85,7 @@ def test_a_cut_connection_resumes_with_every_frame_delivered_once_in_order(crew)
     a.send(_frame(999, torch.ones(3)))  # the link is whole again, both ways
     b.send(_frame(998, torch.ones(3)))
     assert b.recv(10).step == 999 and a.recv(10).step == 998
-    _shut(links)
+    _shut(*meshes.values())
 
 
 def test_a_dead_peer_is_dropped_the_others_go_on_and_a_joined_key_takes_its_place(
@@ -127,8 +129,7 @@ def test_a_dead_peer_is_dropped_the_others_go_on_and_a_joined_key_takes_its_plac
     assert [t.used for t in saved.tokens] == [True]
     with pytest.raises(PhalanxError, match="already used: ask the data owner for a new one"):
         join(new_identity(tmp_path / "late", "late"), token, ("127.0.0.1", port), 10)
-    _shut(links)
-    _shut({2: new_links})
+    _shut(*meshes.values(), fresh)
 
 
 def test_a_stage_left_open_in_the_roster_is_joined_with_a_token_at_the_start(crew, tmp_path):
@@ -141,14 +142,17 @@ def test_a_stage_left_open_in_the_roster_is_joined_with_a_token_at_the_start(cre
     joiner = new_identity(tmp_path / "j2", "joiner")
     port = free_port()
     links: dict = {}
+    meshes: dict = {}
 
     def member(i: int) -> None:
-        links[i] = Mesh(i, ids[i], load_roster(tmp_path / "open.json"), f"127.0.0.1:{port}",
-                        timeout=20).connect()
+        meshes[i] = Mesh(i, ids[i], load_roster(tmp_path / "open.json"), f"127.0.0.1:{port}",
+                         timeout=20)
+        links[i] = meshes[i].connect()
 
     def joining() -> None:
         _, roster = join(joiner, token, ("127.0.0.1", port), 20)
-        links[2] = Mesh(2, joiner, roster, f"127.0.0.1:{port}", timeout=20).connect()
+        meshes[2] = Mesh(2, joiner, roster, f"127.0.0.1:{port}", timeout=20)
+        links[2] = meshes[2].connect()
 
     threads = [threading.Thread(target=member, args=(0,), daemon=True),
                threading.Thread(target=member, args=(1,), daemon=True),
@@ -161,7 +165,7 @@ def test_a_stage_left_open_in_the_roster_is_joined_with_a_token_at_the_start(cre
     links[1][2].send(_frame(1, torch.ones(9)))  # stage 1 learnt the new key from the book
     assert torch.equal(links[2][1].recv(10).tensor, torch.ones(9))
     assert load_roster(tmp_path / "open.json").stage_of(joiner.fingerprint) == 2
-    _shut(links)
+    _shut(*meshes.values())
 
 
 def test_join_refusals_name_the_problem(crew, tmp_path, caplog):
@@ -172,8 +176,7 @@ def test_join_refusals_name_the_problem(crew, tmp_path, caplog):
     fp = roster.members[0].fingerprint
     port = free_port()
     coordinator = Mesh(0, ids[0], roster, f"127.0.0.1:{port}", timeout=30)
-    threading.Thread(target=lambda: pytest.raises(Exception, coordinator.connect),
-                     daemon=True).start()
+    threading.Thread(target=_waits_for_stages, args=(coordinator,), daemon=True).start()
     me = new_identity(tmp_path / "m", "m")
     with caplog.at_level(logging.WARNING):
         with pytest.raises(PhalanxError, match="not in the coordinator's roster"):
@@ -209,7 +212,7 @@ def test_a_resumption_without_a_link_or_with_another_session_is_refused(crew, ca
     assert "asked to resume a link this stage does not have" in caplog.text
     links[2][1].send(_frame(3, torch.ones(2)))  # the real link is untouched
     assert links[1][2].recv(10).step == 3
-    _shut(links)
+    _shut(*meshes.values())
 
 
 def test_a_peer_that_asks_to_resume_from_an_impossible_frame_closes_the_link():
@@ -245,3 +248,13 @@ def test_a_book_not_signed_by_the_coordinator_is_refused(crew):
     tampered["signed"] = tampered["signed"].replace("1", "2")
     with pytest.raises(FrameError, match="coordinator's signature"):
         m1._verified(tampered)
+
+
+def _waits_for_stages(mesh: Mesh) -> None:
+    """A coordinator that listens (and answers joins) until its rendezvous times out."""
+    from phalanx.comm.channel import ChannelTimeout
+
+    try:
+        mesh.connect()
+    except ChannelTimeout:
+        pass

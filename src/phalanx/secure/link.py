@@ -98,6 +98,7 @@ class TlsChannel(Channel):
         self._resumes: queue.Queue = queue.Queue(maxsize=4)  # new incoming connections
         self._send_error: Exception | None = None
         self._closed = False
+        self._peer_gone = False
         self._lock = threading.Lock()
         self._unacked: collections.deque[_Sent] = collections.deque()
         self._unacked_bytes = 0
@@ -203,7 +204,7 @@ class TlsChannel(Channel):
             self._write(rec)
             return
         except (OSError, ssl.SSLError) as exc:
-            if not self.resumable or self._closed:
+            if not self.resumable or self._closed or self._peer_gone:
                 self._send_error = exc
                 return
             why = exc
@@ -223,8 +224,8 @@ class TlsChannel(Channel):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            try:
-                conn = self._redial(deadline)
+            try:  # one attempt at a time, so that a close is seen between them
+                conn = self._redial(min(deadline, time.monotonic() + 2.0))
                 msg = read_message(conn, left)
             except (PhalanxError, ChannelError, FrameError, OSError, ssl.SSLError) as exc:
                 why = exc
@@ -326,6 +327,7 @@ class TlsChannel(Channel):
                 self._take_notice(payload)
                 continue
             if frame.kind is Kind.CONTROL and frame.micro == BYE_MICRO:
+                self._peer_gone = True  # nothing is resumed after a goodbye
                 self._inbox.put(ChannelClosed(f"stage {self.peer} closed the link"))
                 return
             self.bytes_received += HEADER_SIZE + header.nbytes

@@ -70,6 +70,10 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class _Refused(Exception):
+    """The peer did not take our call (its TLS alert, or its refusal)."""
+
+
 class Mesh:
     """This stage's TLS links to every other stage of the roster, kept up while the job runs."""
 
@@ -170,27 +174,39 @@ class Mesh:
         if stage is None or stage == self.me:
             return self._refuse(tls, where, "its key is admitted for no stage")
         try:
-            hello = read_message(tls, HANDSHAKE_S)
-            conn = self._after_handshake(tls)  # still under the handshake timeout
+            first = read_message(tls, HANDSHAKE_S)
         except (ChannelError, FrameError, ssl.SSLError, OSError) as exc:
             return self._refuse(tls, where, f"stage {stage} did not finish the handshake ({exc})")
-        conn.settimeout(None)
         with self._lock:
             link = self.links.get(stage)
-            if "resume" in hello:
-                if link is None or link.lost or hello["resume"] != self.session.hex():
-                    return self._refuse(conn, where, f"stage {stage} asked to resume a link "
-                                        "this stage does not have")
-                link.resume_incoming(conn)
-                return
-            if not self.links:  # the rendezvous: one call per stage
-                if stage in self._accepted:
-                    return self._refuse(conn, where, f"its key is admitted for stage {stage}, "
-                                        "which is already connected")
-                self._accepted.add(stage)
+            if "resume" in first:
+                why = ("" if link is not None and not link.lost
+                       and first["resume"] == self.session.hex()
+                       else f"stage {stage} asked to resume a link this stage does not have")
+            elif "hello" not in first:
+                why = f"stage {stage} said neither hello nor resume"
+            elif not self.links and stage in self._accepted:  # the rendezvous: one call each
+                why = f"its key is admitted for stage {stage}, which is already connected"
+            else:
+                why = ""
+                if not self.links:
+                    self._accepted.add(stage)
+        try:
+            if "hello" in first:  # over TLS still, before a clear link drops it
+                send_message(tls, {"refused": why} if why else {"welcome": True})
+            if why:
+                return self._refuse(tls, where, why)
+            conn = self._after_handshake(tls)
+        except (ssl.SSLError, OSError) as exc:
+            return self._refuse(tls, where, f"stage {stage} left during the handshake ({exc})")
+        conn.settimeout(None)
+        if "resume" in first:
+            assert link is not None
+            link.resume_incoming(conn)
+            return
         # while the job runs a call is a replacement: the coordinator checks that the stage
         # was dropped; elsewhere it waits for the coordinator's notice (the latest call kept)
-        self._incoming.put((stage, conn, hello))
+        self._incoming.put((stage, conn, first))
 
     def _collect(self, stages: set[int], deadline: float) -> dict[int, tuple[socket.socket,
                                                                            dict]]:
@@ -219,36 +235,61 @@ class Mesh:
 
     # -- dialling (the other direction) ---------------------------------------------------
     def _dial(self, address: str, stage: int, deadline: float, first: dict) -> socket.socket:
-        """Dial until the peer listens (it may start later) or the deadline passes; say
-        ``first`` (hello or resumption)."""
+        """Dial until the peer listens (it may start later) and takes our call, or the deadline
+        passes; say ``first`` (a hello, answered by a welcome, or a resumption, answered by the
+        link). In TLS 1.3 the caller's handshake ends before the peer has checked the caller's
+        certificate, so only the welcome shows that the peer took the call; a peer that has not
+        yet read the coordinator's roster refuses a key bound since, so refusals are retried
+        for a few seconds."""
         host, port = parse_address(address, f"stage {stage}'s address")
         refused_until = None
         while True:
             try:
-                raw = socket.create_connection((host, port), timeout=HANDSHAKE_S)
-                tls = self._client_ctx.wrap_socket(raw)
-                break
-            except (ConnectionError, OSError) as exc:
+                return self._call(host, port, stage, deadline, first)
+            except _Refused as exc:
                 now = time.monotonic()
-                if isinstance(exc, ssl.SSLError):  # the peer may not know our key yet
-                    refused_until = refused_until or now + REFUSED_RETRY_S
-                if now > deadline or (refused_until is not None and now > refused_until):
+                refused_until = refused_until or now + REFUSED_RETRY_S
+                if now > min(deadline, refused_until):
+                    raise PhalanxError(f"stage {stage} at {host}:{port} refused stage {self.me}"
+                                       f" ({exc}): check that both use the data owner's roster"
+                                       ) from None
+            except OSError as exc:
+                if time.monotonic() > deadline:
                     raise PhalanxError(f"stage {self.me} cannot reach stage {stage} at "
                                        f"{host}:{port} ({type(exc).__name__}: {exc}): check "
                                        "the address, the roster, and that the stage runs"
                                        ) from None
-                time.sleep(0.2)
-        if self.roster.stage_of(peer_fingerprint(tls) or "") != stage:
-            tls.close()
-            raise PhalanxError(f"the peer at {host}:{port} is not the roster's stage {stage}")
+            time.sleep(0.2)
+
+    def _call(self, host: str, port: int, stage: int, deadline: float, first: dict
+              ) -> socket.socket:
+        raw = socket.create_connection((host, port), timeout=HANDSHAKE_S)
         try:
+            tls = self._client_ctx.wrap_socket(raw)
+        except ssl.SSLError as exc:
+            raw.close()
+            raise _Refused(getattr(exc, "reason", None) or str(exc)) from None
+        try:
+            if self.roster.stage_of(peer_fingerprint(tls) or "") != stage:
+                raise PhalanxError(f"the peer at {host}:{port} is not the roster's stage {stage}")
             tls.settimeout(max(0.1, min(HANDSHAKE_S, deadline - time.monotonic())))
             send_message(tls, first)
+            if "hello" in first:
+                answer = read_message(tls, max(0.1, min(HANDSHAKE_S,
+                                                        deadline - time.monotonic())))
+                if answer.get("welcome") is not True:
+                    raise _Refused(str(answer.get("refused", "no welcome"))[:300])
             conn = self._after_handshake(tls)  # still bounded: a peer that never answers
-        except (ssl.SSLError, OSError) as exc:
+        except ssl.SSLError as exc:  # the peer's alert: it does not admit our key
+            tls.close()
+            raise _Refused(getattr(exc, "reason", None) or str(exc)) from None
+        except (ChannelError, FrameError, OSError) as exc:
             tls.close()
             raise PhalanxError(f"stage {stage} at {host}:{port} did not finish the handshake "
-                               f"({type(exc).__name__})") from None
+                               f"({type(exc).__name__}: {exc})") from None
+        except BaseException:
+            tls.close()
+            raise
         conn.settimeout(None)
         return conn
 
