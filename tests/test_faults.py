@@ -73,6 +73,9 @@ def test_a_replayed_frame_is_refused_counted_and_the_run_goes_on(caplog):
     assert replayed == clean
     assert pipe.runtime.workers[1].rejected == {0: 1}
     assert "replayed, reordered or lost" in caplog.text
+    # reported upward: stage 0's view of each iteration says who sent what was refused
+    refused = [r.refused.tolist() for r in pipe.results]
+    assert [sum(map(sum, t)) for t in refused] == [0, 1, 0] and refused[1][1][0] == 1
 
 
 def test_network_corruption_without_integrity_is_caught_by_the_duplicated_block():
@@ -127,3 +130,20 @@ def test_a_dropping_link_is_a_bounded_timeout_naming_the_silent_peer():
     with pytest.raises(ChannelTimeout, match="waited 0.5 s for ACTIVATION of micro-batch 0 "
                                               "\\(step 0\\) from stage 0"):
         worker.execute(Action(Op.FORWARD, 0))
+
+
+def test_refused_frames_are_written_to_the_metrics_against_their_sender(tmp_path):
+    import json
+
+    from phalanx.train import Trainer
+
+    cfg = load_config(Config, None, [*BASE, "train.steps=3", "train.eval_every=0",
+                                     "train.progress=false", f'train.out_dir="{tmp_path}"',
+                                     'faults.links=["replay 0->1 at step 1"]'])
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    recs = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("refused") for r in recs] == [None, {"0": 1}, None]

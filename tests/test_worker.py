@@ -138,7 +138,7 @@ def test_a_negative_norm_or_a_bad_report_is_refused_not_believed(stages):
     w0 = StageWorker(stages[0], fabric.channels(0), timeout=2.0)
     w0.begin(0, 1, [torch.zeros(2, 8, dtype=torch.int64)])
     for p in (1, 2):
-        t = torch.zeros(4, dtype=torch.float64)
+        t = torch.zeros(7, dtype=torch.float64)
         t[0] = -99.0 if p == 1 else 1.0
         fabric.channel(p, 0).send(Frame(kind=Kind.NORM, step=0, micro=0, src=p, dst=0, tensor=t))
     with pytest.raises(FrameError, match="stage 1 sent a squared gradient norm of -99"):
@@ -146,3 +146,23 @@ def test_a_negative_norm_or_a_bad_report_is_refused_not_believed(stages):
     bad = torch.tensor([0.0, float("nan"), 0.0, 0.0, 0.0], dtype=torch.float64)
     with pytest.raises(FrameError, match="negative or non-finite"):
         StageStats.from_tensor(bad)
+
+
+def test_one_flooding_peer_cannot_take_the_room_of_the_others(stages, monkeypatch):
+    """A peer's backlog is bounded on its own: its excess is refused and counted against it,
+    and another peer's frame still finds room."""
+    from phalanx.pipeline import worker as worker_mod
+
+    monkeypatch.setattr(worker_mod, "PEER_FRAMES", 4)
+    fabric = LocalFabric(3)
+    w2 = StageWorker(stages[2], fabric.channels(2), timeout=5.0)
+    w2.begin(0, 8)
+    x = torch.randn(1, 8, 64)
+    flooder = fabric.channel(1, 2)
+    for m in range(8):  # stage 1 floods eight micro-batches at once
+        flooder.send(Frame(kind=Kind.ACTIVATION, step=0, micro=m, src=1, dst=2, tensor=x))
+    fabric.channel(0, 2).send(Frame(kind=Kind.LABELS, step=0, micro=0, src=0, dst=2,
+                                    tensor=torch.zeros(1, 8, dtype=torch.int64)))
+    assert not w2.ready(Action(Op.FORWARD, 7))  # the excess was refused, not stashed
+    assert w2.rejected == {1: 4}
+    assert w2.ready(Action(Op.FORWARD, 0))  # stage 0's label found room

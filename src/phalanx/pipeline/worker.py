@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 REPORT_FIELDS = ("loss_sum", "loss_count", "compute_s", "wait_s", "tokens")
 STASH_FRAMES = 4096  # frames that may wait for their action; beyond, a peer is flooding
+PEER_FRAMES, PEER_BYTES = 1024, 1 << 30  # what one peer may have waiting (so one flooder
+# cannot take the room the others' frames need)
 
 
 PER_MICRO = (Kind.ACTIVATION, Kind.GRADIENT, Kind.LABELS, Kind.JUMP, Kind.JUMP_GRAD)
@@ -76,6 +78,10 @@ class IterationResult:
     grad_norm: float = float("nan")
     alerts: torch.Tensor | None = None  # [verifier, suspect] counts of the iteration
     verdict: Verdict = field(default_factory=Verdict)
+    # [reporter, sender] frames refused in the iteration (malformed, replayed, out of order,
+    # too far ahead): what each stage reports against its peers, unverified (the reporter is
+    # as untrusted as the sender; signed evidence is the coordinator's to check)
+    refused: torch.Tensor | None = None
 
     @property
     def skipped(self) -> bool:
@@ -112,6 +118,7 @@ class StageWorker:
         self.tied = sorted(stage.tied.items(), key=lambda kv: kv[1])  # (local, canonical)
         self._params = dict(stage.named_parameters())
         self._stash: dict[tuple[int, Kind, int], Frame] = {}
+        self._backlog: dict[int, tuple[int, int]] = {}  # per peer: frames, bytes waiting
         self.rejected: dict[int, int] = {}  # frames refused, by sender: evidence against it
         self.step = 0
         self.micro = 1
@@ -128,6 +135,8 @@ class StageWorker:
         self.verdict_hooks: list[Callable[[Verdict], None]] = []
         self.verdict = Verdict()
         self._alerts: torch.Tensor | None = None
+        self._refused: torch.Tensor | None = None
+        self._rejected_before: dict[int, int] = {}
 
     # -- iteration lifecycle --------------------------------------------------------------------
     def begin(
@@ -143,8 +152,13 @@ class StageWorker:
         self.result = None
         self.global_norm = float("nan")
         self.verdict = Verdict(quarantined=self.verdict.quarantined)
+        self._rejected_before = dict(self.rejected)
         self.stage.train(train)
         self._stash = {k: f for k, f in self._stash.items() if f.step >= step}
+        self._backlog = {}
+        for f in self._stash.values():
+            frames, size = self._backlog.get(f.src, (0, 0))
+            self._backlog[f.src] = (frames + 1, size + _size(f))
 
     def run(self, actions: list[Action]) -> None:
         """Execute ``actions`` in order, blocking on each frame they need (distributed runtime)."""
@@ -278,33 +292,43 @@ class StageWorker:
             return torch.zeros(self.n, dtype=torch.float64)
         return self.alert_counts().to(torch.float64).reshape(self.n)
 
+    def _my_refusals(self) -> torch.Tensor:
+        """Frames this stage refused in this iteration, by sender."""
+        out = torch.zeros(self.n, dtype=torch.float64)
+        for peer, count in self.rejected.items():
+            out[peer] = count - self._rejected_before.get(peer, 0)
+        return out
+
     def _do_send_norm(self, _: int) -> None:
-        """Squared norm of this stage's gradients, with the alerts it raised this iteration."""
+        """Squared norm of this stage's gradients, with the alerts it raised and the frames it
+        refused (by sender) this iteration."""
         self._send(0, Kind.NORM, 0, torch.cat([torch.tensor([self._local_norm_sq()],
                                                             dtype=torch.float64),
-                                               self._my_alerts()]))
+                                               self._my_alerts(), self._my_refusals()]))
 
     def _do_gather_norm(self, _: int) -> None:
-        """Stage 0: collect norms and alerts, let the coordinator decide, send both back."""
+        """Stage 0: collect norms, alerts and refusals, let the coordinator decide, send the
+        total and the verdict back."""
         norms = [self._local_norm_sq()]
         alerts = torch.zeros(self.n, self.n, dtype=torch.float64)
-        alerts[0] = self._my_alerts()
+        refused = torch.zeros(self.n, self.n, dtype=torch.float64)
+        alerts[0], refused[0] = self._my_alerts(), self._my_refusals()
         for p in range(1, self.n):
             t = self._take(p, Kind.NORM, 0).tensor
-            if t.shape != (self.n + 1,) or t.dtype != torch.float64:
+            if t.shape != (2 * self.n + 1,) or t.dtype != torch.float64:
                 raise FrameError(f"stage {p} sent a norm frame of {tuple(t.shape)} {t.dtype}, "
-                                 f"expected ({self.n + 1},) float64")
+                                 f"expected ({2 * self.n + 1},) float64")
             if float(t[0]) < 0:
                 # a squared norm is never negative; one that is would turn clipping off (NaN
                 # and +inf are a real overflow: every stage then skips the step)
                 raise FrameError(f"stage {p} sent a squared gradient norm of {float(t[0])}")
             norms.append(float(t[0]))
-            row = t[1:]
-            alerts[p] = torch.where(torch.isfinite(row) & (row > 0), row, 0.0)
+            for table, row in ((alerts, t[1:self.n + 1]), (refused, t[self.n + 1:])):
+                table[p] = torch.where(torch.isfinite(row) & (row > 0), row.round(), 0.0)
         verdict = Verdict()
         if self.coordinator is not None:
             verdict = self.coordinator.decide(self.step, alerts)
-        self._alerts = alerts
+        self._alerts, self._refused = alerts, refused
         total = sum(v for s, v in enumerate(norms) if s not in verdict.frozen)
         self.global_norm = math.sqrt(total) if total >= 0 else float("nan")
         out = torch.cat([torch.tensor([total], dtype=torch.float64), verdict.encode(self.n)])
@@ -351,7 +375,8 @@ class StageWorker:
         for p in range(1, self.n):
             stats.append(StageStats.from_tensor(self._take(p, Kind.REPORT, 0).tensor))
         self.result = IterationResult(stats=stats, grad_norm=self.global_norm,
-                                      alerts=self._alerts, verdict=self.verdict)
+                                      alerts=self._alerts, verdict=self.verdict,
+                                      refused=self._refused)
 
     # -- control messages (between iterations) ---------------------------------------------------
     def send_control(self, peer: int, tag: int, tensor: torch.Tensor) -> None:
@@ -425,13 +450,20 @@ class StageWorker:
                         self.me, frame.kind.name, frame.step, frame.src)
             return
         key = (frame.src, frame.kind, frame.micro)
-        if frame.step > self.step + 1 or (key not in self._stash
-                                          and len(self._stash) >= STASH_FRAMES):
+        frames, size = self._backlog.get(frame.src, (0, 0))
+        old = self._stash.get(key)
+        if old is not None:
+            frames, size = frames - 1, size - _size(old)
+        full = (frames >= PEER_FRAMES or size + _size(frame) > PEER_BYTES
+                or (old is None and len(self._stash) >= STASH_FRAMES))
+        if frame.step > self.step + 1 or full:
             self._reject(frame.src, FrameError(
                 f"{describe(frame.kind, frame.micro)} of step {frame.step} while at step "
-                f"{self.step} with {len(self._stash)} frames waiting: too far ahead"))
+                f"{self.step} with {len(self._stash)} frames waiting ({frames} from stage "
+                f"{frame.src}, {size} bytes): too far ahead"))
             return
         self._stash[key] = frame
+        self._backlog[frame.src] = (frames + 1, size + _size(frame))
 
     def _take(self, peer: int, kind: Kind, micro: int) -> Frame:
         key = (peer, kind, micro)
@@ -451,7 +483,13 @@ class StageWorker:
                         raise ChannelTimeout(self._waited(peer, kind, micro)) from None
         finally:
             self.stats.wait_s += time.perf_counter() - t0
-        return self._stash.pop(key)
+        return self._unstash(key)
+
+    def _unstash(self, key: tuple[int, Kind, int]) -> Frame:
+        frame = self._stash.pop(key)
+        frames, size = self._backlog[key[0]]
+        self._backlog[key[0]] = (frames - 1, size - _size(frame))
+        return frame
 
     def _waited(self, peer: int, kind: Kind, micro: int) -> str:
         """What a wait that ran out was for, in the words of the frame's kind."""
@@ -473,3 +511,7 @@ class StageWorker:
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= vocab):
             raise FrameError(f"labels outside the vocabulary [0, {vocab})")
         return y
+
+
+def _size(frame: Frame) -> int:
+    return frame.tensor.numel() * frame.tensor.element_size()

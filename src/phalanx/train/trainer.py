@@ -105,6 +105,9 @@ class Trainer:
     def oversight(self, step: int, res: IterationResult) -> dict:
         """What the attack did and what the defense saw in one attempt."""
         rec: dict = {"malicious": sorted(self.pipe.attack.malicious(step))}
+        if res.refused is not None and bool((res.refused > 0).any()):
+            by_sender = res.refused.sum(dim=0).tolist()
+            rec["refused"] = {str(i): int(c) for i, c in enumerate(by_sender) if c}
         if self.pipe.defense is not None and res.alerts is not None:
             by_suspect = res.alerts.sum(dim=0).tolist()
             v = res.verdict
