@@ -258,3 +258,24 @@ def _waits_for_stages(mesh: Mesh) -> None:
         mesh.connect()
     except ChannelTimeout:
         pass
+
+
+def test_a_restarted_stage_with_its_own_key_is_taken_back_once_its_old_link_is_dropped(crew):
+    """It calls while the others still wait for the old connection: the coordinator tells it
+    to call again, and takes it when the old link is dropped."""
+    ids, path = crew
+    port = free_port()
+    meshes, links = _start(ids, [load_roster(path)] * 3, port, reconnect_s=2.0)
+    met = {0: threading.Event(), 1: threading.Event()}
+    for i in (0, 1):
+        meshes[i].on_member = lambda stage, link, i=i: met[i].set()
+    meshes[2].close_listener()
+    for ch in links[2].values():
+        ch.abandon("crashed")
+    again = Mesh(2, ids[2], load_roster(path), f"127.0.0.1:{port}", timeout=20, reconnect_s=2.0)
+    t0 = time.monotonic()
+    new_links = again.connect()  # refused (retry) until the old link is dropped, then taken
+    assert time.monotonic() - t0 >= 1.0 and met[0].wait(10) and met[1].wait(10)
+    new_links[1].send(_frame(4, torch.ones(3)))
+    assert meshes[1].links[2].recv(10).step == 4
+    _shut(*meshes.values(), again)

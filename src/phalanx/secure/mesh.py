@@ -71,7 +71,12 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
 
 
 class _Refused(Exception):
-    """The peer did not take our call (its TLS alert, or its refusal)."""
+    """The peer did not take our call (its TLS alert, or its refusal); ``retry``: it said to
+    call again (a replacement that came before the old link was dropped)."""
+
+    def __init__(self, why: str, retry: bool = False) -> None:
+        super().__init__(why)
+        self.retry = retry
 
 
 class Mesh:
@@ -187,13 +192,17 @@ class Mesh:
                 why = f"stage {stage} said neither hello nor resume"
             elif not self.links and stage in self._accepted:  # the rendezvous: one call each
                 why = f"its key is admitted for stage {stage}, which is already connected"
+            elif self.links and self.me == 0 and stage not in self.dropped:
+                why = (f"stage {stage} is still connected: a replacement is taken once the "
+                       f"old link is dropped (after secure.reconnect_s={self.reconnect_s:g})")
             else:
                 why = ""
                 if not self.links:
                     self._accepted.add(stage)
         try:
             if "hello" in first:  # over TLS still, before a clear link drops it
-                send_message(tls, {"refused": why} if why else {"welcome": True})
+                send_message(tls, {"refused": why, "retry": "still connected" in why}
+                             if why else {"welcome": True})
             if why:
                 return self._refuse(tls, where, why)
             conn = self._after_handshake(tls)
@@ -249,7 +258,7 @@ class Mesh:
             except _Refused as exc:
                 now = time.monotonic()
                 refused_until = refused_until or now + REFUSED_RETRY_S
-                if now > min(deadline, refused_until):
+                if now > (deadline if exc.retry else min(deadline, refused_until)):
                     raise PhalanxError(f"stage {stage} at {host}:{port} refused stage {self.me}"
                                        f" ({exc}): check that both use the data owner's roster"
                                        ) from None
@@ -278,7 +287,8 @@ class Mesh:
                 answer = read_message(tls, max(0.1, min(HANDSHAKE_S,
                                                         deadline - time.monotonic())))
                 if answer.get("welcome") is not True:
-                    raise _Refused(str(answer.get("refused", "no welcome"))[:300])
+                    raise _Refused(str(answer.get("refused", "no welcome"))[:300],
+                                   answer.get("retry") is True)
             conn = self._after_handshake(tls)  # still bounded: a peer that never answers
         except ssl.SSLError as exc:  # the peer's alert: it does not admit our key
             tls.close()
