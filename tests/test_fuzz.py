@@ -165,3 +165,56 @@ def test_garbage_at_a_listener_is_logged_and_the_mesh_still_forms(tmp_path, capl
     for per in links.values():
         for ch in per.values():
             threading.Thread(target=ch.close, daemon=True).start()
+
+
+_json_value = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=80),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=12)
+
+
+@pytest.fixture(scope="module")
+def join_roster(tmp_path_factory):
+    from phalanx.secure.identity import new_identity, roster_of
+
+    d = tmp_path_factory.mktemp("join")
+    ids = [new_identity(d / f"s{i}", f"s{i}") for i in range(3)]
+    roster = roster_of([(f"s{i}", x.cert_pem) for i, x in enumerate(ids)])
+    roster.path = d / "roster.json"
+    secret = roster.new_token(2)
+    roster.save()
+    return roster, secret, ids
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(st.fixed_dictionaries({}, optional={"token": _json_value | st.just("ab" * 32),
+                                            "stage": _json_value | st.integers(-3, 5),
+                                            "cert": _json_value, "proof": _json_value,
+                                            "name": _json_value}))
+def test_a_join_request_made_of_anything_is_refused_and_spends_nothing(join_roster, msg):
+    """What an anonymous caller says to the coordinator's join: whatever the fields and their
+    types, a refusal with a reason, the roster and its token untouched, no exception."""
+    from phalanx.secure.join import admit
+    from phalanx.secure.tls import send_message
+
+    roster, secret, ids = join_roster
+    before = {s: m.fingerprint for s, m in roster.members.items()}
+    a, b = socket.socketpair()
+    admitted = []
+    b.settimeout(5)
+    t = threading.Thread(target=admit, args=(a, roster, "fuzz", 5.0, admitted.append))
+    t.start()
+    assert "nonce" in read_message(b, 5)  # type: ignore[arg-type]
+    try:
+        send_message(b, msg)  # type: ignore[arg-type]
+        answer = read_message(b, 5)  # type: ignore[arg-type]
+    except (OSError, FrameError):
+        answer = {"error": "refused (connection)"}
+    t.join(10)
+    a.close()
+    b.close()
+    assert not t.is_alive() and "error" in answer and not admitted
+    assert {s: m.fingerprint for s, m in roster.members.items()} == before
+    assert not any(tok.used for tok in roster.tokens)

@@ -24,7 +24,7 @@ from phalanx.secure.identity import load_identity, load_roster, new_identity, ro
 from phalanx.secure.link import TlsChannel
 from phalanx.secure.mesh import Mesh
 from phalanx.secure.tls import context, read_message, send_message
-from phalanx.wire import Frame, Kind
+from phalanx.wire import Frame, FrameError, Kind
 
 
 @pytest.fixture()
@@ -157,11 +157,12 @@ def test_a_second_connection_for_a_connected_stage_is_refused(crew, caplog):
     _close(links)
 
 
-@pytest.mark.parametrize("reconnect_s", [0.0, 20.0])
-def test_a_tampered_stream_is_rejected_not_decoded(crew, caplog, reconnect_s):
-    """A man in the middle flips one byte of an activation: TLS refuses the record and no
-    altered frame ever reaches the stage. Without resumption the receiver reports a failed
-    link; with it, both directions are redialled and the frame arrives intact, once."""
+@pytest.mark.parametrize(("encrypt", "reconnect_s"), [(True, 0.0), (True, 20.0), (False, 20.0)])
+def test_a_tampered_stream_is_rejected_not_decoded(crew, caplog, encrypt, reconnect_s):
+    """A man in the middle flips one byte of an activation: TLS refuses the record (in the
+    clear, the signature refuses the frame, reported as evidence) and no altered frame ever
+    reaches the stage. Without resumption the receiver reports a failed link; with it, both
+    directions are redialled and the frame arrives intact, once."""
     ids, roster, _ = crew
     two = roster_of([("a", ids[0].cert_pem), ("b", ids[1].cert_pem)])
     port, proxy_port = free_port(), free_port()
@@ -200,7 +201,7 @@ def test_a_tampered_stream_is_rejected_not_decoded(crew, caplog, reconnect_s):
 
     def run(i: int, coordinator: int) -> None:
         links[i] = Mesh(i, ids[i], two, f"127.0.0.1:{coordinator}", timeout=20,
-                        reconnect_s=reconnect_s).connect()
+                        reconnect_s=reconnect_s, encrypt=encrypt).connect()
 
     t0 = threading.Thread(target=run, args=(0, port))
     t1 = threading.Thread(target=run, args=(1, proxy_port))  # stage 1 dials 0 through the proxy
@@ -213,11 +214,15 @@ def test_a_tampered_stream_is_rejected_not_decoded(crew, caplog, reconnect_s):
     links[1][0].send(Frame(kind=Kind.ACTIVATION, step=0, micro=0, src=1, dst=0, tensor=x))
     links[1][0].flush()
     with caplog.at_level(logging.WARNING):
+        if not encrypt:
+            with pytest.raises(FrameError, match="signature does not verify"):
+                links[0][1].recv(15)
         if reconnect_s:
             f = links[0][1].recv(15)
             assert torch.equal(f.tensor, x) and f.seq == 1
             assert links[0][1].poll() is None  # delivered once
-            assert "bad record mac" in caplog.text.lower() and "resumed" in caplog.text
+            assert "resumed" in caplog.text
+            assert ("bad record mac" if encrypt else "signature") in caplog.text.lower()
         else:
             with pytest.raises(ChannelClosed, match="failed"):
                 links[0][1].recv(10)
@@ -508,3 +513,24 @@ def _waits_for_stages(mesh: Mesh) -> None:
         mesh.connect()
     except ChannelTimeout:
         pass
+
+
+def test_secure_files_and_addresses_that_do_not_work_are_one_line_exit_2(tmp_path):
+    """A stage started by hand: a key folder without a key, a roster that does not parse, a
+    coordinator nobody listens at."""
+    new_identity(tmp_path / "k1", "k1")
+    (tmp_path / "roster.json").write_text('{"format": "phalanx-roster-1", "stages": [}')
+    ids = [new_identity(tmp_path / f"r{i}", f"r{i}") for i in range(2)]
+    roster_of([(f"r{i}", x.cert_pem) for i, x in enumerate(ids)]).save(tmp_path / "good.json")
+    base = [*TINY[:-3], "pipeline.stages=2", 'pipeline.runtime="secure"', "secure.stage=1",
+            "pipeline.timeout_s=3", f'secure.coordinator="127.0.0.1:{free_port()}"']
+    cases = [([f'secure.key="{tmp_path / "nothing"}"', f'secure.roster="{tmp_path / "good.json"}"'],
+              "is missing: create an identity"),
+             ([f'secure.key="{tmp_path / "k1"}"', f'secure.roster="{tmp_path / "roster.json"}"'],
+              "does not parse"),
+             ([f'secure.key="{tmp_path / "r1"}"', f'secure.roster="{tmp_path / "good.json"}"'],
+              "cannot reach stage 0")]
+    for extra, message in cases:
+        r = _cli("train", *base, *extra, timeout=120)
+        assert r.returncode == 2 and message in r.stderr, r.stderr[-800:]
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

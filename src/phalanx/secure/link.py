@@ -54,6 +54,7 @@ HEARTBEAT_S = 1.0
 SILENT_S = 15.0  # a resumable connection silent this long (not even a heartbeat) is broken
 ACK_FRAMES, ACK_BYTES = 16, 16 << 20  # acknowledge after this much, or with the heartbeat
 RESEND_BYTES = 1 << 30  # what a sender holds for resending, at most
+MAX_MALFORMED = 3  # malformed frames a link survives (each redialled); then it is closed
 _STOP, _ACK = object(), object()
 _EMPTY = torch.empty(0, dtype=torch.uint8)  # heartbeats make no tensors (threads at exit)
 
@@ -99,6 +100,7 @@ class TlsChannel(Channel):
         self._send_error: Exception | None = None
         self._closed = False
         self._peer_gone = False
+        self._malformed = 0
         self._lock = threading.Lock()
         self._unacked: collections.deque[_Sent] = collections.deque()
         self._unacked_bytes = 0
@@ -204,7 +206,7 @@ class TlsChannel(Channel):
             self._write(rec)
             return
         except (OSError, ssl.SSLError) as exc:
-            if not self.resumable or self._closed or self._peer_gone:
+            if not self._may_resume():
                 self._send_error = exc
                 return
             why = exc
@@ -279,25 +281,37 @@ class TlsChannel(Channel):
                 self._read_frames(self._inc)
                 return  # the peer said goodbye
             except FrameError as exc:
-                log.warning("stage %d: malformed frame from stage %d (%s): link closed",
-                            self.me, self.peer, exc)
+                # evidence for the stage above; the stream's framing is lost, so the connection
+                # is redialled and the sender resends from the frame we still expect (intact,
+                # if the network, not the peer, spoilt it: frames in the clear, say)
                 self._inbox.put(exc)
-                self._inbox.put(ChannelClosed(f"link from stage {self.peer} closed after a "
-                                              "malformed frame"))
-                return
+                self._malformed += 1
+                if not self._may_resume() or self._malformed > MAX_MALFORMED:
+                    log.warning("stage %d: malformed frame from stage %d (%s): link closed",
+                                self.me, self.peer, exc)
+                    self._inbox.put(ChannelClosed(f"link from stage {self.peer} closed after "
+                                                  f"{self._malformed} malformed frame(s)"))
+                    return
+                log.warning("stage %d: malformed frame from stage %d (%s): connection "
+                            "redialled", self.me, self.peer, exc)
+                why: BaseException = exc
             except (OSError, ssl.SSLError, ConnectionError, ValueError) as exc:
-                if self._closed or not self.resumable:
+                if not self._may_resume():
                     self._inbox.put(ChannelClosed(f"link to stage {self.peer} failed: "
                                                   f"{_reason(exc)}"))
                     return
-                conn = self._resume_in(exc)
-                if conn is None:
-                    why = (f"stage {self.peer} did not come back within {self.reconnect_s:g} s "
-                           f"({_reason(exc)}): dropped")
-                    self._drop(why)
-                    self._inbox.put(ChannelClosed(why))
-                    return
-                self._inc = conn
+                why = exc
+            conn = self._resume_in(why)
+            if conn is None:
+                lost = (f"stage {self.peer} did not come back within {self.reconnect_s:g} s "
+                        f"({_reason(why)}): dropped")
+                self._drop(lost)
+                self._inbox.put(ChannelClosed(lost))
+                return
+            self._inc = conn
+
+    def _may_resume(self) -> bool:
+        return self.resumable and not self._closed and not self._peer_gone
 
     def _read_frames(self, inc: socket.socket) -> None:
         if self.resumable:

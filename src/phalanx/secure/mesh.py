@@ -199,6 +199,8 @@ class Mesh:
                 why = ""
                 if not self.links:
                     self._accepted.add(stage)
+                elif self.me == 0:
+                    self.dropped.discard(stage)  # claimed: a second caller is told to wait
         try:
             if "hello" in first:  # over TLS still, before a clear link drops it
                 send_message(tls, {"refused": why, "retry": "still connected" in why}
@@ -442,8 +444,6 @@ class Mesh:
     def _replace(self, stage: int, inc: socket.socket, hello: dict) -> None:
         """The coordinator takes a stage that called again after being dropped."""
         try:
-            if stage not in self.dropped:
-                raise PhalanxError("it is not dropped")
             address = str(hello.get("hello", ""))
             deadline = time.monotonic() + self.timeout
             out = self._dial(address, stage, deadline, {"hello": ""})
@@ -458,6 +458,8 @@ class Mesh:
         except (PhalanxError, ChannelError, OSError, ssl.SSLError) as exc:
             log.warning("stage 0 could not take stage %d back: %s", stage, exc)
             inc.close()
+            with self._lock:
+                self.dropped.add(stage)  # open again for the next caller
             return
         self._welcome(stage, out, inc)
 
