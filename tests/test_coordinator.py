@@ -60,3 +60,15 @@ def test_verdict_round_trip_and_malformed_verdicts_are_refused():
         Verdict.decode(torch.full((16,), 0.5, dtype=torch.float64), 5)
     with pytest.raises(FrameError, match="zeros and ones"):
         Verdict.decode(torch.zeros(3, dtype=torch.float64), 5)
+
+
+def test_an_accusation_outside_the_accusers_neighbours_names_the_accuser():
+    """Stage 4 cannot check stage 1 (it holds no replica of it and sees none of its messages):
+    an honest stage never raises that alert, so the coordinator blames stage 4, not 1; the
+    trusted ends are never blamed for their own rows."""
+    c = Coordinator(DefenseConfig(verify="duplicate", quarantine_after=1), 6)
+    v = c.decide(0, _alerts(6, (4, 1)))
+    assert v.blamed == {4} and 1 not in v.frozen
+    v = c.decide(1, _alerts(6, (2, 2), (3, 0)))  # self-accusation, an accusation of stage 0
+    assert v.blamed == {2, 3}
+    assert c.decide(2, _alerts(6, (0, 3), (5, 1))).blamed == set()  # the ends: not middle stages

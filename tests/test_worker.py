@@ -166,3 +166,13 @@ def test_one_flooding_peer_cannot_take_the_room_of_the_others(stages, monkeypatc
     assert not w2.ready(Action(Op.FORWARD, 7))  # the excess was refused, not stashed
     assert w2.rejected == {1: 4}
     assert w2.ready(Action(Op.FORWARD, 0))  # stage 0's label found room
+
+
+def test_a_middle_stage_cannot_set_the_loss_with_its_report(stages):
+    """Only the last stage computes the loss; a middle stage's report claiming one is not
+    believed (it used to set the reported training and validation loss)."""
+    from phalanx.pipeline.worker import IterationResult, StageStats
+
+    res = IterationResult(stats=[StageStats(), StageStats(loss_sum=-1e6, loss_count=1),
+                                 StageStats(loss_sum=6.0, loss_count=3)])
+    assert res.loss == 2.0

@@ -47,10 +47,19 @@ class Coordinator:
 
     def blame(self, alerts: torch.Tensor) -> frozenset[int]:
         """The culprits named by ``alerts[verifier, suspect]``: the suspects, except where the
-        verifier or the replica holder is already quarantined (its word no longer counts)."""
+        verifier or the replica holder is already quarantined (its word no longer counts).
+
+        Row v is what stage v reported, and stage v checks only its neighbours (the forward
+        check at s + 1, the backward check at s - 1). An accusation of any other stage is one
+        that honest code never makes, so it names the accuser (a middle stage: the two ends are
+        the data owner's), not the accused."""
         named = set()
         for v, s in torch.nonzero(alerts > 0).tolist():
-            if {v, s, s + 1} & self.quarantined or not 0 < s < self.n - 1:
+            if abs(v - s) != 1 or not 0 < s < self.n - 1:
+                if 0 < v < self.n - 1:
+                    named.add(v)
+                continue
+            if {v, s, s + 1} & self.quarantined:
                 continue
             named.add(s)
         return frozenset(named)

@@ -91,9 +91,10 @@ class IterationResult:
 
     @property
     def loss(self) -> float:
-        s = sum(x.loss_sum for x in self.stats)
-        n = sum(x.loss_count for x in self.stats)
-        return s / n if n else float("nan")
+        """The last stage's loss: only it computes one (and it is the data owner's; what a
+        middle stage reports as a loss is not believed)."""
+        last = self.stats[-1] if self.stats else StageStats()
+        return last.loss_sum / last.loss_count if last.loss_count else float("nan")
 
 
 class StageWorker:
