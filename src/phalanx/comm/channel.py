@@ -65,10 +65,7 @@ class Channel(ABC):
         """Release the link's resources."""
 
     def _check(self, frame: Frame) -> None:
-        if frame.src != self.peer or frame.dst != self.me:
-            raise FrameError(
-                f"frame addressed {frame.src}->{frame.dst} arrived on link {self.peer}->{self.me}"
-            )
+        self._check_header(frame)
         if frame.seq != self._recv_seq + 1:
             raise FrameError(
                 f"frame from stage {self.peer} has sequence number {frame.seq}, expected "
@@ -76,8 +73,8 @@ class Channel(ABC):
             )
         self._recv_seq = frame.seq
 
-    def _check_header(self, header: Header) -> None:
-        """Early address check, before a payload buffer is allocated."""
+    def _check_header(self, header: Header | Frame) -> None:
+        """The address check (early: on the header, before a payload buffer is allocated)."""
         if header.src != self.peer or header.dst != self.me:
             raise FrameError(
                 f"frame addressed {header.src}->{header.dst} arrived on link {self.peer}->{self.me}"

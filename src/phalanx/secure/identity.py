@@ -123,8 +123,11 @@ class Token:
 
 
 def member_of(stage: int, name: str, cert_pem: str) -> Member:
+    """The member admitted by ``cert_pem``; only its first certificate, as written anew
+    (anything else in the text, another PEM block say, never reaches a trust store)."""
     cert = x509.load_pem_x509_certificate(cert_pem.encode())
-    return Member(stage, name, cert_pem, fingerprint(cert))
+    clean = cert.public_bytes(serialization.Encoding.PEM).decode()
+    return Member(stage, name, clean, fingerprint(cert))
 
 
 class Roster:

@@ -129,10 +129,14 @@ def admit(tls: ssl.SSLSocket, roster: Roster, where: object, timeout: float,
         cert_key.verify(bytes.fromhex(str(msg.get("proof", ""))), _proof_message(nonce, secret))
         if roster.stage_of(member.fingerprint) not in (None, stage):
             raise PhalanxError("this key is already admitted for another stage")
+        try:  # what every stage's TLS will load: it must load before anything is spent
+            ssl.create_default_context().load_verify_locations(cadata=member.cert_pem)
+        except ssl.SSLError:
+            raise PhalanxError("the certificate does not load as a TLS trust anchor") from None
         roster.redeem(secret, stage)
         roster.admit(member)
-        roster.save()
         on_admit(member)
+        roster.save()
         send_message(tls, {"roster": roster.public()})
         log.warning("stage 0 admitted a new key for stage %d (fingerprint %s...) by its join "
                     "token", stage, member.fingerprint[:16])

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 BYE_MICRO = 0xFFFFFFFF  # a CONTROL frame with this micro-batch ends the link
 ACK_MICRO = 0xFFFFFFFE  # a heartbeat carrying the acknowledged sequence number as its step
-NOTICE_MICRO = 0xFFFFFFFD  # the coordinator's membership notice (JSON), never delivered
+NOTICE_MICRO = 0xFFFFFFFD  # the coordinator's membership notice (JSON), taken by the link
 QUEUE_FRAMES = 64  # frames a direction holds before the writer or the reader waits
 HEARTBEAT_S = 1.0
 SILENT_S = 15.0  # a resumable connection silent this long (not even a heartbeat) is broken
@@ -100,6 +100,7 @@ class TlsChannel(Channel):
         self._send_error: Exception | None = None
         self._closed = False
         self._peer_gone = False
+        self._stopping = False
         self._malformed = 0
         self._lock = threading.Lock()
         self._unacked: collections.deque[_Sent] = collections.deque()
@@ -131,15 +132,16 @@ class TlsChannel(Channel):
         return HEADER_SIZE + payload.numel()
 
     def notice(self, msg: dict) -> None:
-        """Send a membership notice (the coordinator's; outside the frame sequence)."""
+        """Send a membership notice (the coordinator's): in the frame sequence, so it is held,
+        resent after a break and never accepted twice; the receiver's link takes it."""
         data = torch.frombuffer(bytearray(json.dumps(msg).encode()), dtype=torch.uint8)
-        frame = Frame(kind=Kind.CONTROL, step=0, micro=NOTICE_MICRO, src=self.me,
-                      dst=self.peer, tensor=data)
-        try:
-            self._outbox.put((0, encode_header(frame, data.numel()), data, Kind.CONTROL),
-                             timeout=self.timeout)
-        except queue.Full:
-            raise ChannelClosed(f"stage {self.peer} has not read for {self.timeout:g} s") from None
+        self.send(Frame(kind=Kind.CONTROL, step=0, micro=NOTICE_MICRO, src=self.me,
+                        dst=self.peer, tensor=data))
+
+    def _check(self, frame: Frame) -> None:
+        """Addresses only: the receiver thread already checked the order of every frame
+        (including those the stage never sees: notices)."""
+        self._check_header(frame)
 
     def _record(self, seq: int, header: bytes, payload: torch.Tensor, kind: Kind) -> _Sent:
         sig = b""
@@ -163,7 +165,7 @@ class TlsChannel(Channel):
             except queue.Empty:
                 item, queued = _ACK, False  # idle: a heartbeat
             try:
-                if item is _STOP:
+                if item is _STOP or self._stopping:
                     return
                 if self._send_error is not None:
                     continue
@@ -171,8 +173,7 @@ class TlsChannel(Channel):
                     rec = self._ack_record()
                 else:
                     rec = self._record(*item)
-                    if rec.seq:  # notices are not resent
-                        self._hold(rec)
+                    self._hold(rec)
                 self._write_or_resume(rec)
             finally:
                 if queued:
@@ -262,6 +263,8 @@ class TlsChannel(Channel):
                             f"{self.reconnect_s:g} s ({_reason(why)}): dropped")
 
     def flush(self) -> None:
+        if self._send_error is not None and self.lost:
+            raise ChannelClosed(f"send to stage {self.peer} failed: {self._send_error}")
         q = self._outbox
         deadline = time.monotonic() + self.timeout
         with q.all_tasks_done:
@@ -337,7 +340,16 @@ class TlsChannel(Channel):
                 with self._lock:  # an acknowledgement only ever frees what we hold
                     self._peer_acked = max(self._peer_acked, min(frame.step, self._sent))
                 continue
+            if frame.seq <= self._got:  # a replay: refused, reported, the stream goes on
+                self._inbox.put(FrameError(
+                    f"frame from stage {self.peer} has sequence number {frame.seq}, expected "
+                    f"{self._got + 1} (replayed, reordered or lost)"))
+                continue
+            if frame.seq != self._got + 1:  # frames are missing: have them resent
+                raise FrameError(f"frame from stage {self.peer} has sequence number "
+                                 f"{frame.seq}, expected {self._got + 1}: frames were lost")
             if frame.kind is Kind.CONTROL and frame.micro == NOTICE_MICRO:
+                self._received(frame.seq, header.nbytes)
                 self._take_notice(payload)
                 continue
             if frame.kind is Kind.CONTROL and frame.micro == BYE_MICRO:
@@ -424,9 +436,16 @@ class TlsChannel(Channel):
         self._closed = True
         self._send_error = ChannelClosed(f"link to stage {self.peer} abandoned: {why}")
         self.lost = True  # the receiver, woken below, reports the link closed
-        self._outbox.put(_STOP)
         for sock in (self._out, self._inc):
             _shutdown(sock)
+        self._stop_sender()
+
+    def _stop_sender(self) -> None:
+        self._stopping = True  # seen by the sender between items, even if the queue is full
+        try:
+            self._outbox.put_nowait(_STOP)
+        except queue.Full:
+            pass
 
     def _drop(self, why: str) -> None:
         if self.lost:
@@ -455,7 +474,7 @@ class TlsChannel(Channel):
             self.flush()
         except ChannelClosed:
             pass
-        self._outbox.put(_STOP)
+        self._stop_sender()
         self._receiver.join(timeout)
         for s in (self._out, self._inc):
             _close_quietly(s)

@@ -54,8 +54,9 @@ from phalanx.wire import DEFAULT_LIMITS, FrameError, Limits
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_S = 30.0
-MAX_HANDSHAKES = 32  # unauthenticated connections being checked at once; more are refused
+HANDSHAKE_S = 10.0  # the whole handshake of one caller, from accept to its first message
+MAX_HANDSHAKES = 64  # unauthenticated connections being checked at once; more are refused
+PER_SOURCE = 16  # of which from one address (a one-host run has every stage on loopback)
 SESSION_BYTES = 32
 REFUSED_RETRY_S = 5.0  # a peer may refuse our key until it has read the coordinator's roster
 RECONNECT_S = 30.0
@@ -101,11 +102,13 @@ class Mesh:
         self._client_ctx = context(identity, trusted, server=False)
         self._key = serialization.load_pem_private_key(identity.key_path.read_bytes(), None)
         self._incoming: queue.Queue = queue.Queue()
-        self._arrived: dict[int, tuple[socket.socket, dict]] = {}  # kept until asked for
+        self._arrived: dict[int, tuple[socket.socket, dict, str]] = {}  # until asked for
         self._arrival = threading.Condition()
         self._accepted: set[int] = set()  # stages whose call this stage has taken
         self._lock = threading.Lock()
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self._sources: dict[object, int] = {}
+        self._meeting: set[int] = set()  # replacements being met (one at a time per stage)
         self._listener: socket.socket | None = None
         self._listening = False
         self.session = b""  # the coordinator's random run id, covered by every signature
@@ -143,18 +146,43 @@ class Mesh:
                 log.warning("stage %d: accept failed (%s); retrying", self.me, exc)
                 time.sleep(0.5)  # out of file descriptors, say: wait for some to close
                 continue
-            if not self._handshakes.acquire(blocking=False):
-                log.warning("stage %d refused %s: %d handshakes already under way", self.me,
-                            where, MAX_HANDSHAKES)
+            source = where[0] if isinstance(where, tuple) else where
+            with self._lock:
+                busy = self._sources.get(source, 0)
+                if busy < PER_SOURCE:
+                    self._sources[source] = busy + 1
+            if busy >= PER_SOURCE or not self._handshakes.acquire(blocking=False):
+                log.warning("stage %d refused %s: %s", self.me, where,
+                            f"{PER_SOURCE} handshakes from it already under way"
+                            if busy >= PER_SOURCE else
+                            f"{MAX_HANDSHAKES} handshakes already under way")
+                if busy < PER_SOURCE:
+                    self._release_source(source)
                 raw.close()
                 continue
-            threading.Thread(target=self._handshake, args=(raw, where), daemon=True).start()
+            threading.Thread(target=self._handshake, args=(raw, where, source),
+                             daemon=True).start()
 
-    def _handshake(self, raw: socket.socket, where: object) -> None:
+    def _release_source(self, source: object) -> None:
+        with self._lock:
+            left = self._sources.get(source, 1) - 1
+            if left > 0:
+                self._sources[source] = left
+            else:
+                self._sources.pop(source, None)
+
+    def _handshake(self, raw: socket.socket, where: object, source: object) -> None:
+        """One caller, with a total deadline: a caller that trickles its bytes is cut off at
+        ``HANDSHAKE_S`` however it paces them."""
+        timer = threading.Timer(HANDSHAKE_S, _cut, args=(raw,))
+        timer.daemon = True
+        timer.start()
         try:
             self._authenticate(raw, where)
         finally:
+            timer.cancel()
             self._handshakes.release()
+            self._release_source(source)
 
     def _refuse(self, conn: socket.socket, where: object, why: str) -> None:
         log.warning("stage %d refused %s: %s", self.me, where, why)
@@ -209,6 +237,8 @@ class Mesh:
                 return self._refuse(tls, where, why)
             conn = self._after_handshake(tls)
         except (ssl.SSLError, OSError) as exc:
+            if not why:
+                self._unclaim(stage)
             return self._refuse(tls, where, f"stage {stage} left during the handshake ({exc})")
         conn.settimeout(None)
         if "resume" in first:
@@ -216,16 +246,28 @@ class Mesh:
             link.resume_incoming(conn)
             return
         # while the job runs a call is a replacement: the coordinator checks that the stage
-        # was dropped; elsewhere it waits for the coordinator's notice (the latest call kept)
-        self._incoming.put((stage, conn, first))
+        # was dropped; elsewhere it waits for the coordinator's notice (the latest call kept,
+        # with the key that made it: only the key the notice names is taken)
+        self._incoming.put((stage, conn, first, fp))
+
+    def _unclaim(self, stage: int) -> None:
+        """A call taken for ``stage`` failed before it was used: its place is open again."""
+        with self._lock:
+            if not self.links:
+                self._accepted.discard(stage)
+            elif self.me == 0:  # it had claimed a dropped place
+                self.dropped.add(stage)
 
     def _collect(self, stages: set[int], deadline: float) -> dict[int, tuple[socket.socket,
                                                                            dict]]:
         """The calls of ``stages`` (connection, hello), as they arrive; early ones wait."""
         while True:
             with self._arrival:
+                for s in stages & set(self._arrived):  # a call by a key no longer admitted
+                    if self._arrived[s][2] != self.roster.members[s].fingerprint:
+                        self._arrived.pop(s)[0].close()
                 if stages <= set(self._arrived):
-                    return {s: self._arrived.pop(s) for s in stages}
+                    return {s: self._arrived.pop(s)[:2] for s in stages}
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ChannelTimeout(f"stage {self.me} waited {self.timeout:g} s for stage(s) "
@@ -234,14 +276,14 @@ class Mesh:
 
     def _take_arrival(self, wait: float) -> None:
         try:
-            stage, conn, hello = self._incoming.get(timeout=wait)
+            stage, conn, hello, fp = self._incoming.get(timeout=wait)
         except queue.Empty:
             return
         with self._arrival:
             older = self._arrived.get(stage)
             if older is not None:
                 older[0].close()
-            self._arrived[stage] = (conn, hello)
+            self._arrived[stage] = (conn, hello, fp)
             self._arrival.notify_all()
 
     # -- dialling (the other direction) ---------------------------------------------------
@@ -436,7 +478,7 @@ class Mesh:
             if self.me != 0:
                 continue
             with self._arrival:
-                calls = [(s, self._arrived.pop(s)) for s in list(self._arrived)]
+                calls = [(s, self._arrived.pop(s)[:2]) for s in list(self._arrived)]
             for stage, (conn, hello) in calls:
                 threading.Thread(target=self._replace, args=(stage, conn, hello),
                                  daemon=True).start()
@@ -468,6 +510,7 @@ class Mesh:
         threading.Thread(target=self._meet, args=(msg,), daemon=True).start()
 
     def _meet(self, msg: dict) -> None:
+        stage = None
         try:
             body = self._verified(msg)
             stage = body.get("member")
@@ -475,6 +518,11 @@ class Mesh:
                     or not 0 < stage < self.n or stage == self.me
                     or body.get("session") != self.session.hex()):
                 raise FrameError(f"a notice for stage {stage!r} of another run or no stage")
+            with self._lock:
+                if stage in self._meeting:
+                    stage = None
+                    raise FrameError("a notice for a stage being met already")
+                self._meeting.add(stage)
             self._trust(member_of(stage, str(body.get("name", "")), str(body.get("cert", ""))))
             old = self.links.get(stage)
             if old is not None and not old.lost:
@@ -487,8 +535,14 @@ class Mesh:
         except (PhalanxError, ChannelError, FrameError, OSError, ssl.SSLError, ValueError
                 ) as exc:
             log.warning("stage %d could not meet a replacement: %s", self.me, exc)
+            self._done_meeting(stage)
             return
         self._welcome(stage, out, inc)
+        self._done_meeting(stage)
+
+    def _done_meeting(self, stage: int | None) -> None:
+        with self._lock:
+            self._meeting.discard(stage)  # type: ignore[arg-type]
 
     def _welcome(self, stage: int, out: socket.socket, inc: socket.socket) -> None:
         with self._lock:
@@ -506,3 +560,11 @@ class Mesh:
             self._listener = None
 
     close = close_listener
+
+
+def _cut(sock: socket.socket) -> None:
+    """End a connection whose handshake ran out of time (the handshake thread then fails)."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass

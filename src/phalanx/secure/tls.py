@@ -14,6 +14,7 @@ import json
 import socket
 import ssl
 import struct
+import time
 
 from cryptography import x509
 
@@ -56,9 +57,16 @@ def peer_fingerprint(sock: ssl.SSLSocket) -> str | None:
     return fingerprint(x509.load_der_x509_certificate(der)) if der else None
 
 
-def recv_exactly(sock: socket.socket, buf: memoryview) -> None:
+def recv_exactly(sock: socket.socket, buf: memoryview, deadline: float | None = None) -> None:
+    """Fill ``buf``; with ``deadline`` (``time.monotonic()``), all of it by then (a peer that
+    trickles one byte at a time gets no more time than one that sends nothing)."""
     got = 0
     while got < len(buf):
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the peer did not send in time")
+            sock.settimeout(left)
         n = sock.recv_into(buf[got:])
         if n == 0:
             raise ConnectionError("the peer closed the connection")
@@ -74,23 +82,23 @@ def read_message(sock: socket.socket, timeout: float | None = None) -> dict:
     """One length-prefixed JSON object, within ``timeout`` seconds (a silent peer is a
     :class:`ChannelTimeout`, not a hang)."""
     old = sock.gettimeout()
-    sock.settimeout(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        return _read_message(sock)
+        return _read_message(sock, deadline)
     except TimeoutError:
         raise ChannelTimeout(f"no rendezvous message within {timeout:g} s") from None
     finally:
         sock.settimeout(old)
 
 
-def _read_message(sock: socket.socket) -> dict:
+def _read_message(sock: socket.socket, deadline: float | None) -> dict:
     size = bytearray(4)
-    recv_exactly(sock, memoryview(size))
+    recv_exactly(sock, memoryview(size), deadline)
     (n,) = struct.unpack("<I", size)
     if n > MAX_MESSAGE:
         raise FrameError(f"a rendezvous message of {n} bytes (at most {MAX_MESSAGE})")
     data = bytearray(n)
-    recv_exactly(sock, memoryview(data))
+    recv_exactly(sock, memoryview(data), deadline)
     try:
         msg = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
