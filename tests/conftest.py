@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import psutil
 import pytest
@@ -19,3 +20,26 @@ def _kill_leftover_processes():
             child.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
+
+
+@pytest.fixture()
+def serve_coordinator():
+    """Start a coordinator's mesh that listens (and answers joins) until its rendezvous times
+    out, in the background; its listener is closed after the test."""
+    from phalanx.comm.channel import ChannelTimeout
+
+    started = []
+
+    def start(mesh) -> None:  # noqa: ANN001
+        def run() -> None:
+            try:
+                mesh.connect()
+            except ChannelTimeout:
+                pass
+
+        threading.Thread(target=run, daemon=True).start()
+        started.append(mesh)
+
+    yield start
+    for m in started:
+        m.close()

@@ -168,7 +168,7 @@ def test_a_stage_left_open_in_the_roster_is_joined_with_a_token_at_the_start(cre
     _shut(*meshes.values())
 
 
-def test_join_refusals_name_the_problem(crew, tmp_path, caplog):
+def test_join_refusals_name_the_problem(crew, tmp_path, caplog, serve_coordinator):
     ids, path = crew
     roster = load_roster(path)
     secret = roster.new_token(1)
@@ -176,7 +176,7 @@ def test_join_refusals_name_the_problem(crew, tmp_path, caplog):
     fp = roster.members[0].fingerprint
     port = free_port()
     coordinator = Mesh(0, ids[0], roster, f"127.0.0.1:{port}", timeout=30)
-    threading.Thread(target=_waits_for_stages, args=(coordinator,), daemon=True).start()
+    serve_coordinator(coordinator)
     me = new_identity(tmp_path / "m", "m")
     with caplog.at_level(logging.WARNING):
         with pytest.raises(PhalanxError, match="not in the coordinator's roster"):
@@ -250,14 +250,78 @@ def test_a_book_not_signed_by_the_coordinator_is_refused(crew):
         m1._verified(tampered)
 
 
-def _waits_for_stages(mesh: Mesh) -> None:
-    """A coordinator that listens (and answers joins) until its rendezvous times out."""
+# -- found by attacking the membership code (each failed before its fix) ------------------
+
+def test_a_certificate_with_a_trailing_pem_block_is_stored_clean(crew):
+    """A joiner appended a junk PEM block to its certificate: stored as sent, it made every
+    trust store (and the coordinator's next start) fail to load."""
+    import ssl
+
+    ids, _ = crew
+    junk = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+    m = member_of(1, "x", ids[1].cert_pem + junk)
+    assert m.cert_pem.count("BEGIN CERTIFICATE") == 1
+    ssl.create_default_context().load_verify_locations(cadata=m.cert_pem)
+
+
+def test_a_caller_that_trickles_its_handshake_is_cut_off_at_the_total_deadline(crew,
+                                                                                monkeypatch):
+    from phalanx.secure import mesh as mesh_mod
+
+    monkeypatch.setattr(mesh_mod, "HANDSHAKE_S", 1.0)
+    ids, path = crew
+    port = free_port()
+    m = Mesh(0, ids[0], load_roster(path), f"127.0.0.1:{port}", timeout=10)
+    m._listen()
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    t0 = time.monotonic()
+    hello = b"\x16\x03\x01" + bytes(200)
+    with pytest.raises(OSError):
+        for b in hello:  # one byte every 0.2 s: each read is quick, the whole is not
+            s.sendall(bytes([b]))
+            time.sleep(0.2)
+            if time.monotonic() - t0 > 8:
+                break
+    assert time.monotonic() - t0 < 4
+    m.close()
+
+
+def test_the_receiver_refuses_a_replay_and_has_lost_frames_resent_not_skipped():
+    from phalanx.wire import encode
+
+    theirs, ours = socket.socketpair()
+    out, _ = socket.socketpair()
+    ch = TlsChannel(1, 0, out, ours)  # type: ignore[arg-type]
+
+    def frame(seq: int) -> bytes:
+        return encode(Frame(kind=Kind.ACTIVATION, step=seq, micro=0, src=0, dst=1,
+                            tensor=torch.ones(2), seq=seq))
+
+    theirs.sendall(frame(1) + frame(1) + frame(2) + frame(4))
+    assert ch.recv(5).step == 1
+    with pytest.raises(FrameError, match="sequence number 1, expected 2"):
+        ch.recv(5)  # the replay: refused and reported, the stream goes on
+    assert ch.recv(5).step == 2
+    with pytest.raises(FrameError, match="frames were lost"):
+        ch.recv(5)  # a gap is never skipped over (here, without resumption, the link closes)
+    with pytest.raises(ChannelClosed):
+        ch.recv(5)
+    theirs.close()
+
+
+def test_a_call_kept_for_a_replacement_by_a_key_no_longer_admitted_is_not_taken(crew):
+    """A stage said hello while the job ran and kept the connection; after its key was
+    replaced, that call must not become the new member's link."""
     from phalanx.comm.channel import ChannelTimeout
 
-    try:
-        mesh.connect()
-    except ChannelTimeout:
-        pass
+    ids, path = crew
+    m = Mesh(1, ids[1], load_roster(path), "127.0.0.1:1")
+    planted, other = socket.socketpair()
+    m._arrived[2] = (planted, {"hello": ""}, "0" * 64)  # made with a key now revoked
+    with pytest.raises(ChannelTimeout):
+        m._collect({2}, time.monotonic() + 0.5)
+    assert 2 not in m._arrived and planted.fileno() == -1
+    other.close()
 
 
 def test_a_restarted_stage_with_its_own_key_is_taken_back_once_its_old_link_is_dropped(crew):

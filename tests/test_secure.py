@@ -298,7 +298,7 @@ def test_stages_started_by_hand_with_keys_roster_and_a_join_token(tmp_path):
     assert [t.used for t in bound.tokens] == [True]
 
 
-def test_a_used_join_token_is_one_line_exit_2(tmp_path):
+def test_a_used_join_token_is_one_line_exit_2(tmp_path, serve_coordinator):
     from phalanx.secure.join import token_text
 
     ids = [new_identity(tmp_path / f"s{i}", f"s{i}") for i in range(2)]
@@ -309,7 +309,7 @@ def test_a_used_join_token_is_one_line_exit_2(tmp_path):
     roster.save()
     port = free_port()
     coordinator = Mesh(0, ids[0], roster, f"127.0.0.1:{port}", timeout=60)
-    threading.Thread(target=_waits_for_stages, args=(coordinator,), daemon=True).start()
+    serve_coordinator(coordinator)
     (tmp_path / "t").write_text(token_text(1, secret, roster.members[0].fingerprint))
     new_identity(tmp_path / "me", "me")
     r = _cli("train", *TINY[:-3], "pipeline.stages=2", 'pipeline.runtime="secure"',
@@ -503,16 +503,6 @@ def test_keys_token_keeps_only_the_hash_and_refuses_stage_0(tmp_path):
     bad = _cli("keys", "token", "--roster", str(roster), "--stage", "0")
     assert bad.returncode == 2 and "stage 0 is the coordinator" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
-
-
-def _waits_for_stages(mesh: Mesh) -> None:
-    """A coordinator that listens (and answers joins) until its rendezvous times out."""
-    from phalanx.comm.channel import ChannelTimeout
-
-    try:
-        mesh.connect()
-    except ChannelTimeout:
-        pass
 
 
 def test_secure_files_and_addresses_that_do_not_work_are_one_line_exit_2(tmp_path):
