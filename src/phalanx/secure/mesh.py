@@ -22,8 +22,11 @@ The accepting side learns who called from the pinned key of the TLS handshake, n
 the caller says. A key that is not in the roster is refused: at the handshake when its
 certificate chains to no roster certificate, or right after it, when it does (a roster member
 could sign one) but its key is pinned for no stage. A hello for a stage that is connected is
-refused; every refusal is logged. At most 32 handshakes run at once (more callers are turned
-away, logged), each bounded in time, and every read is bounded by what is left of the timeout.
+refused; every refusal is logged. At most 64 handshakes run at once, 16 from one address (more
+callers are turned away, logged); each has a total deadline (``HANDSHAKE_S``) however its bytes
+are paced, and every read is bounded by what is left of the timeout. Not covered: a flood from
+the honest peer's own address (the same host, or one NAT) can hold its 16 places and delay its
+reconnection; from other addresses it cannot.
 """
 
 from __future__ import annotations
