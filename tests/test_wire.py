@@ -72,6 +72,34 @@ def test_oversized_frame_refused_before_allocation():
         decode(big, Limits(max_bytes=1 << 20))
 
 
+def test_the_runs_own_limits_refuse_one_activation_element_too_many_from_the_header():
+    """SmolLM2's real limits for 8 x 128 batches in 4 micro-batches (a 576-wide float32
+    hidden state): an activation header of exactly that size passes, one of a single element
+    more is refused from the 128 header bytes, before anything is allocated."""
+    import struct
+
+    from phalanx.pipeline.limits import run_limits
+    from phalanx.wire.frame import decode_header
+
+    limits = run_limits(micro_rows=2, seq_len=128, hidden=576, itemsize=4,
+                        tied_bytes=49152 * 576 * 4)
+
+    def header(rows: int, kind: Kind = Kind.ACTIVATION) -> bytes:
+        t = torch.empty(0)  # only the header is built: nothing of this size ever exists
+        h = bytearray(encode(Frame(kind=kind, step=0, micro=0, src=0, dst=1,
+                                   tensor=t.reshape(0, 128, 576), seq=1))[:HEADER_SIZE])
+        struct.pack_into("<Q", h, 33, rows * 128 * 576 * 4)  # payload bytes
+        struct.pack_into("<Q", h, 41, rows)  # first dimension
+        return bytes(h)
+
+    assert decode_header(header(2), limits).nbytes == 2 * 128 * 576 * 4
+    with pytest.raises(FrameError, match="limit"):
+        decode_header(header(3), limits)
+    with pytest.raises(FrameError, match="limit"):  # a hidden state sized as a tied matrix
+        decode_header(header(49152 * 576 // (128 * 576)), limits)
+    assert decode_header(header(2, Kind.GRADIENT), limits).nbytes == 2 * 128 * 576 * 4
+
+
 def test_bool_payload_must_be_0_or_1():
     data = bytearray(encode(_frame(torch.tensor([True, False]))))
     data[HEADER_SIZE] = 7
@@ -79,11 +107,28 @@ def test_bool_payload_must_be_0_or_1():
         decode(bytes(data))
 
 
+UNPICKLED: list[int] = []
+
+
+def _mark() -> None:
+    UNPICKLED.append(1)
+
+
+class _Payload:
+    def __reduce__(self):  # noqa: ANN204 - what an attacker's pickle would do when loaded
+        return (_mark, ())
+
+
 def test_pickle_is_never_an_option():
+    """A pickle long enough to be read as a whole frame (not refused as a short header), whose
+    loading would run code: refused as not a frame, and never loaded."""
     import pickle
 
-    with pytest.raises(FrameError):
-        decode(pickle.dumps({"a": 1}))
+    data = pickle.dumps([_Payload(), "x" * 400])
+    assert len(data) > HEADER_SIZE
+    with pytest.raises(FrameError, match="bad magic"):
+        decode(data)
+    assert not UNPICKLED
 
 
 def test_channel_refuses_replayed_and_misaddressed_frames():
