@@ -343,3 +343,30 @@ def test_a_restarted_stage_with_its_own_key_is_taken_back_once_its_old_link_is_d
     new_links[1].send(_frame(4, torch.ones(3)))
     assert meshes[1].links[2].recv(10).step == 4
     _shut(*meshes.values(), again)
+
+
+def test_notices_and_frames_sent_from_two_threads_arrive_in_order(crew):
+    """The coordinator's mesh sends a notice while its stage sends frames on the same link:
+    numbering and queueing must be one step, or the receiver sees frames out of order."""
+    ids, path = crew
+    meshes, links = _start(ids, [load_roster(path)] * 3, free_port())
+    got: list[dict] = []
+    links[1][0]._on_notice = got.append
+    a = links[0][1]
+
+    def notices() -> None:
+        for i in range(200):
+            a.notice({"n": i})
+
+    t = threading.Thread(target=notices, daemon=True)
+    t.start()
+    for i in range(200):
+        a.send(_frame(i, torch.ones(2)))
+    t.join(20)
+    steps = [links[1][0].recv(10).step for _ in range(200)]
+    assert steps == list(range(200)) and links[1][0].poll() is None
+    deadline = time.monotonic() + 10
+    while len(got) < 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [g["n"] for g in got] == list(range(200))
+    _shut(*meshes.values())

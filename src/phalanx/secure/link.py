@@ -103,6 +103,7 @@ class TlsChannel(Channel):
         self._stopping = False
         self._malformed = 0
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._unacked: collections.deque[_Sent] = collections.deque()
         self._unacked_bytes = 0
         self._floor = 1  # the oldest sequence number still held for resending
@@ -120,6 +121,12 @@ class TlsChannel(Channel):
         self._sender.start()
 
     # -- sending -------------------------------------------------------------------------
+    def send(self, frame: Frame) -> None:
+        """As :meth:`Channel.send`; the stage and the mesh (notices) may both send on a link,
+        so numbering and queueing happen as one step, in order."""
+        with self._send_lock:
+            super().send(frame)
+
     def _transmit(self, frame: Frame) -> int:
         if self._send_error is not None:
             raise ChannelClosed(f"send to stage {self.peer} failed: {self._send_error}")
