@@ -213,6 +213,7 @@ class Mesh:
             first = read_message(tls, HANDSHAKE_S)
         except (ChannelError, FrameError, ssl.SSLError, OSError) as exc:
             return self._refuse(tls, where, f"stage {stage} did not finish the handshake ({exc})")
+        retry = False  # a refusal that asks the caller to call again
         with self._lock:
             link = self.links.get(stage)
             if "resume" in first:
@@ -224,6 +225,7 @@ class Mesh:
             elif not self.links and stage in self._accepted:  # the rendezvous: one call each
                 why = f"its key is admitted for stage {stage}, which is already connected"
             elif self.links and self.me == 0 and stage not in self.dropped:
+                retry = True
                 why = (f"stage {stage} is still connected: a replacement is taken once the "
                        f"old link is dropped (after secure.reconnect_s={self.reconnect_s:g})")
             else:
@@ -234,7 +236,7 @@ class Mesh:
                     self.dropped.discard(stage)  # claimed: a second caller is told to wait
         try:
             if "hello" in first:  # over TLS still, before a clear link drops it
-                send_message(tls, {"refused": why, "retry": "still connected" in why}
+                send_message(tls, {"refused": why, "retry": retry}
                              if why else {"welcome": True})
             if why:
                 return self._refuse(tls, where, why)
