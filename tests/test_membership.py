@@ -370,3 +370,17 @@ def test_notices_and_frames_sent_from_two_threads_arrive_in_order(crew):
         time.sleep(0.05)
     assert [g["n"] for g in got] == list(range(200))
     _shut(*meshes.values())
+
+
+def test_a_notice_from_a_stage_other_than_the_coordinator_is_ignored(crew, caplog):
+    ids, path = crew
+    meshes, links = _start(ids, [load_roster(path)] * 3, free_port())
+    forged = meshes[2]._signed({"member": 1, "listen": "127.0.0.1:1", "cert": ids[1].cert_pem,
+                                "session": meshes[2].session.hex()})
+    with caplog.at_level(logging.WARNING):
+        links[2][1].notice(forged)  # stage 2 tells stage 1 that stage 1... was replaced
+        links[2][1].send(_frame(5, torch.ones(2)))
+        assert links[1][2].recv(10).step == 5  # the link goes on, the notice was not taken
+    assert "only the coordinator sends them" in caplog.text
+    assert not meshes[1]._meeting and not links[1][0].lost and not links[1][2].lost
+    _shut(*meshes.values())
