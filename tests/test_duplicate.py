@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from phalanx.config import load_config
-from phalanx.defense.duplicate import agrees
+from phalanx.defense.compare import agrees
 from phalanx.train import Config
 from phalanx.train.setup import build_pipeline
 

@@ -1,8 +1,8 @@
 """Defenses: verification of what stages send, the coordinator, recovery."""
 
+from phalanx.defense.compare import agrees
 from phalanx.defense.config import DefenseConfig
 from phalanx.defense.coordinator import Coordinator
-from phalanx.defense.duplicate import agrees
 from phalanx.defense.screen import EMA, Screen, ScreenConfig, cosine
 from phalanx.defense.wiring import Duplicate
 

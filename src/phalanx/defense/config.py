@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from phalanx.errors import ConfigError
 
 VERIFY = ("none", "duplicate")
-RECOVERY = ("skip", "repair", "restart", "none")
+RECOVERY = ("skip", "repair", "restart", "none")  # the strategies of phalanx.defense.recovery
 
 
 @dataclass(kw_only=True)
@@ -15,11 +15,12 @@ class DefenseConfig:
     """Verification of the middle stages and what the coordinator does about an alert."""
 
     verify: str = "none"  # none | duplicate (duplicated block + jumping connection)
-    recovery: str = "skip"  # skip (skip layer) | repair (use the replica's result) | restart
-    # (redo the iteration) | none (alert only)
-    rtol: float = 1e-4  # tolerance of the comparison; rtol = atol = 0 compares bitwise
-    atol: float = 1e-6
-    max_retries: int = 3  # restart: attempts before an iteration is dropped
+    recovery: str = "skip"  # what to do with an attempt that named culprits: redo it with them
+    # bypassed (skip layer) | redo it with their replicas' messages (repair) | redo it as it was
+    # (restart) | keep it (none: alert only)
+    rtol: float = 0.0  # tolerance of the comparison; rtol = atol = 0 (the default) compares
+    atol: float = 0.0  # bitwise, which holds where every stage runs the same hardware/software
+    max_retries: int = 3  # redone attempts before an iteration (or evaluation) is dropped
     quarantine_after: int = 0  # quarantine a stage blamed this often in 2x as many steps; 0 never
 
     def validate(self, num_stages: int) -> None:

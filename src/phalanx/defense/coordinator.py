@@ -1,36 +1,64 @@
-"""The central server of paper 1: alerts in, blame, reputations, recovery decisions out.
+"""The central server of paper 1: reports in, blame, reputations, routes and recovery out.
 
-It runs where stage 0 runs (the trusted data owner) and sees, each iteration, how many alerts
-every verifier raised against every suspect. An alert from the forward check at stage s + 1 or
-from the backward check at stage s - 1 both concern what stage s sent, recomputed by the replica
-of s at stage s + 1 from the true input that the jumping connection brought from stage s - 1 (so
-stage s - 1 is out of the picture, even against a forged input/output pair). The alert therefore
-implicates s or, if the replica holder lied, s + 1; the coordinator names s, the stage whose
-message contradicts the recomputation, and keeps per-stage reputations and a blame history.
+It runs where stage 0 runs (the trusted data owner). Each attempt, every stage reports the
+alerts it raised (by suspect) and, where it holds the replica of its predecessor, the replica's
+squared gradient norm. Everything a middle stage reports is the attacker's to choose, so:
 
-Decisions:
+- An accusation counts only from a stage whose role is to check the accused in this attempt's
+  plan (:func:`designated`): the forward check at s + 1, the backward check at the stage s
+  computes on, and, against the replica holder s + 1, the stage that receives its evidence;
+  against a stage whose output it receives over the jumping connection, the stage that checks
+  with it. An accusation outside these roles is one honest code never makes: it names the
+  accuser. A stage out of the data path in this attempt is not heard.
+- A report that is not a vector of non-negative finite counts names its sender, and so does a
+  squared norm that is not a finite non-negative number (the worker marks it invalid).
+- A stage's squared norm must equal its replica's (same weights, same gradient): a mismatch
+  names the stage.
 
-- ``skip`` (skip layer): stages s - 1, s and s + 1 keep their weights this iteration (the paper
-  freezes the bypassed stages and the one before; the trusted last stage, which ran its own
-  layers on the true input, still steps), and their replicas with them.
-- ``repair`` (beyond the paper): the replica's output or gradient replaced the bad message, so
-  the iteration is the honest one and nobody is frozen.
-- ``restart``: the whole iteration is discarded and redone.
-- Quarantine (``quarantine_after = k``): a stage blamed in k of the last 2k iterations is
-  bypassed from then on: stage q + 1 takes its input from stage q - 1 over the jumping
-  connection; stage q and its replica stay frozen until it is replaced. A stage next to a
-  quarantined one is not quarantined (the jumping connection reaches two stages, not three);
-  it keeps being skipped per iteration instead.
+The alert of one honest verifier names the culprit; a verifier that lies can name its honest
+neighbour instead (one replica cannot tell who lied): see the README's threat model.
+
+Decisions: a :class:`~phalanx.defense.recovery.Recovery` strategy keeps or discards the
+attempt and plans the redo; quarantine (``quarantine_after = k``): a stage blamed in k of the
+last 2k attempts is bypassed from then on (never two next to each other).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import torch
 
 from phalanx.defense.config import DefenseConfig
-from phalanx.pipeline.verdict import Verdict
+from phalanx.defense.plan import Decision, Plan
+from phalanx.defense.recovery import strategy
+from phalanx.pipeline.verdict import Oversight, Verdict
+
+
+def report_size(n: int) -> int:
+    """A stage's report: alerts by suspect (n), then its replica's squared norm (NaN if none)."""
+    return n + 1
+
+
+def designated(r: int, x: int, plan: Plan, n: int) -> bool:
+    """Whether stage r's role in ``plan`` is to check stage x."""
+    if not 0 < x < n - 1 or x in plan.out or r in plan.out:
+        return False
+    if r == x + 1:  # the forward check: r holds x's replica
+        return True
+    if r == plan.pred(x) and x + 1 not in plan.out:  # the backward check, with x + 1's evidence
+        return True
+    c = x - 1  # x as the replica holder of c, whose evidence goes to the stage c computes on
+    if 0 < c and c not in plan.out and r == plan.pred(c):
+        return True
+    return r == x + 2 or (r == x + 3 and x + 1 in plan.bypassed)  # x's jumped output
+
+
+def norms_agree(a: float, b: float, cfg: DefenseConfig) -> bool:
+    if cfg.rtol == 0 and cfg.atol == 0:
+        return a == b
+    return abs(a - b) <= cfg.atol + cfg.rtol * abs(b)
 
 
 class Coordinator:
@@ -38,61 +66,86 @@ class Coordinator:
 
     def __init__(self, cfg: DefenseConfig, num_stages: int, ema: float = 0.9) -> None:
         self.cfg, self.n, self.ema = cfg, num_stages, ema
-        self.reputation = [1.0] * num_stages  # EMA of "not blamed" per iteration
+        self.recovery = strategy(cfg.recovery)
+        self.reputation = [1.0] * num_stages  # EMA of "not blamed" per attempt
         self.blame_count = [0] * num_stages
         self.alerts_seen = 0
         self.quarantined: set[int] = set()
+        self.plan = Plan()  # the routes of the attempt being judged
+        self._attempt: tuple[int, bool] | None = None  # (step, train) of a discarded attempt
+        self._culprits: frozenset[int] = frozenset()  # named over this iteration's attempts
         window = 2 * cfg.quarantine_after
         self.history: deque[frozenset[int]] = deque(maxlen=max(window, 1))
 
-    def blame(self, alerts: torch.Tensor) -> frozenset[int]:
-        """The culprits named by ``alerts[verifier, suspect]``: the suspects, except where the
-        verifier or the replica holder is already quarantined (its word no longer counts).
-
-        Row v is what stage v reported, and stage v checks only its neighbours (the forward
-        check at s + 1, the backward check at s - 1). An accusation of any other stage is one
-        that honest code never makes, so it names the accuser (a middle stage: the two ends are
-        the data owner's), not the accused."""
-        named = set()
-        for v, s in torch.nonzero(alerts > 0).tolist():
-            if abs(v - s) != 1 or not 0 < s < self.n - 1:
-                if 0 < v < self.n - 1:
-                    named.add(v)
+    def blame(self, seen: Oversight, plan: Plan) -> frozenset[int]:
+        """The culprits of one attempt, by the rules of the module docstring."""
+        n, named = self.n, set()
+        middle = set(range(1, n - 1))
+        named |= seen.invalid & middle
+        alerts, replica_norm = seen.reports[:, :n], seen.reports[:, n]
+        for r in range(n):
+            row = alerts[r]
+            if not bool((torch.isfinite(row) & (row >= 0)).all()):
+                named |= {r} & middle
                 continue
-            if {v, s, s + 1} & self.quarantined:
+            self.alerts_seen += int(row.sum())
+            for x in torch.nonzero(row > 0).reshape(-1).tolist():
+                if designated(r, x, plan, n):
+                    named.add(x)
+                elif r not in plan.out:
+                    named |= {r} & middle
+        for s in middle - plan.out:
+            v = s + 1
+            if v in plan.out or s in seen.invalid:
                 continue
-            named.add(s)
+            theirs = float(replica_norm[v])
+            if not math.isfinite(theirs) or theirs < 0:
+                named |= {v} & middle  # it holds the replica: its norm is a number
+            elif not norms_agree(seen.norms[s], theirs, self.cfg):
+                named.add(s)
         return frozenset(named)
 
-    def frozen_for(self, culprits: frozenset[int]) -> set[int]:
-        """The stages whose update waits: bypassed ones and the one before each."""
-        frozen: set[int] = set()
-        for s in culprits:
-            frozen |= {s - 1, s}
-            if s + 1 < self.n - 1:
-                frozen.add(s + 1)
-        return frozen
-
-    def decide(self, step: int, alerts: torch.Tensor) -> Verdict:
-        self.alerts_seen += int(alerts.sum())
-        culprits = self.blame(alerts)
+    def decide(self, seen: Oversight) -> Verdict:
+        plan = self.plan
+        key = (seen.step, seen.train)
+        if key != self._attempt:
+            self._culprits = frozenset()
+        culprits = self.blame(seen, plan)
         for s in range(self.n):
             hit = s in culprits
             self.blame_count[s] += hit
             self.reputation[s] = self.ema * self.reputation[s] + (1 - self.ema) * (not hit)
         self.history.append(culprits)
-        frozen: set[int] = set()
-        discard = False
-        if culprits and self.cfg.recovery == "skip":
-            frozen = self.frozen_for(culprits)
-        elif culprits and self.cfg.recovery == "restart":
-            discard = True
         k = self.cfg.quarantine_after
         if k:
             for s in sorted(culprits):
                 recent = sum(s in h for h in self.history)
                 if recent >= k and not {s - 1, s + 1} & self.quarantined:
                     self.quarantined.add(s)
-        frozen |= self.quarantined
-        return Verdict(frozen=frozenset(frozen), quarantined=frozenset(self.quarantined),
-                       discard=discard, blamed=culprits)
+        self._culprits |= culprits
+        base = Plan(bypassed=frozenset(self.quarantined))
+        response = self.recovery.respond(culprits, self._culprits, base, self.n)
+        self._attempt = key if response.discard else None
+        self.plan = response.redo if response.discard else base
+        frozen, replicas = self.frozen_for(plan)
+        decision = Decision(plan=self.plan, blamed=culprits,
+                            quarantined=frozenset(self.quarantined), replicas=replicas)
+        return Verdict(frozen=frozen, discard=response.discard,
+                       payload=decision.encode(self.n))
+
+    def frozen_for(self, plan: Plan) -> tuple[frozenset[int], frozenset[int]]:
+        """What keeps its weights after an attempt with ``plan``: the bypassed stages, and the
+        stage before each one bypassed for this iteration only (the replica of it that the
+        bypassed stage holds saw no true gradient, and must stay in lockstep with it); a
+        quarantined stage's replica of its predecessor is let go (its word does not count
+        while it stands). Then the replicas: of a frozen stage, and those a bypassed stage
+        holds."""
+        skipped = plan.bypassed - self.quarantined
+        own = plan.bypassed | {s - 1 for s in skipped}
+        replicas = plan.bypassed | {s + 1 for s in own if s + 1 < self.n}
+        return frozenset(own), frozenset(replicas)
+
+    def restore(self, quarantined: set[int]) -> None:
+        """Resume with a standing quarantine."""
+        self.quarantined = set(quarantined)
+        self.plan = Plan(bypassed=frozenset(quarantined))

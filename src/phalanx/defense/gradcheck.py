@@ -1,44 +1,73 @@
-"""The backward half of the duplicated block, at stage b = s - 1.
+"""The backward half of the duplicated block, at stage b, on its link from stage c = b + 1.
 
-Stage s + 1 holds the replica of stage s and sends, for every training micro-batch, the
-replica's gradient with respect to stage s's true input (``JUMP_GRAD``). :class:`GradCheck`
-wraps stage b's link from stage s: before the worker sees a gradient from stage s it is compared
-with that recomputation. On a mismatch (an alert against s) the worker gets zeros instead, for
-the rest of the iteration (``skip``, ``restart``), or the replica's gradient (``repair``), so a
-poisoned gradient never reaches stages < s. A
-``JUMP_GRAD`` marked ``FLAG_SKIP`` means stages s and s + 1 were bypassed: its tensor replaces
-the gradient from stage s. An empty one means there is nothing to compare (stage s was itself
-bypassing its predecessor).
+Stage c + 1 holds the replica of c and sends, for every training micro-batch, the replica's
+gradient with respect to c's true input (``JUMP_GRAD``). :class:`GradCheck` wraps stage b's link
+from c so that before the worker sees a gradient from c it is compared with that recomputation
+(an alert against c on a mismatch). What the plan of the attempt says, and only that, changes
+where b's gradient comes from:
+
+- c bypassed: from stage c + 1, which computed on b's output (checked in turn against the
+  replica of c + 1 at stage c + 2);
+- c repaired: the replica's gradient, from stage c + 1;
+- otherwise: from c, checked.
+
+A gradient is also checked against the activation b sent for the same micro-batch: one of
+another shape or dtype is an alert against its sender, and so is evidence that is not a finite
+tensor of that shape (an alert against the replica holder). A gradient that fails its check is
+replaced by the replica's (``mend``; zeros where there is no valid one), so that the stages
+before b, whose checks compare with replicas that saw the honest gradient, do not raise alerts
+of their own against honest stages: the attempt is discarded anyway. Without recovery
+(``mend=False``) the poison goes on, as the attack made it.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
 from phalanx.comm.channel import Channel
 from phalanx.comm.wrap import ChannelWrapper
+from phalanx.defense.compare import Checks
 from phalanx.defense.config import DefenseConfig
-from phalanx.defense.duplicate import Alert, Checks
-from phalanx.defense.links import Inbox
-from phalanx.wire import FLAG_SKIP, Frame, Kind
+from phalanx.defense.links import Inbox, Key
+from phalanx.defense.plan import Plan
+from phalanx.wire import Frame, Kind
+
+SENT = 4096  # activations whose shape is remembered (a few iterations' worth)
 
 
 class GradCheck(ChannelWrapper):
-    """Stage b's link from stage s = b + 1, checked against the replica at stage b + 2 when
-    ``evidence`` is given (s is a checked stage); a gradient marked ``FLAG_SKIP`` (sent by a
-    bypass) is taken as zeros and remembered, unchecked."""
+    """Stage b's link to the checked stage c = b + 1; ``side[k]`` is the inbox of
+    ``JUMP_GRAD`` frames from stage k (c + 1, and c + 2 when c + 1 is checked)."""
 
-    def __init__(self, inner: Channel, evidence: Inbox | None, cfg: DefenseConfig, checks: Checks,
-                 standing: set[int], timeout: float | None) -> None:
+    def __init__(self, inner: Channel, side: dict[int, Inbox], cfg: DefenseConfig,
+                 checks: Checks, plan: Callable[[], Plan], num_stages: int,
+                 timeout: float | None, mend: bool = True) -> None:
         super().__init__(inner)
-        self.evidence, self.cfg, self.checks = evidence, cfg, checks
-        self.standing, self.timeout = standing, timeout
-        self.drop_step = -1  # the iteration whose gradients from stage s are being dropped
+        self.mend = mend
+        self.b, self.c, self.n = inner.me, inner.me + 1, num_stages
+        self.side, self.cfg, self.checks, self.plan = side, cfg, checks, plan
+        self.timeout = timeout
+        self.sent: dict[Key, tuple[torch.Size, torch.dtype]] = {}
         self._waiting: Frame | None = None
         self._ready: deque[Frame] = deque()
+
+    def send(self, frame: Frame) -> None:
+        if frame.kind is Kind.ACTIVATION:
+            if len(self.sent) >= SENT:
+                self.sent = {k: v for k, v in self.sent.items() if k[0] >= frame.step}
+            self.sent[(frame.step, frame.micro)] = (frame.tensor.shape, frame.tensor.dtype)
+        self.inner.send(frame)
+
+    def sources(self, plan: Plan) -> list[int]:
+        """The stages whose ``JUMP_GRAD`` this link's gradient of a micro-batch needs."""
+        c = self.c
+        if self.b in plan.bypassed:  # nothing b computes is used: no evidence comes here
+            return []
+        return [c + 1, c + 2] if c in plan.bypassed and c + 1 < self.n - 1 else [c + 1]
 
     def recv(self, timeout: float | None = None) -> Frame:
         if self._ready:
@@ -47,10 +76,9 @@ class GradCheck(ChannelWrapper):
         self._waiting = None
         if frame.kind is not Kind.GRADIENT:
             return frame
-        jump = None
-        if self.evidence is not None:
-            jump = self.evidence.take((frame.step, frame.micro), timeout)
-        return self._check(frame, jump)
+        key, plan = (frame.step, frame.micro), self.plan()
+        side = {k: self.side[k].take(key, timeout) for k in self.sources(plan)}
+        return self._check(frame, side, plan)
 
     def poll(self) -> Frame | None:
         if self._ready:
@@ -60,43 +88,56 @@ class GradCheck(ChannelWrapper):
             if frame is None or frame.kind is not Kind.GRADIENT:
                 return frame
             self._waiting = frame
-        jump = None
-        if self.evidence is not None:
-            jump = self.evidence.ready((self._waiting.step, self._waiting.micro))
-            if jump is None:
-                return None
+        key, plan = (self._waiting.step, self._waiting.micro), self.plan()
+        srcs = self.sources(plan)
+        if any(self.side[k].ready(key, keep=True) is None for k in srcs):
+            return None
+        side = {k: self.side[k].ready(key) for k in srcs}
         frame, self._waiting = self._waiting, None
-        return self._check(frame, jump)
+        return self._check(frame, side, plan)
 
-    def _check(self, grad: Frame, jump: Frame | None) -> Frame:
-        s, key = grad.src, (grad.step, grad.micro)
-        zeros = replace(grad, tensor=torch.zeros_like(grad.tensor))
-        if grad.flags & FLAG_SKIP:  # from a bypass: zeros by construction, nothing to check
-            self.checks.bypassed.add(key)
-            return zeros
-        if jump is None or {s - 1, s, s + 1} & self.standing:
-            return grad  # unchecked stage, or this stage, the suspect or the evidence quarantined
-        if jump.flags & FLAG_SKIP:  # stages s and s + 1 were bypassed: take the direct gradient
-            if jump.tensor.shape == grad.tensor.shape and jump.tensor.dtype == grad.tensor.dtype:
-                return replace(grad, tensor=jump.tensor)
-            return zeros
-        if jump.tensor.numel() == 0:
+    def _fits(self, t: torch.Tensor, key: Key) -> bool:
+        shape, dtype = self.sent.get(key, (None, None))
+        return t.shape == shape and t.dtype == dtype and bool(torch.isfinite(t).all())
+
+    def _check(self, grad: Frame, side: dict[int, Frame], plan: Plan) -> Frame:
+        key, c = (grad.step, grad.micro), self.c
+        if not side:
             return grad
-        if self.drop_step == grad.step:
-            return self._drop(zeros)
-        if not self.checks.compare(jump.tensor, grad.tensor, self.cfg):
-            self.checks.alerts.append(Alert(step=grad.step, micro=grad.micro,
-                                            verifier=grad.dst, suspect=s))
-            if self.cfg.recovery == "repair":  # the replica's gradient instead
-                return replace(grad, tensor=jump.tensor)
-            if self.cfg.recovery != "none":  # skip, or restart: the iteration is discarded
-                self.drop_step = grad.step  # anyway, and nothing poisoned should reach further
-                return self._drop(zeros)
+        shape, dtype = self.sent.get(key, (grad.tensor.shape, grad.tensor.dtype))
+        zeros = torch.zeros(shape, dtype=dtype)
+        if c in plan.out:  # bypassed: c + 1's input gradient; repaired: the replica's
+            used = side[c + 1].tensor
+            if not self._fits(used, key):
+                self._alert(key, c + 1, plan)
+                return replace(grad, tensor=zeros)
+            if c + 2 in side and c + 2 not in plan.out:  # c + 1 computed on b's output
+                if not self._compare(side[c + 2].tensor, used, key, c + 1, plan) and self.mend:
+                    ev = side[c + 2].tensor
+                    return replace(grad, tensor=ev if self._fits(ev, key) else zeros)
+            return replace(grad, tensor=used)
+        evidence = side[c + 1].tensor
+        mended = evidence if self._fits(evidence, key) else zeros
+        if grad.tensor.shape != shape or grad.tensor.dtype != dtype:
+            self._alert(key, c, plan)
+            return replace(grad, tensor=mended)
+        if c + 1 not in plan.out and not self._compare(evidence, grad.tensor, key, c, plan):
+            return replace(grad, tensor=mended) if self.mend else grad
         return grad
 
-    def _drop(self, zeros: Frame) -> Frame:
-        """A dropped gradient: zeros here, and what this stage sends upstream is marked."""
-        key = (zeros.step, zeros.micro)
-        self.checks.bypassed.add(key)
-        self.checks.marked.add(key)
-        return zeros
+    def _compare(self, evidence: torch.Tensor, claimed: torch.Tensor, key: Key, suspect: int,
+                 plan: Plan) -> bool:
+        """Check ``claimed`` (from ``suspect``) against the replica's ``evidence`` (from
+        ``suspect + 1``): evidence that is no gradient of the right shape is the replica
+        holder's fault, a mismatch the suspect's. Whether the claim stands."""
+        if not self._fits(evidence, key):
+            self._alert(key, suspect + 1, plan)
+            return True  # unchecked, not refuted
+        if not self.checks.compare(evidence, claimed, self.cfg):
+            self._alert(key, suspect, plan)
+            return False
+        return True
+
+    def _alert(self, key: Key, suspect: int, plan: Plan) -> None:
+        if 0 < suspect < self.n - 1:
+            self.checks.alert(key, self.b, suspect)

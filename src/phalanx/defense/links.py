@@ -1,7 +1,14 @@
-"""Channel wrappers of the duplicated block: the jumping connection out, side inboxes in."""
+"""Channel wrappers of the duplicated block: the jumping connection out, side inboxes in.
+
+Frames of the defense (``JUMP``, ``JUMP_GRAD``) carry the attempt number in their ``flags``
+byte: an attempt that is redone reuses its (step, micro-batch) numbers, and what was sent for a
+discarded attempt must not be taken for the redo. The tag is as untrusted as the rest of the
+frame: a wrong one only makes the frame wait unused (bounded) until it is purged.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -11,49 +18,50 @@ from phalanx.comm.channel import Channel, ChannelTimeout
 from phalanx.comm.wrap import ChannelWrapper
 from phalanx.wire import Frame, Kind
 
+log = logging.getLogger(__name__)
+
 Key = tuple[int, int]  # (step, micro)
+HELD = 4096  # side frames a link may hold for later; beyond, its sender is flooding
 
 
 class Outbound(ChannelWrapper):
-    """A stage's link to a neighbour: a frame of ``kind`` whose (step, micro) is in
-    ``marks[flag]`` gets that flag (``FLAG_SKIP``: it comes from a bypass; ``FLAG_REPAIRED``:
-    from a repaired input); every activation is also copied, as ``JUMP``, to the stages
-    ``jump_to()`` names (the jumping connection)."""
+    """A stage's link to its next stage: every activation is also copied, as ``JUMP`` tagged
+    with the attempt, to the stages ``jump_to()`` names (the jumping connection)."""
 
-    def __init__(self, inner: Channel, kind: Kind, marks: dict[int, set[Key]],
-                 jumps: dict[int, Channel] | None = None,
-                 jump_to: Callable[[], list[int]] | None = None) -> None:
+    def __init__(self, inner: Channel, jumps: dict[int, Channel],
+                 jump_to: Callable[[], list[int]], tag: Callable[[], int]) -> None:
         super().__init__(inner)
-        self.kind, self.marks = kind, marks
-        self.jumps, self.jump_to = jumps or {}, jump_to or (lambda: [])
+        self.jumps, self.jump_to, self.tag = jumps, jump_to, tag
 
     def send(self, frame: Frame) -> None:
-        if frame.kind is self.kind:
-            key = (frame.step, frame.micro)
-            flags = sum(flag for flag, keys in self.marks.items() if key in keys)
-            if flags:
-                frame = replace(frame, flags=frame.flags | flags)
         self.inner.send(frame)
         if frame.kind is Kind.ACTIVATION:
             for target in self.jump_to():
-                self.jumps[target].send(replace(frame, kind=Kind.JUMP, dst=target))
+                self.jumps[target].send(replace(frame, kind=Kind.JUMP, dst=target,
+                                                flags=self.tag()))
 
 
 class Inbox(ChannelWrapper):
-    """Diverts frames of one ``kind`` into a table keyed by (step, micro); every other frame
-    passes through to the worker in arrival order."""
+    """Diverts frames of one ``kind`` into a table keyed by (step, micro, attempt tag); every
+    other frame passes through to the worker in arrival order."""
 
-    def __init__(self, inner: Channel, kind: Kind) -> None:
+    def __init__(self, inner: Channel, kind: Kind, tag: Callable[[], int]) -> None:
         super().__init__(inner)
-        self.kind = kind
-        self.held: dict[Key, Frame] = {}
+        self.kind, self.tag = kind, tag
+        self.held: dict[tuple[int, int, int], Frame] = {}
         self._passing: deque[Frame] = deque()
+        self.dropped = 0
 
     def _file(self, frame: Frame) -> None:
-        if frame.kind is self.kind:
-            self.held[(frame.step, frame.micro)] = frame
-        else:
+        if frame.kind is not self.kind:
             self._passing.append(frame)
+            return
+        if len(self.held) >= HELD:
+            self.dropped += 1
+            log.warning("stage %d dropped a %s frame from stage %d: %d are waiting already",
+                        self.me, self.kind.name, self.peer, len(self.held))
+            return
+        self.held[(frame.step, frame.micro, frame.flags)] = frame
 
     def recv(self, timeout: float | None = None) -> Frame:
         while not self._passing:
@@ -68,45 +76,32 @@ class Inbox(ChannelWrapper):
         while (frame := self.inner.poll()) is not None:
             self._file(frame)
 
-    def ready(self, key: Key) -> Frame | None:
-        """The diverted frame of ``key`` if it has arrived (never blocks)."""
-        self._drain()
-        return self.held.pop(key, None)
+    def _purge(self, key: Key) -> None:
+        """Forget frames of earlier steps and of attempts other than this one and the next."""
+        now = self.tag()
+        keep = {now, (now + 1) % 256}
+        self.held = {k: f for k, f in self.held.items()
+                     if k[0] > key[0] or (k[0] == key[0] and k[2] in keep)}
 
-    def take(self, key: Key | None, timeout: float | None) -> Frame:
-        """The diverted frame of ``key`` (the oldest one when ``key`` is None), waiting at most
-        ``timeout`` seconds."""
+    def ready(self, key: Key, keep: bool = False) -> Frame | None:
+        """The diverted frame of ``key`` in this attempt if it has arrived (never blocks);
+        ``keep`` leaves it for a later take."""
+        self._drain()
+        full = (*key, self.tag())
+        return self.held.get(full) if keep else self.held.pop(full, None)
+
+    def take(self, key: Key, timeout: float | None, keep: bool = False) -> Frame:
+        """The diverted frame of ``key`` in this attempt, waiting at most ``timeout`` seconds;
+        ``keep`` leaves it for a later take."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._purge(key)
         while True:
-            if key is None and self.held:
-                return self.held.pop(next(iter(self.held)))
-            if key is not None and key in self.held:
-                self.held = {k: f for k, f in self.held.items() if k[0] >= key[0]}
-                return self.held.pop(key)
+            full = (*key, self.tag())
+            if full in self.held:
+                return self.held[full] if keep else self.held.pop(full)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise ChannelTimeout(f"stage {self.me} waited {timeout} s for a "
-                                     f"{self.kind.name} frame from stage {self.peer}")
+                raise ChannelTimeout(f"stage {self.me} waited {timeout} s for the "
+                                     f"{self.kind.name} frame of micro-batch {key[1]} (step "
+                                     f"{key[0]}) from stage {self.peer}")
             self._file(self.inner.recv(left))
-
-
-class FlagTap(ChannelWrapper):
-    """Remembers the flags of the activations arriving on a link, by (step, micro)."""
-
-    def __init__(self, inner: Channel) -> None:
-        super().__init__(inner)
-        self.flags: dict[Key, int] = {}
-
-    def _seen(self, frame: Frame | None) -> Frame | None:
-        if frame is not None and frame.kind is Kind.ACTIVATION:
-            if len(self.flags) > 4096:
-                newest = max(k[0] for k in self.flags)
-                self.flags = {k: f for k, f in self.flags.items() if k[0] >= newest}
-            self.flags[(frame.step, frame.micro)] = frame.flags
-        return frame
-
-    def recv(self, timeout: float | None = None) -> Frame:
-        return self._seen(self.inner.recv(timeout))
-
-    def poll(self) -> Frame | None:
-        return self._seen(self.inner.poll())

@@ -1,34 +1,41 @@
-"""Wiring of the duplicated block into a run: which wrapper goes on which link of which stage.
+"""Wiring of the duplicated block into a run: which wrapper goes on which link of which stage,
+and the worker seams it fills.
 
 For every stage s of a run with a duplicated block (checked stages are the middle ones):
 
-- link s -> s + 1: :class:`Outbound` (marks activations that come from a bypass or a repaired
-  input; jumps to s + 2 when s + 1 is checked, and to s + 3 while s + 1 is quarantined) and
-  :class:`GradCheck` (gradients coming back);
-- link s -> s - 1: :class:`Outbound` (marks gradients that come from a bypass);
-- links from s - 2 and s - 3: :class:`Inbox` es of jumped activations, and link from s - 1: a
-  :class:`FlagTap` and an :class:`Inbox` of repaired inputs, when s verifies s - 1
-  (:class:`Verifier`);
-- link from s + 2: an :class:`Inbox` of replica gradients, the evidence of :class:`GradCheck`,
-  when s checks the gradient of s + 1.
+- link s -> s + 1: :class:`Outbound` (jumps each activation to s + 2 when s + 1 is checked, and
+  to s + 3 while s + 1 is bypassed) and, when s + 1 is checked, :class:`GradCheck` (gradients
+  coming back) with inboxes of ``JUMP_GRAD`` from s + 2 and s + 3;
+- when s verifies s - 1: inboxes of ``JUMP`` from s - 2 and s - 3, a :class:`Guard` and an inbox
+  of repaired inputs on the link from s - 1, and the :class:`Verifier` hook.
 
-:meth:`Duplicate.attach` then plugs the stage's alerts into the worker's report, the coordinator
-into stage 0 and the standing quarantine into every verifier.
+:meth:`Duplicate.attach` plugs the stage's report (alerts, the replica's norm), the freezing of
+its weights and replica, and the verdict's plan into the worker; stage 0 runs the coordinator.
 """
 
 from __future__ import annotations
 
+import torch
+
 from phalanx.comm.channel import Channel
+from phalanx.defense.compare import Checks
 from phalanx.defense.config import DefenseConfig
-from phalanx.defense.coordinator import Coordinator
-from phalanx.defense.duplicate import Checks, Verifier, checked
+from phalanx.defense.coordinator import Coordinator, report_size
 from phalanx.defense.gradcheck import GradCheck
-from phalanx.defense.links import FlagTap, Inbox, Outbound
+from phalanx.defense.links import Inbox, Outbound
+from phalanx.defense.plan import Decision, Plan
+from phalanx.defense.replica import checked, shadow_params, squared_norm
+from phalanx.defense.verifier import Guard, Verifier
 from phalanx.errors import PhalanxError
 from phalanx.models.stages import StageModule
 from phalanx.pipeline.verdict import Verdict
-from phalanx.pipeline.worker import StageWorker
-from phalanx.wire import FLAG_REPAIRED, FLAG_SKIP, Kind
+from phalanx.pipeline.worker import IterationResult, StageWorker
+from phalanx.wire import Kind
+
+
+def hidden_size(stage: StageModule) -> int:
+    conf = stage.config
+    return int(getattr(conf, "hidden_size", None) or conf.n_embd)
 
 
 class Duplicate:
@@ -38,51 +45,80 @@ class Duplicate:
         self.cfg, self.n, self.timeout = cfg, num_stages, timeout
         self.checks: dict[int, Checks] = {}
         self.verifiers: dict[int, Verifier] = {}
-        self.gradchecks: dict[int, GradCheck] = {}
-        self.standing: set[int] = set()  # quarantined stages, as the last verdict said
+        self.plan = Plan()  # the routes of the current attempt, from the last verdict
+        self.decision = Decision()  # the last verdict's
+        self.attempts: dict[int, int] = {}  # verdicts each stage of this process adopted
         self.coordinator = Coordinator(cfg, num_stages)
+
+    def tag(self, stage: int) -> int:
+        """The attempt number stage ``stage`` is at, as one byte (frames' ``flags``)."""
+        return self.attempts.get(stage, 0) % 256
 
     def jump_targets(self, s: int) -> list[int]:
         """Where stage s's output is jumped: to s + 2, the verifier of s + 1; while s + 1 is
-        quarantined (bypassed), also to s + 3, the verifier of s + 2, which now takes its input
-        from s."""
+        bypassed, also to s + 3, the verifier of s + 2, which then computes on it."""
         mid = checked(self.n)
         targets = [s + 2] if s + 1 in mid else []
-        if s + 1 in self.standing and s + 2 in mid:
+        if s + 1 in self.plan.bypassed and s + 2 in mid:
             targets.append(s + 3)
         return targets
 
     def wrap(self, stage: StageModule, channels: dict[int, Channel]) -> dict[int, Channel]:
-        s, out, mid = stage.index, dict(channels), checked(self.n)
+        s, out, mid, n = stage.index, dict(channels), checked(self.n), self.n
         checks = self.checks.setdefault(s, Checks())
-        if s + 1 < self.n:  # forward out, gradients in
-            jumps = {t: channels[t] for t in (s + 2, s + 3) if t < self.n}
-            marks = {FLAG_SKIP: checks.marked, FLAG_REPAIRED: checks.repaired}
-            out[s + 1] = Outbound(channels[s + 1], Kind.ACTIVATION, marks, jumps,
-                                  lambda: self.jump_targets(s))
-            evidence = None
+        tag = lambda: self.tag(s)  # noqa: E731
+        plan = lambda: self.plan  # noqa: E731
+        if s + 1 < n:  # forward out, gradients in
+            jumps = {t: channels[t] for t in (s + 2, s + 3) if t < n}
+            out[s + 1] = Outbound(channels[s + 1], jumps, lambda: self.jump_targets(s), tag)
             if s + 1 in mid:
-                evidence = out[s + 2] = Inbox(channels[s + 2], Kind.JUMP_GRAD)
-            out[s + 1] = self.gradchecks[s] = GradCheck(out[s + 1], evidence, self.cfg, checks,
-                                                         self.standing, self.timeout)
-        if s > 0:  # activations in, gradients out
-            out[s - 1] = Outbound(out[s - 1], Kind.GRADIENT, {FLAG_SKIP: checks.marked})
-        if s - 1 in mid:
-            jumps_in = {src: Inbox(out[src], Kind.JUMP) for src in (s - 2, s - 3) if src >= 0}
+                side = {k: Inbox(channels[k], Kind.JUMP_GRAD, tag) for k in (s + 2, s + 3)
+                        if k < n}
+                out.update(side)
+                out[s + 1] = GradCheck(out[s + 1], side, self.cfg, checks, plan, n,
+                                       self.timeout, mend=self.coordinator.recovery.mends)
+        if s - 1 in mid:  # s verifies s - 1
+            jumps_in = {k: Inbox(out[k], Kind.JUMP, tag) for k in (s - 2, s - 3) if k >= 0}
             out.update(jumps_in)
-            tap = FlagTap(out[s - 1])
-            repairs = out[s - 1] = Inbox(tap, Kind.JUMP)  # inputs stage s - 1 had repaired
-            self.verifiers[s] = Verifier(stage, jumps_in, tap, jumps_in[s - 2], self.cfg, checks,
-                                         self.standing, self.timeout, repairs, out.get(s + 1))
+            repairs = Inbox(out[s - 1], Kind.JUMP, tag)
+            back = {k: jumps_in[k] for k in jumps_in}
+            verifier = Verifier(stage, jumps_in, repairs, back, out.get(s + 1), self.cfg,
+                                checks, plan, tag, hidden_size(stage), self.timeout)
+            self.verifiers[s] = verifier
+            out[s - 1] = Guard(repairs, verifier)
         return out
 
     def attach(self, worker: StageWorker) -> None:
-        """Report this stage's alerts with its norm; stage 0 runs the coordinator."""
-        checks = self.checks.setdefault(worker.me, Checks())
-        worker.alert_counts = lambda: checks.counts(self.n)
-        worker.verdict_hooks.append(lambda v, s=worker.me: self._adopt(s, v))
-        if worker.me == 0:
+        """Fill the worker's seams: its report, its frozen parameters, the verdict's plan;
+        stage 0 runs the coordinator."""
+        me, checks = worker.me, self.checks.setdefault(worker.me, Checks())
+        shadow = shadow_params(worker.stage)
+        held = {id(p) for p in shadow}
+        own = [p for p in worker.stage.parameters() if id(p) not in held]
+
+        def report() -> torch.Tensor:
+            replica = squared_norm(shadow) if shadow else float("nan")
+            return torch.cat([checks.counts(self.n),
+                              torch.tensor([replica], dtype=torch.float64)])
+
+        def frozen(verdict: Verdict) -> list[torch.nn.Parameter]:
+            replicas = Decision.decode(verdict.payload, self.n).replicas
+            return (own if me in verdict.frozen else []) + (shadow if me in replicas else [])
+
+        worker.report, worker.report_size = report, report_size(self.n)
+        worker.frozen_params = frozen
+        worker.norm_excluded = held
+        worker.verdict_hooks.append(lambda v: self._adopt(me, v))
+        if me in self.verifiers:
+            self.verifiers[me].position = lambda: worker.current
+        if me == 0:
             worker.coordinator = self.coordinator
+
+    def _adopt(self, stage: int, verdict: Verdict) -> None:
+        """The attempt is over for ``stage``: take the plan of the next one."""
+        self.decision = Decision.decode(verdict.payload, self.n)
+        self.plan = self.decision.plan
+        self.attempts[stage] = self.attempts.get(stage, 0) + 1
 
     def restore(self, quarantined: list) -> None:
         """Resume with the quarantine a checkpoint recorded."""
@@ -90,20 +126,31 @@ class Duplicate:
                 isinstance(q, int) and 0 < q < self.n - 1 for q in quarantined):
             raise PhalanxError(f"the checkpoint's quarantine {quarantined!r} is not a list of "
                                f"middle stages of a {self.n}-stage pipeline")
-        self.standing.clear()
-        self.standing.update(quarantined)
-        self.coordinator.quarantined = set(quarantined)
+        plan = Plan(bypassed=frozenset(quarantined))
+        if not plan.valid(self.n):
+            raise PhalanxError(f"the checkpoint's quarantine {quarantined!r} has stages next "
+                               "to each other")
+        self.plan = plan
+        self.decision = Decision(plan=plan, quarantined=plan.bypassed)
+        self.coordinator.restore(set(quarantined))
 
-    def _adopt(self, stage: int, verdict: Verdict) -> None:
-        """The iteration is over for ``stage``: take the standing quarantine, and forget this
-        iteration's bypasses (a restart redoes the same step number from a clean slate)."""
-        self.standing.clear()
-        self.standing.update(verdict.quarantined)
-        checks = self.checks[stage]
-        checks.marked.clear()
-        checks.bypassed.clear()
-        checks.repaired.clear()
-        if stage in self.verifiers:
-            self.verifiers[stage].skip_step = -1
-        if stage in self.gradchecks:
-            self.gradchecks[stage].drop_step = -1
+    @property
+    def standing(self) -> frozenset[int]:
+        """The standing quarantine, as the last verdict said."""
+        return self.decision.quarantined
+
+    def alerts(self, res: IterationResult) -> torch.Tensor:
+        """``[verifier, suspect]`` alert counts of an attempt (stage 0's view)."""
+        if res.reports is None:
+            return torch.zeros(self.n, self.n, dtype=torch.float64)
+        return res.reports[:, :self.n]
+
+    def describe(self, res: IterationResult) -> dict:
+        """What the defense saw and decided in an attempt, for the metrics."""
+        d = Decision.decode(res.verdict.payload, self.n)
+        by_suspect = self.alerts(res).sum(dim=0).tolist()
+        return {"alerts": {str(i): int(c) for i, c in enumerate(by_suspect) if c},
+                "blamed": sorted(d.blamed), "frozen": sorted(res.verdict.frozen),
+                "quarantined": sorted(d.quarantined), "discarded": res.verdict.discard,
+                "next": {"bypassed": sorted(d.plan.bypassed),
+                         "repaired": sorted(d.plan.repaired)}}

@@ -45,13 +45,6 @@ class StageModule(nn.Module):
         self.drop = nn.Dropout(getattr(config, "embd_pdrop", 0.0)) if family == "gpt2" else None
         self.autocast: torch.dtype | None = None  # mixed precision: compute dtype of autocast
 
-    def shadow_params(self) -> list[nn.Parameter]:
-        """Parameters of a ``shadow`` submodule: a copy of another stage, stepped here in
-        lockstep with the original to verify it (duplicated block). Their gradients duplicate
-        that stage's, so they stay out of the global gradient norm."""
-        shadow = self._modules.get("shadow")
-        return list(shadow.parameters()) if shadow is not None else []
-
     def replicas(self) -> list[nn.Parameter]:
         """Parameters this stage holds as copies of stage 0's (a tied output embedding): stage 0
         owns and updates them; this stage only uses them."""

@@ -122,5 +122,7 @@ def train_actions(
 
 
 def eval_actions(stage: int, micro: int) -> list[Action]:
-    """A forward-only pass over ``micro`` micro-batches, then the report."""
-    return [Action(Op.FORWARD, m) for m in range(micro)] + [report_action(stage)]
+    """A forward-only pass over ``micro`` micro-batches, the norm exchange (it carries what
+    overseers report, and stage 0's verdict on the pass), then the report."""
+    norm = [Action(Op.GATHER_NORM)] if stage == 0 else [Action(Op.SEND_NORM), Action(Op.RECV_NORM)]
+    return [Action(Op.FORWARD, m) for m in range(micro)] + norm + [report_action(stage)]

@@ -19,7 +19,7 @@ from phalanx.comm import Channel, ChannelTimeout
 from phalanx.models.stages import StageModule, lm_loss
 from phalanx.pipeline.optim import StageOptimizer, clip_coefficient
 from phalanx.pipeline.schedule import Action, Op
-from phalanx.pipeline.verdict import Coordinator, Verdict
+from phalanx.pipeline.verdict import Coordinator, Oversight, Verdict
 from phalanx.wire import Frame, FrameError, Kind
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class IterationResult:
 
     stats: list[StageStats] = field(default_factory=list)
     grad_norm: float = float("nan")
-    alerts: torch.Tensor | None = None  # [verifier, suspect] counts of the iteration
+    reports: torch.Tensor | None = None  # (n, report size): what each stage's overseer said
     verdict: Verdict = field(default_factory=Verdict)
     # [reporter, sender] frames refused in the iteration (malformed, replayed, out of order,
     # too far ahead): what each stage reports against its peers, unverified (the reporter is
@@ -130,12 +130,16 @@ class StageWorker:
         self.global_norm = float("nan")
         self.stats = StageStats()
         self.result: IterationResult | None = None
-        # Oversight seams (the defense plugs in here; the engine only carries the numbers):
-        self.alert_counts: Callable[[], torch.Tensor] | None = None  # this stage's alerts, (n,)
+        # Oversight seams (an overseer plugs in here; the engine only carries the numbers):
+        self.report: Callable[[], torch.Tensor] | None = None  # this stage's report
+        self.report_size = 0  # its length, the same on every stage
         self.coordinator: Coordinator | None = None  # stage 0 only
         self.verdict_hooks: list[Callable[[Verdict], None]] = []
+        self.frozen_params: Callable[[Verdict], list[torch.nn.Parameter]] | None = None
+        self.norm_excluded: set[int] = set()  # ids of parameters the global norm leaves out
         self.verdict = Verdict()
-        self._alerts: torch.Tensor | None = None
+        self.current = (0, -1)  # (step, micro-batch) of the forward being computed
+        self._reports: torch.Tensor | None = None
         self._refused: torch.Tensor | None = None
         self._rejected_before: dict[int, int] = {}
 
@@ -152,7 +156,7 @@ class StageWorker:
         self.stats = StageStats()
         self.result = None
         self.global_norm = float("nan")
-        self.verdict = Verdict(quarantined=self.verdict.quarantined)
+        self.verdict = Verdict()
         self._rejected_before = dict(self.rejected)
         self.stage.train(train)
         self._stash = {k: f for k, f in self._stash.items() if f.step >= step}
@@ -226,6 +230,7 @@ class StageWorker:
             labels = self.inputs[m] if self.me == 0 else self._check_labels(
                 self._take(0, Kind.LABELS, m).tensor)
         t0 = time.perf_counter()
+        self.current = (self.step, m)
         with torch.set_grad_enabled(self.train):
             out = self.stage(x)
             if labels is not None:
@@ -288,10 +293,10 @@ class StageWorker:
             for p, w in zip(self._tied_params(), self._split(new), strict=True):
                 p.copy_(w)
 
-    def _my_alerts(self) -> torch.Tensor:
-        if self.alert_counts is None:
-            return torch.zeros(self.n, dtype=torch.float64)
-        return self.alert_counts().to(torch.float64).reshape(self.n)
+    def _my_report(self) -> torch.Tensor:
+        if self.report is None:
+            return torch.zeros(self.report_size, dtype=torch.float64)
+        return self.report().to(torch.float64).reshape(self.report_size)
 
     def _my_refusals(self) -> torch.Tensor:
         """Frames this stage refused in this iteration, by sender."""
@@ -301,35 +306,49 @@ class StageWorker:
         return out
 
     def _do_send_norm(self, _: int) -> None:
-        """Squared norm of this stage's gradients, with the alerts it raised and the frames it
-        refused (by sender) this iteration."""
+        """Squared norm of this stage's gradients, the frames it refused (by sender) this
+        iteration and its overseer's report."""
         self._send(0, Kind.NORM, 0, torch.cat([torch.tensor([self._local_norm_sq()],
                                                             dtype=torch.float64),
-                                               self._my_alerts(), self._my_refusals()]))
+                                               self._my_refusals(), self._my_report()]))
+
+    def _gathered(self, p: int, t: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """Stage p's (squared norm, refusals, report); a malformed frame or a norm that is not a
+        finite non-negative number gives a NaN norm (the caller marks p invalid)."""
+        size = 1 + self.n + self.report_size
+        empty = torch.zeros(self.n, dtype=torch.float64), torch.zeros(self.report_size,
+                                                                      dtype=torch.float64)
+        if t.shape != (size,) or t.dtype != torch.float64:
+            log.warning("stage %d sent a norm frame of %s %s, expected (%d,) float64", p,
+                        tuple(t.shape), t.dtype, size)
+            return float("nan"), *empty
+        norm = float(t[0])
+        if not (math.isfinite(norm) and norm >= 0):
+            # a squared norm is never negative, and one that is would turn clipping off
+            log.warning("stage %d sent a squared gradient norm of %s", p, norm)
+            norm = float("nan")
+        refused = t[1:self.n + 1]
+        refused = torch.where(torch.isfinite(refused) & (refused > 0), refused.round(), 0.0)
+        return norm, refused, t[self.n + 1:].clone()
 
     def _do_gather_norm(self, _: int) -> None:
-        """Stage 0: collect norms, alerts and refusals, let the coordinator decide, send the
+        """Stage 0: collect norms, refusals and reports, let the coordinator decide, send the
         total and the verdict back."""
         norms = [self._local_norm_sq()]
-        alerts = torch.zeros(self.n, self.n, dtype=torch.float64)
+        reports = torch.zeros(self.n, self.report_size, dtype=torch.float64)
         refused = torch.zeros(self.n, self.n, dtype=torch.float64)
-        alerts[0], refused[0] = self._my_alerts(), self._my_refusals()
+        reports[0], refused[0] = self._my_report(), self._my_refusals()
         for p in range(1, self.n):
-            t = self._take(p, Kind.NORM, 0).tensor
-            if t.shape != (2 * self.n + 1,) or t.dtype != torch.float64:
-                raise FrameError(f"stage {p} sent a norm frame of {tuple(t.shape)} {t.dtype}, "
-                                 f"expected ({2 * self.n + 1},) float64")
-            if float(t[0]) < 0:
-                # a squared norm is never negative; one that is would turn clipping off (NaN
-                # and +inf are a real overflow: every stage then skips the step)
-                raise FrameError(f"stage {p} sent a squared gradient norm of {float(t[0])}")
-            norms.append(float(t[0]))
-            for table, row in ((alerts, t[1:self.n + 1]), (refused, t[self.n + 1:])):
-                table[p] = torch.where(torch.isfinite(row) & (row > 0), row.round(), 0.0)
+            norm, refused[p], reports[p] = self._gathered(p, self._take(p, Kind.NORM, 0).tensor)
+            norms.append(norm)
         verdict = Verdict()
         if self.coordinator is not None:
-            verdict = self.coordinator.decide(self.step, alerts)
-        self._alerts, self._refused = alerts, refused
+            invalid = frozenset(p for p, v in enumerate(norms) if math.isnan(v))
+            verdict = self.coordinator.decide(Oversight(
+                step=self.step, train=self.train, norms=norms, invalid=invalid,
+                reports=reports, refused=refused))
+        self._reports, self._refused = reports, refused
+        # a NaN (a real overflow, or an invalid report) makes every stage skip this update
         total = sum(v for s, v in enumerate(norms) if s not in verdict.frozen)
         self.global_norm = math.sqrt(total) if total >= 0 else float("nan")
         out = torch.cat([torch.tensor([total], dtype=torch.float64), verdict.encode(self.n)])
@@ -354,13 +373,10 @@ class StageWorker:
         if self.optimizer is None:
             raise RuntimeError(f"stage {self.me} has no optimizer to step")
         v = self.verdict
-        shadow = self.stage.shadow_params()
-        frozen: list[torch.nn.Parameter] = []
-        if self.me in v.frozen:  # its own layers (the shadow it holds follows its original)
-            held = {id(p) for p in shadow}
-            frozen += [p for p in self.stage.parameters() if id(p) not in held]
-        if self.me - 1 in v.frozen:  # the replica of a frozen stage stays in lockstep with it
-            frozen += shadow
+        if self.frozen_params is not None:
+            frozen = self.frozen_params(v)
+        else:
+            frozen = list(self.stage.parameters()) if self.me in v.frozen else []
         # A non-finite global norm (NaN/Inf anywhere in the pipeline's gradients) would poison
         # every weight it touched: all stages see the same norm and all skip this update.
         self.optimizer.step(clip_coefficient(self.global_norm, self.optimizer.cfg.clip),
@@ -374,9 +390,13 @@ class StageWorker:
     def _do_gather_report(self, _: int) -> None:
         stats = [self.stats]
         for p in range(1, self.n):
-            stats.append(StageStats.from_tensor(self._take(p, Kind.REPORT, 0).tensor))
+            try:
+                stats.append(StageStats.from_tensor(self._take(p, Kind.REPORT, 0).tensor))
+            except FrameError as exc:  # a stage's own statistics: logged, never believed
+                self._reject(p, exc)
+                stats.append(StageStats())
         self.result = IterationResult(stats=stats, grad_norm=self.global_norm,
-                                      alerts=self._alerts, verdict=self.verdict,
+                                      reports=self._reports, verdict=self.verdict,
                                       refused=self._refused)
 
     # -- control messages (between iterations) ---------------------------------------------------
@@ -426,7 +446,7 @@ class StageWorker:
 
         Per-tensor norms in the gradients' dtype (as ``clip_grad_norm_``), summed in float64."""
         skip = {id(self._params[local]) for local, _ in self.tied} if self.me != 0 else set()
-        skip |= {id(p) for p in self.stage.shadow_params()}
+        skip |= self.norm_excluded
         grads = [p.grad for p in self.stage.parameters()
                  if p.grad is not None and id(p) not in skip]
         if not grads:

@@ -9,7 +9,7 @@ import torch
 
 from phalanx.comm import Channel
 from phalanx.comm.faults import Fault, with_faults
-from phalanx.defense.duplicate import add_shadow, checked
+from phalanx.defense.replica import add_shadow, checked
 from phalanx.defense.wiring import Duplicate
 from phalanx.models import (
     LoadedModel,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import sys
@@ -17,10 +18,11 @@ from phalanx.config import to_dict
 from phalanx.data import TokenData, build_data
 from phalanx.models import load_model
 from phalanx.pipeline import IterationResult
-from phalanx.pipeline.verdict import Verdict
 from phalanx.train.checkpoint import load_stage, read_manifest, save_stage, write_manifest
 from phalanx.train.config import Config
 from phalanx.train.setup import Loader, build_pipeline
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[str, "int | None"], None]
 """Told where the run is: a phase (evaluating, training, checkpointing, done) and a step."""
@@ -72,8 +74,16 @@ class Trainer:
 
     # -- pieces -------------------------------------------------------------------------------
     def evaluate(self, step: int) -> float | None:
+        """Validation loss, redone while the coordinator discards the pass (at most
+        ``defense.max_retries`` times; then NaN: no loss that failed its checks is reported)."""
         self.progress("evaluating", step)
-        return self.runtime.evaluate(self.val if self.driver else None, step=step)
+        for _ in range(self.cfg.defense.max_retries + 1):
+            val = self.runtime.evaluate(self.val if self.driver else None, step=step)
+            if not self.runtime.workers[0].verdict.discard:
+                return val
+        log.warning("the evaluation at step %d failed its checks %d times: not reported", step,
+                    self.cfg.defense.max_retries + 1)
+        return float("nan") if val is not None else None
 
     def checkpoint(self, step: int, extra: dict) -> None:
         self.progress("checkpointing", step)
@@ -108,12 +118,8 @@ class Trainer:
         if res.refused is not None and bool((res.refused > 0).any()):
             by_sender = res.refused.sum(dim=0).tolist()
             rec["refused"] = {str(i): int(c) for i, c in enumerate(by_sender) if c}
-        if self.pipe.defense is not None and res.alerts is not None:
-            by_suspect = res.alerts.sum(dim=0).tolist()
-            v = res.verdict
-            rec.update(alerts={str(i): int(c) for i, c in enumerate(by_suspect) if c},
-                       blamed=sorted(v.blamed), frozen=sorted(v.frozen),
-                       quarantined=sorted(v.quarantined), discarded=v.discard)
+        if self.pipe.defense is not None and res.reports is not None:
+            rec.update(self.pipe.defense.describe(res))
         return rec
 
     def check_totals(self) -> dict | None:
@@ -149,8 +155,6 @@ class Trainer:
             load_stage(directory, manifest, w)
         if self.pipe.defense is not None:
             self.pipe.defense.restore(manifest.get("quarantined", []))
-            for w in self.runtime.workers:
-                w.verdict = Verdict(quarantined=frozenset(self.pipe.defense.standing))
         self.runtime.barrier()
         return manifest
 

@@ -2,8 +2,6 @@
 
 from phalanx.wire.frame import (
     DEFAULT_LIMITS,
-    FLAG_REPAIRED,
-    FLAG_SKIP,
     HEADER_SIZE,
     Frame,
     FrameError,
@@ -20,8 +18,6 @@ from phalanx.wire.frame import (
 
 __all__ = [
     "DEFAULT_LIMITS",
-    "FLAG_REPAIRED",
-    "FLAG_SKIP",
     "HEADER_SIZE",
     "Frame",
     "FrameError",

@@ -25,9 +25,6 @@ MAX_NDIM = 8
 _FIXED = struct.Struct("<4sBBBBBQIHHQQ")
 HEADER_SIZE = 128  # _FIXED.size (41) + MAX_NDIM * 8 (64), padded
 
-FLAG_SKIP = 1  # the message bypassed a suspect stage (skip-layer recovery)
-FLAG_REPAIRED = 2  # computed from an input the replica repaired (repair recovery)
-KNOWN_FLAGS = FLAG_SKIP | FLAG_REPAIRED
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("phalanx frames assume a little-endian host")
@@ -95,7 +92,8 @@ class Frame:
     dst: int
     tensor: torch.Tensor
     seq: int = 0
-    flags: int = 0  # FLAG_* bits
+    flags: int = 0  # one byte a wrapper may use as it likes (the defense: the attempt number);
+    # as untrusted as the rest of the frame, and never read by the engine
     # Accountability (the secure transport): SHA-256 of the payload and the sender's Ed25519
     # signature over header + digest, both verified on receipt; empty where nothing signs.
     digest: bytes = b""
@@ -168,8 +166,6 @@ def decode_header(
         kind_v = Kind(kind)
     except ValueError:
         raise FrameError(f"unknown frame kind {kind}") from None
-    if flags & ~KNOWN_FLAGS:
-        raise FrameError(f"unknown flag bits {flags & ~KNOWN_FLAGS:#x}")
     if dtype_code not in DTYPE_CODES:
         raise FrameError(f"dtype code {dtype_code} is not in the whitelist")
     if ndim > MAX_NDIM:

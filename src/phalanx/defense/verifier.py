@@ -1,0 +1,182 @@
+"""The forward half of the duplicated block (paper 1), at stage v = s + 1.
+
+Stage v keeps a *shadow* copy of stage s (:mod:`phalanx.defense.replica`), stepped in lockstep
+with it. The stage that s computes on jumps its output to v too
+(:class:`~phalanx.defense.links.Outbound`). Before stage v runs a micro-batch, :class:`Verifier`
+(a forward pre-hook) recomputes stage s's output from that true input and compares it with what
+stage s claims; a forged input/output pair cannot pass, since the input comes from elsewhere.
+Evaluation passes are checked the same way.
+
+The routes of the attempt come from the coordinator's plan (:mod:`phalanx.defense.plan`), never
+from a frame:
+
+- s in the plan as it stands: check; the shadow's output is tied to the claim (:func:`tie`) so
+  the gradient stage v sends upstream also trains the shadow, and the shadow's gradient with
+  respect to the true input goes to the stage s computes on, as evidence (``JUMP_GRAD``);
+- s bypassed: the true input replaces the claim (:func:`route`), and its gradient goes to the
+  stage before s (which uses it in place of what s sends);
+- s repaired: the shadow's output replaces the claim (:func:`repair`), is sent on to stage
+  v + 1 (which checks v on it), and the shadow's input gradient replaces what s sends upstream.
+
+:class:`Guard` checks the activations s sends before the engine sees them: a frame of the wrong
+dtype or shape is an alert against s, and the engine gets zeros in its place.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from phalanx.comm.channel import Channel
+from phalanx.comm.wrap import ChannelWrapper
+from phalanx.defense.compare import Checks
+from phalanx.defense.config import DefenseConfig
+from phalanx.defense.graph import repair, route, tie
+from phalanx.defense.links import Inbox, Key
+from phalanx.defense.plan import Plan
+from phalanx.models.stages import StageModule
+from phalanx.wire import Frame, Kind
+
+log = logging.getLogger(__name__)
+
+
+def well_formed(t: torch.Tensor, hidden: int, dtype: torch.dtype) -> bool:
+    """A hidden state: (batch, seq, hidden) of the run's dtype, finite."""
+    return (t.dim() == 3 and t.shape[-1] == hidden and t.dtype == dtype
+            and bool(torch.isfinite(t).all()))
+
+
+class Verifier:
+    """The forward pre-hook of stage v that checks stage s = v - 1 against its shadow."""
+
+    def __init__(self, stage: StageModule, jumps: dict[int, Inbox], repairs: Inbox,
+                 back: dict[int, Channel], ahead: Channel | None, cfg: DefenseConfig,
+                 checks: Checks, plan: Callable[[], Plan], tag: Callable[[], int],
+                 hidden: int, timeout: float | None) -> None:
+        self.stage, self.v, self.s = stage, stage.index, stage.index - 1
+        self.jumps, self.repairs, self.back, self.ahead = jumps, repairs, back, ahead
+        self.cfg, self.checks, self.plan, self.tag = cfg, checks, plan, tag
+        self.hidden, self.timeout = hidden, timeout
+        self.dtype = next(stage.parameters()).dtype
+        self.position: Callable[[], Key] = lambda: (0, 0)  # the worker's, once attached
+        stage.register_forward_pre_hook(self.before)
+
+    def source(self, plan: Plan) -> tuple[int, Inbox]:
+        """Who supplies stage s's true input, and where it arrives: the stage s computes on,
+        over the jumping connection; stage s itself where it repaired its predecessor (it
+        vouches for the replica's output it went on with)."""
+        if self.s - 1 in plan.repaired:
+            return self.s, self.repairs
+        p = plan.pred(self.s)
+        return p, self.jumps[p]
+
+    def true_input(self, key: Key, keep: bool = False) -> torch.Tensor | None:
+        """Stage s's true input for ``key``; ``None`` (and an alert against its sender) when it
+        is not a well-formed hidden state."""
+        sender, inbox = self.source(self.plan())
+        x = inbox.take(key, self.timeout, keep=keep).tensor
+        if well_formed(x, self.hidden, self.dtype):
+            return x
+        if not keep:
+            self.checks.alert(key, self.v, sender)
+        return None
+
+    def before(self, module: nn.Module, args: tuple) -> tuple:
+        (claimed,) = args
+        key, plan = self.position(), self.plan()
+        x = self.true_input(key)
+        train = module.training
+        to = plan.pred(self.s)  # where gradients with respect to the true input go
+        if self.s in plan.bypassed:
+            x = torch.zeros_like(claimed) if x is None or x.shape != claimed.shape else x
+            return (self._joined(route, claimed, x, to, key) if train else x,)
+        if self.s in plan.repaired:
+            x = torch.zeros_like(claimed) if x is None or x.shape != claimed.shape else x
+            t = x.detach().requires_grad_(train)
+            with torch.set_grad_enabled(train):
+                y = module.shadow(t)
+            self._on(t, to, key)
+            if self.ahead is not None:
+                self.ahead.send(Frame(kind=Kind.JUMP, step=key[0], micro=key[1], src=self.v,
+                                      dst=self.v + 1, tensor=y.detach(), flags=self.tag()))
+            return (repair(claimed, y) if train else y,)
+        if x is None or x.shape != claimed.shape:
+            if x is not None:  # a claim the size of no true input: the suspect's
+                self.checks.alert(key, self.v, self.s)
+            if train:
+                self._send_back(to, key, torch.empty(0))
+            return args
+        t = x.detach().requires_grad_(train)
+        with torch.set_grad_enabled(train):
+            shadow_out = module.shadow(t)
+        if not self.checks.compare(shadow_out.detach(), claimed.detach(), self.cfg):
+            self.checks.alert(key, self.v, self.s)
+        if not train:
+            return args
+        self._on(t, to, key)
+        return (tie(claimed, shadow_out),)
+
+    def _joined(self, join: Callable, claimed: torch.Tensor, x: torch.Tensor, to: int,
+                key: Key) -> torch.Tensor:
+        t = x.detach().requires_grad_()
+        self._on(t, to, key)
+        return join(claimed, t)
+
+    def _on(self, t: torch.Tensor, to: int, key: Key) -> None:
+        """Send the gradient that reaches ``t`` to stage ``to``, when training."""
+        if t.requires_grad:
+            t.register_hook(lambda g: self._send_back(to, key, g))
+
+    def _send_back(self, to: int, key: Key, tensor: torch.Tensor) -> None:
+        self.back[to].send(Frame(kind=Kind.JUMP_GRAD, step=key[0], micro=key[1], src=self.v,
+                                 dst=to, tensor=tensor.detach(), flags=self.tag()))
+
+
+class Guard(ChannelWrapper):
+    """Stage v's link from stage s: an activation of the wrong dtype or shape is replaced by
+    zeros shaped like the true input and raises an alert against s (unless the plan leaves s
+    out, whose messages are not used anyway)."""
+
+    def __init__(self, inner: Channel, verifier: Verifier) -> None:
+        super().__init__(inner)
+        self.verifier = verifier
+        self._waiting: Frame | None = None
+
+    def _fits(self, frame: Frame) -> bool:
+        vf = self.verifier
+        return frame.kind is not Kind.ACTIVATION or (
+            frame.tensor.dim() == 3 and frame.tensor.shape[-1] == vf.hidden
+            and frame.tensor.dtype == vf.dtype)
+
+    def _replaced(self, frame: Frame, like: torch.Tensor | None) -> Frame:
+        vf = self.verifier
+        key = (frame.step, frame.micro)
+        if frame.src not in vf.plan().out:
+            vf.checks.alert(key, vf.v, vf.s)
+        log.warning("stage %d replaced a malformed activation of %s %s from stage %d",
+                    vf.v, tuple(frame.tensor.shape), frame.tensor.dtype, frame.src)
+        shape = like.shape if like is not None else (0, 0, vf.hidden)
+        return Frame(kind=Kind.ACTIVATION, step=frame.step, micro=frame.micro, src=frame.src,
+                     dst=frame.dst, tensor=torch.zeros(shape, dtype=vf.dtype), seq=frame.seq)
+
+    def recv(self, timeout: float | None = None) -> Frame:
+        frame = self.inner.recv(timeout)
+        if self._fits(frame):
+            return frame
+        return self._replaced(frame, self.verifier.true_input((frame.step, frame.micro),
+                                                              keep=True))
+
+    def poll(self) -> Frame | None:
+        frame = self._waiting or self.inner.poll()
+        self._waiting = None
+        if frame is None or self._fits(frame):
+            return frame
+        vf = self.verifier
+        _, inbox = vf.source(vf.plan())
+        if inbox.ready((frame.step, frame.micro), keep=True) is None:
+            self._waiting = frame  # the simulator: wait for the true input's shape
+            return None
+        return self._replaced(frame, vf.true_input((frame.step, frame.micro), keep=True))
