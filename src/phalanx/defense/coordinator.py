@@ -9,7 +9,10 @@ squared gradient norm. Everything a middle stage reports is the attacker's to ch
   computes on, and, against the replica holder s + 1, the stage that receives its evidence;
   against a stage whose output it receives over the jumping connection, the stage that checks
   with it. An accusation outside these roles is one honest code never makes: it names the
-  accuser. A stage out of the data path in this attempt is not heard.
+  accuser. A stage out of the data path for this iteration keeps its forward check (its
+  predecessor has no other verifier); a quarantined one is not heard (its replica of its
+  predecessor has stopped following it: that stage goes unchecked while the quarantine
+  stands).
 - A report that is not a vector of non-negative finite counts names its sender, and so does a
   squared norm that is not a finite non-negative number (the worker marks it invalid).
 - A stage's squared norm must equal its replica's (same weights, same gradient): a mismatch
@@ -42,13 +45,17 @@ def report_size(n: int) -> int:
 
 
 def designated(r: int, x: int, plan: Plan, n: int) -> bool:
-    """Whether stage r's role in ``plan`` is to check stage x."""
-    if not 0 < x < n - 1 or x in plan.out or r in plan.out:
+    """Whether stage r's role in ``plan`` is to check stage x. A stage out of the data path
+    for this iteration only keeps its role as the holder of its predecessor's replica: the
+    forward check, and the evidence for the backward one (nobody else checks that stage)."""
+    if not 0 < x < n - 1 or x in plan.out:
         return False
+    if r in plan.out:
+        return r in plan.heard and r == x + 1
     if r == x + 1:  # the forward check: r holds x's replica
         return True
-    if r == plan.pred(x) and x + 1 not in plan.out:  # the backward check, with x + 1's evidence
-        return True
+    if r == plan.pred(x) and (x + 1 not in plan.out or x + 1 in plan.heard):
+        return True  # the backward check, with x + 1's evidence
     c = x - 1  # x as the replica holder of c, whose evidence goes to the stage c computes on
     if 0 < c and c not in plan.out and r == plan.pred(c):
         return True
@@ -96,7 +103,7 @@ class Coordinator:
                     named |= {r} & middle
         for s in middle - plan.out:
             v = s + 1
-            if v in plan.out or s in seen.invalid:
+            if (v in plan.out and v not in plan.heard) or s in seen.invalid:
                 continue
             theirs = float(replica_norm[v])
             if not math.isfinite(theirs) or theirs < 0:
@@ -123,7 +130,8 @@ class Coordinator:
                 if recent >= k and not {s - 1, s + 1} & self.quarantined:
                     self.quarantined.add(s)
         self._culprits |= culprits
-        base = Plan(bypassed=frozenset(self.quarantined))
+        q = frozenset(self.quarantined)
+        base = Plan(bypassed=q, quarantined=q)
         response = self.recovery.respond(culprits, self._culprits, base, self.n)
         self._attempt = key if response.discard else None
         self.plan = response.redo if response.discard else base
@@ -134,18 +142,13 @@ class Coordinator:
                        payload=decision.encode(self.n))
 
     def frozen_for(self, plan: Plan) -> tuple[frozenset[int], frozenset[int]]:
-        """What keeps its weights after an attempt with ``plan``: the bypassed stages, and the
-        stage before each one bypassed for this iteration only (the replica of it that the
-        bypassed stage holds saw no true gradient, and must stay in lockstep with it); a
-        quarantined stage's replica of its predecessor is let go (its word does not count
-        while it stands). Then the replicas: of a frozen stage, and those a bypassed stage
-        holds."""
-        skipped = plan.bypassed - self.quarantined
-        own = plan.bypassed | {s - 1 for s in skipped}
-        replicas = plan.bypassed | {s + 1 for s in own if s + 1 < self.n}
-        return frozenset(own), frozenset(replicas)
+        """What keeps its weights after an attempt with ``plan``: the bypassed stages, and
+        their replicas (held by the next stage). The replica a bypassed stage holds goes on
+        learning, from the gradient its successor sends it (:mod:`phalanx.defense.verifier`)."""
+        own = plan.bypassed
+        return frozenset(own), frozenset(s + 1 for s in own)
 
     def restore(self, quarantined: set[int]) -> None:
         """Resume with a standing quarantine."""
         self.quarantined = set(quarantined)
-        self.plan = Plan(bypassed=frozenset(quarantined))
+        self.plan = Plan(bypassed=frozenset(quarantined), quarantined=frozenset(quarantined))

@@ -23,15 +23,23 @@ from phalanx.wire import FrameError
 
 @dataclass(frozen=True)
 class Plan:
-    """Stages out of the data path in one attempt."""
+    """Stages out of the data path in one attempt; the quarantined ones are among the
+    bypassed."""
 
     bypassed: frozenset[int] = frozenset()
     repaired: frozenset[int] = frozenset()
+    quarantined: frozenset[int] = frozenset()
 
     @property
     def out(self) -> frozenset[int]:
-        """The stages whose messages are not used (nor their word as verifiers believed)."""
+        """The stages whose messages are not used."""
         return self.bypassed | self.repaired
+
+    @property
+    def heard(self) -> frozenset[int]:
+        """Stages out of the path whose word as verifiers still counts: those left out for
+        this iteration only (a quarantined stage is not believed)."""
+        return self.out - self.quarantined
 
     def pred(self, s: int) -> int:
         """The stage whose output stage s computes on."""
@@ -41,17 +49,19 @@ class Plan:
         """Only middle stages, and no two of them next to each other (the jumping connection
         spans one stage; the replica of a stage left out is its next stage's)."""
         out = self.out
-        return (not self.bypassed & self.repaired and all(0 < s < n - 1 for s in out)
-                and not any(s + 1 in out for s in out))
+        return (not self.bypassed & self.repaired and self.quarantined <= self.bypassed
+                and all(0 < s < n - 1 for s in out) and not any(s + 1 in out for s in out))
 
     def with_out(self, culprits: frozenset[int], repaired: bool, n: int) -> Plan | None:
         """This plan with ``culprits`` also left out (bypassed, or repaired), or ``None`` where
         that is not a valid plan."""
         extra = frozenset(culprits) - self.out
         if repaired:
-            plan = Plan(bypassed=self.bypassed, repaired=self.repaired | extra)
+            plan = Plan(bypassed=self.bypassed, repaired=self.repaired | extra,
+                        quarantined=self.quarantined)
         else:
-            plan = Plan(bypassed=self.bypassed | extra, repaired=self.repaired)
+            plan = Plan(bypassed=self.bypassed | extra, repaired=self.repaired,
+                        quarantined=self.quarantined)
         return plan if plan.valid(n) else None
 
 
@@ -89,7 +99,7 @@ class Decision:
                              f"{tuple(t.shape)}")
         masks = [frozenset(int(i) for i in torch.nonzero(t[k * n:(k + 1) * n]).reshape(-1))
                  for k in range(GROUPS)]
-        plan = Plan(bypassed=masks[0], repaired=masks[1])
+        plan = Plan(bypassed=masks[0], repaired=masks[1], quarantined=masks[3])
         if not plan.valid(n):
             raise FrameError(f"a defense decision with an impossible plan {plan}")
         return cls(plan=plan, blamed=masks[2], quarantined=masks[3], replicas=masks[4])

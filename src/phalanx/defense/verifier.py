@@ -18,6 +18,10 @@ from a frame:
 - s repaired: the shadow's output replaces the claim (:func:`repair`), is sent on to stage
   v + 1 (which checks v on it), and the shadow's input gradient replaces what s sends upstream.
 
+While v itself is bypassed nothing flows back through its own output, so its shadow learns
+from the gradient stage v + 1 sends it (:meth:`Verifier.learn`): the shadow stays in lockstep,
+and its evidence for the backward check of s stays true.
+
 :class:`Guard` checks the activations s sends before the engine sees them: a frame of the wrong
 dtype or shape is an alert against s, and the engine gets zeros in its place.
 """
@@ -62,6 +66,7 @@ class Verifier:
         self.hidden, self.timeout = hidden, timeout
         self.dtype = next(stage.parameters()).dtype
         self.position: Callable[[], Key] = lambda: (0, 0)  # the worker's, once attached
+        self._pending: dict[Key, torch.Tensor] = {}  # shadow outputs waiting for a gradient
         stage.register_forward_pre_hook(self.before)
 
     def source(self, plan: Plan) -> tuple[int, Inbox]:
@@ -92,7 +97,14 @@ class Verifier:
         to = plan.pred(self.s)  # where gradients with respect to the true input go
         if self.s in plan.bypassed:
             x = torch.zeros_like(claimed) if x is None or x.shape != claimed.shape else x
-            return (self._joined(route, claimed, x, to, key) if train else x,)
+            if not train:
+                return (x,)
+            t = x.detach().requires_grad_()
+            # to the stage before s, which uses it; to s, whose shadow learns from it
+            self._on(t, to, key)
+            if self.s - 1 > 0:
+                self._on(t, self.s, key)
+            return (route(claimed, t),)
         if self.s in plan.repaired:
             x = torch.zeros_like(claimed) if x is None or x.shape != claimed.shape else x
             t = x.detach().requires_grad_(train)
@@ -117,13 +129,19 @@ class Verifier:
         if not train:
             return args
         self._on(t, to, key)
+        if self.v in plan.bypassed:  # nothing comes back through this stage's output
+            if len(self._pending) > 4096:
+                self._pending.clear()
+            self._pending[key] = shadow_out
+            return args
         return (tie(claimed, shadow_out),)
 
-    def _joined(self, join: Callable, claimed: torch.Tensor, x: torch.Tensor, to: int,
-                key: Key) -> torch.Tensor:
-        t = x.detach().requires_grad_()
-        self._on(t, to, key)
-        return join(claimed, t)
+    def learn(self, key: Key, grad: torch.Tensor) -> None:
+        """While this stage is bypassed: the gradient stage v + 1 sent for the output of stage
+        s, the shadow's output (what a tie would have brought back)."""
+        out = self._pending.pop(key, None)
+        if out is not None and grad.shape == out.shape and grad.dtype == out.dtype:
+            torch.autograd.backward(out, grad)
 
     def _on(self, t: torch.Tensor, to: int, key: Key) -> None:
         """Send the gradient that reaches ``t`` to stage ``to``, when training."""

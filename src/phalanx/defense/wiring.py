@@ -68,24 +68,31 @@ class Duplicate:
         checks = self.checks.setdefault(s, Checks())
         tag = lambda: self.tag(s)  # noqa: E731
         plan = lambda: self.plan  # noqa: E731
+        gradcheck = None
         if s + 1 < n:  # forward out, gradients in
             jumps = {t: channels[t] for t in (s + 2, s + 3) if t < n}
             out[s + 1] = Outbound(channels[s + 1], jumps, lambda: self.jump_targets(s), tag)
-            if s + 1 in mid:
+            if s + 1 in mid or s - 1 in mid:
                 side = {k: Inbox(channels[k], Kind.JUMP_GRAD, tag) for k in (s + 2, s + 3)
-                        if k < n}
-                out.update(side)
-                out[s + 1] = GradCheck(out[s + 1], side, self.cfg, checks, plan, n,
-                                       self.timeout, mend=self.coordinator.recovery.mends)
+                        if k < n and s + 1 in mid}
+                if s - 1 in mid:  # what s + 1 sends for s's shadow while s is bypassed
+                    side[s + 1] = Inbox(out[s + 1], Kind.JUMP_GRAD, tag)
+                out.update({k: v for k, v in side.items() if k != s + 1})
+                gradcheck = GradCheck(side.get(s + 1, out[s + 1]), side, self.cfg, checks,
+                                      plan, n, self.timeout,
+                                      mend=self.coordinator.recovery.mends)
+                out[s + 1] = gradcheck
         if s - 1 in mid:  # s verifies s - 1
             jumps_in = {k: Inbox(out[k], Kind.JUMP, tag) for k in (s - 2, s - 3) if k >= 0}
             out.update(jumps_in)
             repairs = Inbox(out[s - 1], Kind.JUMP, tag)
-            back = {k: jumps_in[k] for k in jumps_in}
+            back = {s - 1: repairs, **jumps_in}
             verifier = Verifier(stage, jumps_in, repairs, back, out.get(s + 1), self.cfg,
                                 checks, plan, tag, hidden_size(stage), self.timeout)
             self.verifiers[s] = verifier
             out[s - 1] = Guard(repairs, verifier)
+            if gradcheck is not None:
+                gradcheck.feed = verifier.learn
         return out
 
     def attach(self, worker: StageWorker) -> None:
@@ -126,7 +133,8 @@ class Duplicate:
                 isinstance(q, int) and 0 < q < self.n - 1 for q in quarantined):
             raise PhalanxError(f"the checkpoint's quarantine {quarantined!r} is not a list of "
                                f"middle stages of a {self.n}-stage pipeline")
-        plan = Plan(bypassed=frozenset(quarantined))
+        q = frozenset(quarantined)
+        plan = Plan(bypassed=q, quarantined=q)
         if not plan.valid(self.n):
             raise PhalanxError(f"the checkpoint's quarantine {quarantined!r} has stages next "
                                "to each other")

@@ -18,6 +18,7 @@ from phalanx.config import to_dict
 from phalanx.data import TokenData, build_data
 from phalanx.models import load_model
 from phalanx.pipeline import IterationResult
+from phalanx.train.attempts import attempts
 from phalanx.train.checkpoint import load_stage, read_manifest, save_stage, write_manifest
 from phalanx.train.config import Config
 from phalanx.train.setup import Loader, build_pipeline
@@ -99,22 +100,16 @@ class Trainer:
         self.runtime.barrier()
 
     def attempt(self, step: int, batch: torch.Tensor | None) -> tuple[object, list[dict]]:
-        """Iteration ``step``, redone while the coordinator discards it (restart recovery, at
-        most ``defense.max_retries`` times); returns the last result and every attempt's
-        record (malicious stages, alerts, blame) at the driver."""
-        rt, attack, tries = self.runtime, self.pipe.attack, []
-        attack.attempt = 0
-        while True:
-            res = rt.train_step(step, batch)
-            if res is not None:
-                tries.append(self.oversight(step, res))
-            if not rt.workers[0].verdict.discard or attack.attempt >= self.cfg.defense.max_retries:
-                return res, tries
-            attack.attempt += 1
+        """Iteration ``step``, redone while the coordinator discards it; returns the last
+        result and every attempt's record (malicious stages, alerts, blame) at the driver."""
+        results = attempts(self.runtime, self.pipe.attack, step, batch,
+                           self.cfg.defense.max_retries)
+        tries = [self.oversight(r, bad) for r, bad in results if r is not None]
+        return results[-1][0], tries
 
-    def oversight(self, step: int, res: IterationResult) -> dict:
+    def oversight(self, res: IterationResult, malicious: frozenset[int]) -> dict:
         """What the attack did and what the defense saw in one attempt."""
-        rec: dict = {"malicious": sorted(self.pipe.attack.malicious(step))}
+        rec: dict = {"malicious": sorted(malicious)}
         if res.refused is not None and bool((res.refused > 0).any()):
             by_sender = res.refused.sum(dim=0).tolist()
             rec["refused"] = {str(i): int(c) for i, c in enumerate(by_sender) if c}
