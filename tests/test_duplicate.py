@@ -12,7 +12,9 @@ import torch
 
 from phalanx.config import load_config
 from phalanx.defense.compare import agrees
+from phalanx.defense.plan import Decision
 from phalanx.train import Config
+from phalanx.train.attempts import attempts
 from phalanx.train.setup import build_pipeline
 
 BASE = ['model.name="tiny"', "pipeline.stages=4", "pipeline.micro_batches=2",
@@ -21,8 +23,13 @@ BATCH = torch.randint(0, 257, (4, 16), generator=torch.Generator().manual_seed(0
 
 
 def _run(extra: list[str], steps: int = 3):  # noqa: ANN202
+    """The pipeline and, per iteration, its first attempt (the one the attack hits)."""
     pipe = build_pipeline(load_config(Config, None, [*BASE, *extra]), steps + 2)
-    return pipe, [pipe.runtime.train_step(s, BATCH) for s in range(steps)]
+    return pipe, [attempts(pipe.runtime, pipe.attack, s, BATCH, 3)[0][0] for s in range(steps)]
+
+
+def _blamed(pipe, res) -> frozenset[int]:  # noqa: ANN001
+    return Decision.decode(res.verdict.payload, pipe.runtime.num_stages).blamed
 
 
 def test_agrees_by_hand():
@@ -37,7 +44,8 @@ def test_agrees_by_hand():
 
 def _alerts(results) -> list[dict[int, int]]:  # noqa: ANN001
     """Per iteration: alerts by suspect."""
-    return [{i: int(c) for i, c in enumerate(r.alerts.sum(0).tolist()) if c} for r in results]
+    return [{i: int(c) for i, c in enumerate(r.reports[:, :4].sum(0).tolist()) if c}
+            for r in results]
 
 
 def test_honest_run_is_unchanged_raises_nothing_and_shadows_stay_in_lockstep():
@@ -63,8 +71,8 @@ def test_every_forward_attack_is_caught_and_blamed(attack, attacker):
                       f'attack.forward="{attack}"', "attack.rate=1.0",
                       f"attack.stages=[{attacker}]", "attack.strength=0.5"])
     assert _alerts(res) == [{attacker: 2}] * 3  # every micro-batch of every iteration
-    assert all(r.alerts[attacker + 1, attacker] == 2 for r in res)  # seen by the next stage
-    assert all(r.verdict.blamed == {attacker} for r in res)
+    assert all(r.reports[attacker + 1, attacker] == 2 for r in res)  # seen by the next stage
+    assert all(_blamed(pipe, r) == {attacker} for r in res)
 
 
 @pytest.mark.parametrize("attack", ["gaussian", "sign_flip", "scale"])
@@ -73,12 +81,12 @@ def test_every_backward_attack_is_caught_and_blamed(attack, attacker):
     extra = [f'attack.backward="{attack}"', "attack.rate=1.0", f"attack.stages=[{attacker}]",
              "attack.strength=0.5", 'defense.verify="duplicate"']
     _, res = _run([*extra, 'defense.recovery="none"'], steps=1)
-    assert res[0].alerts[attacker - 1, attacker] == 2  # both micro-batches, by the stage before
-    # with skip recovery the first alert drops the rest of the iteration's gradients from the
-    # attacker (zeros, unchecked), and the replicas stay in lockstep, so no honest stage is named
-    _, res = _run([*extra, 'defense.recovery="skip"'])
-    assert _alerts(res) == [{attacker: 1}] * 3
-    assert all(r.verdict.blamed == {attacker} for r in res)
+    assert res[0].reports[attacker - 1, attacker] == 2  # both micro-batches, by the stage before
+    # with recovery, a caught gradient is replaced by the replica's on its way, so the stages
+    # before raise no alert of their own and no honest stage is named
+    pipe, res = _run([*extra, 'defense.recovery="skip"'])
+    assert _alerts(res) == [{attacker: 2}] * 3
+    assert all(_blamed(pipe, r) == {attacker} for r in res)
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
@@ -87,7 +95,7 @@ def test_detected_iterations_are_exactly_the_attacked_ones(direction):
     pipe, res = _run(['defense.verify="duplicate"', f'attack.{direction}="{attack}"',
                       "attack.rate=0.5", "attack.seed=3"], steps=12)
     attacked = {s: pipe.attack.malicious(s) for s in range(12) if pipe.attack.malicious(s)}
-    detected = {s: r.verdict.blamed for s, r in enumerate(res) if r.verdict.blamed}
+    detected = {s: _blamed(pipe, r) for s, r in enumerate(res) if _blamed(pipe, r)}
     assert 0 < len(attacked) < 12 and detected == attacked
 
 
@@ -141,6 +149,8 @@ def test_bf16_autocast_keeps_replicas_bitwise_and_attacks_caught():
     assert [r.loss for r in honest] == [r.loss for r in clean]
     assert _alerts(honest) == [{}, {}, {}]
     attack = ['attack.forward="sign_flip"', "attack.rate=1.0", "attack.stages=[1]"]
-    _, repaired = _run([*bf16, *attack, 'defense.recovery="repair"'])
-    assert _alerts(repaired) == [{1: 2}] * 3
-    assert [r.loss for r in repaired] == [r.loss for r in clean]
+    pipe = build_pipeline(load_config(Config, None, [*BASE, *bf16, *attack,
+                                                     'defense.recovery="repair"']), 5)
+    runs = [attempts(pipe.runtime, pipe.attack, s, BATCH, 3) for s in range(3)]
+    assert _alerts([r[0][0] for r in runs]) == [{1: 2}] * 3
+    assert [r[-1][0].loss for r in runs] == [r.loss for r in clean]
