@@ -51,7 +51,7 @@ def test_skip_discards_redoes_with_the_culprit_bypassed_and_freezes_it_and_its_r
     assert _d(v, 6).plan.bypassed == {4}
     v = c.decide(_seen(6, step=1))
     assert v.frozen == {4} and _d(v, 6).replicas == {5}
-    assert c.decide(_seen(6, step=2)) == Verdict(payload=Decision().encode(6))
+    assert c.decide(_seen(6, step=2)) == Verdict(payload=Decision().encode(6), norm_sq=6.0)
     assert c.blame_count == [0, 0, 1, 0, 1, 0]
 
 
@@ -153,5 +153,6 @@ def test_control_values_that_are_no_numbers_name_their_sender_and_never_stop_the
     assert _d(c.decide(seen), 6).blamed == {2, 4}
     # a squared norm its replica contradicts (a huge one would turn every update to nothing)
     assert _d(c.decide(_seen(6, norms={2: 1e30})), 6).blamed == {2}
-    assert _d(c.decide(_seen(6, replica={3: math.nan})), 6).blamed == {3}
+    assert _d(c.decide(_seen(6, replica={3: -1.0})), 6).blamed == {3}
+    assert _d(c.decide(_seen(6, replica={3: math.nan})), 6).blamed == set()  # vouches for none
     assert _d(c.decide(_seen(6, replica={3: 2.0})), 6).blamed == {2}

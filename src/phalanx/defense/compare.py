@@ -40,6 +40,7 @@ class Checks:
     alerts: list[Alert] = field(default_factory=list)
     checked: int = 0
     max_deviation: float = 0.0
+    blind: bool = False  # a micro-batch of this attempt had no true input to check with
 
     def compare(self, recomputed: torch.Tensor, claimed: torch.Tensor, cfg: DefenseConfig
                 ) -> bool:

@@ -16,7 +16,8 @@ squared gradient norm. Everything a middle stage reports is the attacker's to ch
 - A report that is not a vector of non-negative finite counts names its sender, and so does a
   squared norm that is not a finite non-negative number (the worker marks it invalid).
 - A stage's squared norm must equal its replica's (same weights, same gradient): a mismatch
-  names the stage.
+  names the stage. A replica that could not follow (its true input was malformed) reports NaN
+  and vouches for nothing.
 
 The alert of one honest verifier names the culprit; a verifier that lies can name its honest
 neighbour instead (one replica cannot tell who lied): see the README's threat model.
@@ -88,12 +89,12 @@ class Coordinator:
         """The culprits of one attempt, by the rules of the module docstring."""
         n, named = self.n, set()
         middle = set(range(1, n - 1))
-        named |= seen.invalid & middle
+        named |= (seen.invalid & middle) - plan.out  # (out of the path, its norm is not used)
         alerts, replica_norm = seen.reports[:, :n], seen.reports[:, n]
         for r in range(n):
             row = alerts[r]
             if not bool((torch.isfinite(row) & (row >= 0)).all()):
-                named |= {r} & middle
+                named |= ({r} & middle) - plan.out
                 continue
             self.alerts_seen += int(row.sum())
             for x in torch.nonzero(row > 0).reshape(-1).tolist():
@@ -106,10 +107,10 @@ class Coordinator:
             if (v in plan.out and v not in plan.heard) or s in seen.invalid:
                 continue
             theirs = float(replica_norm[v])
-            if not math.isfinite(theirs) or theirs < 0:
+            if theirs < 0 or math.isinf(theirs):
                 named |= {v} & middle  # it holds the replica: its norm is a number
-            elif not norms_agree(seen.norms[s], theirs, self.cfg):
-                named.add(s)
+            elif not math.isnan(theirs) and not norms_agree(seen.norms[s], theirs, self.cfg):
+                named.add(s)  # (NaN: the replica had nothing to learn from; it vouches for none)
         return frozenset(named)
 
     def decide(self, seen: Oversight) -> Verdict:
@@ -135,17 +136,42 @@ class Coordinator:
         response = self.recovery.respond(culprits, self._culprits, base, self.n)
         self._attempt = key if response.discard else None
         self.plan = response.redo if response.discard else base
-        frozen, replicas = self.frozen_for(plan)
+        unvouched = frozenset(s for s in seen.invalid if self._replica(seen, plan, s) is None)
+        frozen, replicas = self.frozen_for(plan, unvouched)
         decision = Decision(plan=self.plan, blamed=culprits,
                             quarantined=frozenset(self.quarantined), replicas=replicas)
         return Verdict(frozen=frozen, discard=response.discard,
-                       payload=decision.encode(self.n))
+                       payload=decision.encode(self.n),
+                       norm_sq=self.norm_sq(seen, plan, frozen))
 
-    def frozen_for(self, plan: Plan) -> tuple[frozenset[int], frozenset[int]]:
-        """What keeps its weights after an attempt with ``plan``: the bypassed stages, and
-        their replicas (held by the next stage). The replica a bypassed stage holds goes on
-        learning, from the gradient its successor sends it (:mod:`phalanx.defense.verifier`)."""
-        own = plan.bypassed
+    def norm_sq(self, seen: Oversight, plan: Plan, frozen: frozenset[int]) -> float:
+        """The global squared norm: over the stages that step, each middle stage's as its
+        replica computed it where that replica's word counts (so a stage left out of the path,
+        whose report nobody checks, cannot turn clipping off or every update to nothing)."""
+        total = 0.0
+        for s in range(self.n):
+            if s not in frozen:
+                theirs = self._replica(seen, plan, s)
+                total += seen.norms[s] if theirs is None else theirs
+        return total
+
+    def _replica(self, seen: Oversight, plan: Plan, s: int) -> float | None:
+        """Stage s's squared norm as its replica computed it, where that replica's word counts
+        and it sent a number."""
+        v = s + 1
+        if not 0 < s < self.n - 1 or (v in plan.out and v not in plan.heard):
+            return None
+        theirs = float(seen.reports[v, self.n])
+        return theirs if math.isfinite(theirs) and theirs >= 0 else None
+
+    def frozen_for(self, plan: Plan, invalid: frozenset[int]
+                   ) -> tuple[frozenset[int], frozenset[int]]:
+        """What keeps its weights after an attempt with ``plan``: the bypassed stages and
+        those whose norm was no number and no replica vouches for, and their replicas (held by
+        the next stage). The
+        replica a bypassed stage holds goes on learning, from the gradient its successor sends
+        it (:mod:`phalanx.defense.verifier`)."""
+        own = plan.bypassed | (invalid & set(range(1, self.n - 1)))
         return frozenset(own), frozenset(s + 1 for s in own)
 
     def restore(self, quarantined: set[int]) -> None:

@@ -97,6 +97,8 @@ class Inbox(ChannelWrapper):
         self._purge(key)
         while True:
             full = (*key, self.tag())
+            if full not in self.held:
+                self._drain()  # what has arrived already
             if full in self.held:
                 return self.held[full] if keep else self.held.pop(full)
             left = None if deadline is None else deadline - time.monotonic()

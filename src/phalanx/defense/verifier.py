@@ -22,8 +22,8 @@ While v itself is bypassed nothing flows back through its own output, so its sha
 from the gradient stage v + 1 sends it (:meth:`Verifier.learn`): the shadow stays in lockstep,
 and its evidence for the backward check of s stays true.
 
-:class:`Guard` checks the activations s sends before the engine sees them: a frame of the wrong
-dtype or shape is an alert against s, and the engine gets zeros in its place.
+:class:`Guard` checks the activations s sends before the engine sees them: one not shaped like
+its true input is an alert against s, and stage v goes on with the replica's output instead.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class Verifier:
         self.dtype = next(stage.parameters()).dtype
         self.position: Callable[[], Key] = lambda: (0, 0)  # the worker's, once attached
         self._pending: dict[Key, torch.Tensor] = {}  # shadow outputs waiting for a gradient
+        self.replaced: set[Key] = set()  # malformed claims the guard replaced
         stage.register_forward_pre_hook(self.before)
 
     def source(self, plan: Plan) -> tuple[int, Inbox]:
@@ -118,12 +119,17 @@ class Verifier:
         if x is None or x.shape != claimed.shape:
             if x is not None:  # a claim the size of no true input: the suspect's
                 self.checks.alert(key, self.v, self.s)
+            self.checks.blind = True  # the replica learns nothing: it vouches for no norm
             if train:
                 self._send_back(to, key, torch.empty(0))
             return args
         t = x.detach().requires_grad_(train)
         with torch.set_grad_enabled(train):
             shadow_out = module.shadow(t)
+        if key in self.replaced:  # go on with what s should have sent (the guard alerted)
+            self.replaced.discard(key)
+            self._on(t, to, key)
+            return (repair(claimed, shadow_out) if train else shadow_out.detach(),)
         if not self.checks.compare(shadow_out.detach(), claimed.detach(), self.cfg):
             self.checks.alert(key, self.v, self.s)
         if not train:
@@ -154,47 +160,49 @@ class Verifier:
 
 
 class Guard(ChannelWrapper):
-    """Stage v's link from stage s: an activation of the wrong dtype or shape is replaced by
-    zeros shaped like the true input and raises an alert against s (unless the plan leaves s
-    out, whose messages are not used anyway)."""
+    """Stage v's link from stage s: an activation that is not shaped like its true input (or
+    not of the run's dtype) is replaced by zeros of the true input's shape and raises an alert
+    against s, unless the plan leaves s out (its messages are not used anyway)."""
 
     def __init__(self, inner: Channel, verifier: Verifier) -> None:
         super().__init__(inner)
         self.verifier = verifier
         self._waiting: Frame | None = None
 
-    def _fits(self, frame: Frame) -> bool:
+    def _checked(self, frame: Frame, true: torch.Tensor | None) -> Frame:
         vf = self.verifier
-        return frame.kind is not Kind.ACTIVATION or (
-            frame.tensor.dim() == 3 and frame.tensor.shape[-1] == vf.hidden
-            and frame.tensor.dtype == vf.dtype)
-
-    def _replaced(self, frame: Frame, like: torch.Tensor | None) -> Frame:
-        vf = self.verifier
-        key = (frame.step, frame.micro)
+        t = frame.tensor
+        if true is not None:
+            ok = t.shape == true.shape and t.dtype == true.dtype
+        else:  # no true input to go by (its sender is blamed): the run's hidden states
+            ok = t.dim() == 3 and t.shape[-1] == vf.hidden and t.dtype == vf.dtype
+        if ok:
+            return frame
         if frame.src not in vf.plan().out:
-            vf.checks.alert(key, vf.v, vf.s)
+            vf.checks.alert((frame.step, frame.micro), vf.v, vf.s)
+            if true is not None:
+                vf.replaced.add((frame.step, frame.micro))
         log.warning("stage %d replaced a malformed activation of %s %s from stage %d",
-                    vf.v, tuple(frame.tensor.shape), frame.tensor.dtype, frame.src)
-        shape = like.shape if like is not None else (0, 0, vf.hidden)
+                    vf.v, tuple(t.shape), t.dtype, frame.src)
+        shape = true.shape if true is not None else (0, 0, vf.hidden)
         return Frame(kind=Kind.ACTIVATION, step=frame.step, micro=frame.micro, src=frame.src,
                      dst=frame.dst, tensor=torch.zeros(shape, dtype=vf.dtype), seq=frame.seq)
 
     def recv(self, timeout: float | None = None) -> Frame:
         frame = self.inner.recv(timeout)
-        if self._fits(frame):
+        if frame.kind is not Kind.ACTIVATION:
             return frame
-        return self._replaced(frame, self.verifier.true_input((frame.step, frame.micro),
-                                                              keep=True))
+        return self._checked(frame, self.verifier.true_input((frame.step, frame.micro),
+                                                             keep=True))
 
     def poll(self) -> Frame | None:
         frame = self._waiting or self.inner.poll()
         self._waiting = None
-        if frame is None or self._fits(frame):
+        if frame is None or frame.kind is not Kind.ACTIVATION:
             return frame
         vf = self.verifier
         _, inbox = vf.source(vf.plan())
         if inbox.ready((frame.step, frame.micro), keep=True) is None:
-            self._waiting = frame  # the simulator: wait for the true input's shape
+            self._waiting = frame  # the simulator: wait for the true input
             return None
-        return self._replaced(frame, vf.true_input((frame.step, frame.micro), keep=True))
+        return self._checked(frame, vf.true_input((frame.step, frame.micro), keep=True))

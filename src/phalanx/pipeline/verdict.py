@@ -25,6 +25,9 @@ class Verdict:
     frozen: frozenset[int] = frozenset()  # stages that keep their weights this update
     discard: bool = False  # drop the iteration: nobody steps, the schedule does not advance
     payload: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    # the global squared norm to clip by, where the coordinator vouches for one (else stage 0
+    # sums what the stages that step reported); travels in the norm frame, not in encode()
+    norm_sq: float | None = None
 
     def encode(self, n: int) -> torch.Tensor:
         """As float64 [frozen mask (n), discard, payload]."""
@@ -46,7 +49,8 @@ class Verdict:
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, Verdict) and self.frozen == other.frozen
-                and self.discard == other.discard and torch.equal(self.payload, other.payload))
+                and self.discard == other.discard and torch.equal(self.payload, other.payload)
+                and self.norm_sq == other.norm_sq)
 
     __hash__ = None  # type: ignore[assignment]
 

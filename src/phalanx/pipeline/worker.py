@@ -349,7 +349,9 @@ class StageWorker:
                 reports=reports, refused=refused))
         self._reports, self._refused = reports, refused
         # a NaN (a real overflow, or an invalid report) makes every stage skip this update
-        total = sum(v for s, v in enumerate(norms) if s not in verdict.frozen)
+        total = verdict.norm_sq
+        if total is None:
+            total = sum(v for s, v in enumerate(norms) if s not in verdict.frozen)
         self.global_norm = math.sqrt(total) if total >= 0 else float("nan")
         out = torch.cat([torch.tensor([total], dtype=torch.float64), verdict.encode(self.n)])
         for p in range(1, self.n):

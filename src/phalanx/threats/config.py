@@ -20,10 +20,20 @@ class AttackConfig:
     # stage per attacked iteration (the paper's setting)
     strength: float = 1.0  # σ of additive noise, or the factor of ``scale``
     seed: int = 0  # the attack's own randomness (which iterations, which stage, the noise)
+    adaptive: str = "none"  # an attacker that uses every field it sends (threats.adaptive):
+    # flag_forge | equivocate | false_evidence | empty_evidence | nan_evidence | false_alert |
+    # frame_predecessor | nan_norm | negative_norm | huge_norm | forged_report | eval_poison |
+    # drift | float64 | short | collude (attack.stages: two adjacent stages)
 
     @property
     def active(self) -> bool:
-        return self.rate > 0 and (self.forward != "none" or self.backward != "none")
+        return self.rate > 0 and (self.forward != "none" or self.backward != "none"
+                                  or self.adaptive != "none")
+
+    @property
+    def naive(self) -> bool:
+        """Whether a poisoning of the paper's family (forward / backward) is set."""
+        return self.active and (self.forward != "none" or self.backward != "none")
 
     def validate(self, num_stages: int) -> None:
         """Refuse contradictory settings with a message that names the fix."""
@@ -36,6 +46,18 @@ class AttackConfig:
                               f"{', '.join(sorted(BACKWARD_ATTACKS))}")
         if not 0.0 <= self.rate <= 1.0:
             raise ConfigError(f"attack.rate={self.rate} must be in [0, 1]")
+        from phalanx.threats.adaptive import TACTICS
+
+        if self.adaptive != "none" and self.adaptive not in TACTICS:
+            raise ConfigError(f"attack.adaptive={self.adaptive!r} is unknown; use none or one "
+                              f"of {', '.join(sorted(TACTICS))}")
+        if self.adaptive != "none" and (self.forward != "none" or self.backward != "none"):
+            raise ConfigError("attack.adaptive replaces attack.forward and attack.backward: "
+                              "set those to none")
+        if self.adaptive == "collude" and (len(self.stages) != 2
+                                           or abs(self.stages[0] - self.stages[1]) != 1):
+            raise ConfigError("attack.adaptive=collude needs attack.stages set to two adjacent "
+                              f"middle stages, got {self.stages}")
         if not self.active:
             return
         if num_stages < 3:

@@ -23,6 +23,7 @@ from phalanx.pipeline import LocalRuntime, Runtime, StageWorker
 from phalanx.pipeline.devices import stage_devices
 from phalanx.pipeline.limits import run_limits
 from phalanx.threats import AttackPlan
+from phalanx.threats.adaptive import adaptive
 from phalanx.threats.channel import poison
 from phalanx.train.config import Config
 from phalanx.wire import Limits
@@ -40,16 +41,21 @@ class Pipeline:
 
 def wrapper(attack: AttackPlan, defense: Duplicate | None, faults: list[Fault] = (),
             fault_seed: int = 0):  # noqa: ANN201
-    """The channel wrapping of a run: declared network faults next to the transport, then the
-    defense's links, then poisoning on the malicious stages' pipeline links (outermost, so what
-    an attacker sends is what every link carries)."""
+    """The channel wrapping of a run: declared network faults next to the transport, then an
+    adaptive attacker's rewriting of everything its stage sends (under the defense: the
+    attacker owns its whole process), then the defense's links, then the paper's poisoning on
+    the malicious stages' pipeline links (outermost, so what an attacker sends is what every
+    link carries)."""
+    n = attack.num_stages
 
     def wrap(stage: StageModule, channels: dict[int, Channel]) -> dict[int, Channel]:
         if faults:
             channels = with_faults(channels, stage.index, list(faults), fault_seed)
+        if attack.cfg.active and attack.cfg.adaptive != "none":
+            channels = adaptive(channels, attack, stage, n)
         if defense is not None:
             channels = defense.wrap(stage, channels)
-        return poison(channels, attack, stage) if attack.cfg.active else channels
+        return poison(channels, attack, stage) if attack.cfg.naive else channels
 
     return wrap
 
@@ -101,7 +107,9 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
     attack = AttackPlan(cfg.attack, p.stages)
     defense = None
     if cfg.defense.verify == "duplicate":
-        defense = Duplicate(cfg.defense, p.stages, p.timeout_s)
+        # in the simulator a side frame that is not there when needed never comes: no wait
+        wait = 0.0 if p.runtime == "local" else p.timeout_s
+        defense = Duplicate(cfg.defense, p.stages, wait)
     wrap = wrapper(attack, defense, cfg.faults.parsed(p.stages), cfg.faults.seed)
     if p.runtime == "distributed":
         import torch.distributed as dist
