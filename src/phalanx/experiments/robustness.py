@@ -119,14 +119,30 @@ def attempts(records: list[dict]) -> list[dict]:
     return out
 
 
+def left_out(tries: list[dict]) -> list[set[int]]:
+    """For each attempt, the stages its plan left out of the data path (what the attempt
+    before it decided: ``next``)."""
+    out, current = [], set()
+    for t in tries:
+        out.append(current)
+        nxt = t.get("next", {})
+        current = set(nxt.get("bypassed", [])) | set(nxt.get("repaired", []))
+    return out
+
+
 def score(cell: Cell, records: list[dict], summary: dict) -> dict:
-    """One row of the results: what the attack did and what the defense caught."""
+    """One row of the results: what the attack did and what the defense caught. An attempt
+    whose attackers were all left out of its data path attacked in vain (nothing it sent was
+    used): it is counted apart, not as an attacked iteration."""
     tries = attempts(records)
-    attacked = [t for t in tries if t.get("malicious")]
+    outs = left_out(tries)
+    attacked = [t for t, o in zip(tries, outs, strict=True) if set(t.get("malicious", [])) - o]
+    vain = [t for t, o in zip(tries, outs, strict=True)
+            if t.get("malicious") and not set(t["malicious"]) - o]
     honest = [t for t in tries if not t.get("malicious")]
     detected = [t for t in attacked if t.get("blamed")]
     false_alerts = sum(1 for t in honest if t.get("alerts")) + sum(
-        1 for t in attacked if set(t.get("blamed", [])) - set(t["malicious"]))
+        1 for t in attacked + vain if set(t.get("blamed", [])) - set(t["malicious"]))
     val = [(0, summary["val_loss_start"])]
     val += [(r["step"] + 1, r["val_loss"]) for r in records if "val_loss" in r]
     val.append((summary["steps"], summary["val_loss_end"]))
@@ -134,6 +150,7 @@ def score(cell: Cell, records: list[dict], summary: dict) -> dict:
         "run": cell.name, "attack": cell.attack, "rate": cell.rate, "defense": cell.defense,
         "val_ppl_start": summary["val_ppl_start"], "val_ppl_end": summary["val_ppl_end"],
         "attacked_iterations": len(attacked), "detected_iterations": len(detected),
+        "attacks_in_vain": len(vain),
         "honest_iterations": len(honest), "checked_iterations": len(tries)
         if cell.defense != "none" else 0,
         "false_alerts": false_alerts if cell.defense != "none" else None,

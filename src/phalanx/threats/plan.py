@@ -15,10 +15,11 @@ class AttackPlan:
         cfg.validate(num_stages)
         self.cfg = cfg
         self.num_stages = num_stages
-        self.attempt = 0  # a redone iteration (restart recovery) draws afresh
+        self.attempt = 0  # a redone iteration draws afresh whether it is attacked
 
-    def _rng(self, step: int, salt: int) -> torch.Generator:
-        seed = ((self.cfg.seed * 1_000_003 + step) * 7 + salt) * 31 + self.attempt
+    def _rng(self, step: int, salt: int, attempt: int | None = None) -> torch.Generator:
+        attempt = self.attempt if attempt is None else attempt
+        seed = ((self.cfg.seed * 1_000_003 + step) * 7 + salt) * 31 + attempt
         return torch.Generator().manual_seed(seed)
 
     def malicious(self, step: int) -> frozenset[int]:
@@ -30,8 +31,9 @@ class AttackPlan:
             return frozenset()
         if cfg.stages:
             return frozenset(cfg.stages)
-        middle = self.num_stages - 2
-        return frozenset({1 + int(torch.randint(middle, (1,), generator=self._rng(step, 2)))})
+        middle = self.num_stages - 2  # one attacker per iteration: a redo may meet it again
+        pick = torch.randint(middle, (1,), generator=self._rng(step, 2, attempt=0))
+        return frozenset({1 + int(pick)})
 
     def noise(self, step: int, stage: int, micro: int, backward: bool) -> torch.Generator:
         """The generator of the noise a stage adds to one message (reproducible)."""
