@@ -150,3 +150,23 @@ def test_evaluation_traffic_is_verified_and_a_poisoned_pass_is_redone(tmp_path):
 def test_bad_adaptive_settings_are_one_clear_error(cfg, match):
     with pytest.raises(ConfigError, match=match):
         cfg.validate(5)
+
+
+def test_the_adaptive_experiment_writes_its_grid_and_the_covered_tactics_hold(tmp_path):
+    from phalanx.cli.main import main
+
+    out = tmp_path / "ad"
+    assert main(["experiment", "adaptive", "--quick", "--out", str(out)]) == 0
+    rows = json.loads((out / "summary.json").read_text())["runs"]
+    assert len(rows) == 18 and (out / "table.md").read_text().count("\n| ") == 19
+    for r in rows:
+        if not r["attributable"]:
+            continue
+        if r["attacked"] is not None:
+            assert r["attacked"] > 0 and r["detected"] == r["attacked"]
+            assert r["blame_correct"] == 1.0
+        assert r["honest_blamed"] == 0
+        if r["recovery"] in ("repair", "restart"):  # the clean model, to the bit
+            assert r["weights_equal_clean"] and r["ppl_ratio_to_clean"] == 1.0
+    lying = [r for r in rows if r["tactic"] == "false_evidence"]
+    assert all(r["detected"] > 0 for r in lying)  # seen, though blamed on the wrong stage

@@ -207,7 +207,10 @@ def test_recovery_is_the_same_in_both_runtimes(tmp_path, recovery):
         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     dist = [json.loads(r) for r in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
-    keys = ("malicious", "alerts", "blamed", "frozen")
-    assert [{k: r[k] for k in keys} for r in dist] == [{k: r[k] for k in keys} for r in local]
+    keys = ("malicious", "alerts", "blamed", "frozen", "discarded")
+    tries = {name: [{k: t.get(k) for k in keys} for r in recs for t in [*r.get("redone", []), r]]
+             for name, recs in (("local", local), ("dist", dist))}
+    assert tries["dist"] == tries["local"]  # every attempt, redone ones included
     assert [r["loss"] for r in dist] == pytest.approx([r["loss"] for r in local], rel=1e-5)
-    assert any(r["blamed"] for r in local) and all(r["blamed"] == r["malicious"] for r in local)
+    assert any(t["blamed"] for t in tries["local"])
+    assert all(set(t["blamed"]) <= set(t["malicious"]) for t in tries["local"])

@@ -46,8 +46,9 @@ def _parser() -> argparse.ArgumentParser:
         description="robustness: paper 1's case study, {clean} ∪ {forward sign flip, backward "
         "Gaussian} × {p=0.3, 0.7} × {no defense, restart, duplicated block + skip layer}; "
         "finished cells are reused unless --fresh. detection: every attack, the forged pair "
-        "included, against the duplicated block.")
-    e.add_argument("name", choices=["robustness", "detection"])
+        "included, against the duplicated block. adaptive: every adaptive attacker (one that "
+        "uses every field it sends) x {skip, repair, restart}.")
+    e.add_argument("name", choices=["robustness", "detection", "adaptive"])
     e.add_argument("--out", help="output directory (default results/NAME)")
     e.add_argument("--quick", action="store_true",
                    help="tiny model, few steps (minutes): a smoke run of the whole grid")
@@ -227,6 +228,8 @@ def cmd_experiment(a: argparse.Namespace) -> int:
     a.out = a.out or f"results/{a.name}"
     if a.name == "detection":
         return _detection(a)
+    if a.name == "adaptive":
+        return _adaptive(a)
     if a.quick and a.preset:
         raise PhalanxError("--quick and --preset are alternatives: choose one")
     spec = rb.Spec.quick() if a.quick else rb.Spec.paper() if a.preset else rb.Spec()
@@ -288,6 +291,21 @@ def _detection(a: argparse.Namespace) -> int:
     print((Path(a.out) / "table.md").read_text())
     missed = sum(r["attacked_iterations"] - r["detected_iterations"] for r in rows)
     return 0 if missed == 0 else 1
+
+
+def _adaptive(a: argparse.Namespace) -> int:
+    from phalanx.experiments import adaptive as ad
+
+    spec = ad.AdaptiveSpec.quick() if a.quick else ad.AdaptiveSpec()
+    if a.steps is not None:
+        spec.steps = max(1, a.steps)
+    spec.extra = list(a.overrides)
+    out = Path(a.out)
+    _preflight(_config(None, ad.settings(spec, out / "check", "drift", "skip")))
+    ad.run(spec, out, fresh=a.fresh)
+    print((out / "table.md").read_text())
+    print(f"results: {out}/summary.json, {out}/table.md", file=sys.stderr)
+    return 0
 
 
 def cmd_launch(a: argparse.Namespace) -> int:

@@ -107,8 +107,9 @@ class StageOptimizer:
 
         ``skip`` leaves the weights and AdamW moments untouched (the gradients were not finite)
         but still advances the schedule, so every stage stays on the same learning rate.
-        ``frozen`` parameters keep their weights and moments this step (skip-layer recovery);
-        ``advance=False`` keeps the schedule where it is (the iteration will be redone)."""
+        ``frozen`` parameters keep their weights and moments this step (an overseer's verdict
+        says which); ``advance=False`` keeps the schedule where it is (the iteration will be
+        redone)."""
         if not skip:
             held = {id(p) for p in frozen}
             if held:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -78,7 +79,8 @@ class Trainer:
         """Validation loss, redone while the coordinator discards the pass (at most
         ``defense.max_retries`` times; then NaN: no loss that failed its checks is reported)."""
         self.progress("evaluating", step)
-        for _ in range(self.cfg.defense.max_retries + 1):
+        for attempt in range(self.cfg.defense.max_retries + 1):
+            self.pipe.attack.attempt = attempt  # a redone pass draws the attack afresh
             val = self.runtime.evaluate(self.val if self.driver else None, step=step)
             if not self.runtime.workers[0].verdict.discard:
                 return val
@@ -116,6 +118,23 @@ class Trainer:
         if self.pipe.defense is not None and res.reports is not None:
             rec.update(self.pipe.defense.describe(res))
         return rec
+
+    def weights_digests(self) -> dict[str, str] | None:
+        """SHA-256 of each stage's own weights (the model's parameters, not a verifier's
+        replica), at the driver: equal digests are bitwise-equal trained models."""
+        self.runtime.sync_replicas(self.cfg.train.steps)
+        digests = {}
+        for w in self.runtime.workers:
+            h = hashlib.sha256()
+            for name, p in sorted(w.stage.named_parameters()):
+                if name in w.stage.names:
+                    h.update(name.encode())
+                    h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digests[w.me] = torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
+        gathered = self.runtime.gather(digests)
+        if gathered is None:
+            return None
+        return {str(i): bytes(t.tolist()).hex() for i, t in sorted(gathered.items())}
 
     def check_totals(self) -> dict | None:
         """Comparisons the duplicated block made over the run and the largest relative
@@ -212,6 +231,7 @@ class Trainer:
             mem = torch.tensor([peak_rss_mb(), peak_gpu_mb(rt.workers)], dtype=torch.float64)
             rss = self.runtime.gather({w.me: mem for w in rt.workers})
             checks = self.check_totals()
+            weights = self.weights_digests()
             self.progress("done", t_cfg.steps)
         finally:
             bar.close()
@@ -235,6 +255,7 @@ class Trainer:
         }
         if checks is not None:
             summary["defense"] = checks
+        summary["weights_sha256"] = weights
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 

@@ -1,0 +1,152 @@
+"""Adaptive attackers against the defense: every tactic of :mod:`phalanx.threats.adaptive`
+under each recovery (skip, repair, restart).
+
+Each cell is an ordinary ``phalanx train`` run (the simulator: one process, the same stage code
+as the distributed runtime); all of them run as one session, the model loaded once. Per cell:
+attacked and detected iterations, whether the blame named the attacker, the attempts in which an
+honest stage was blamed, whether the final weights are bitwise those of an undefended clean run,
+and the validation perplexity against that run's. Writes ``summary.json`` and ``table.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from phalanx.experiments.report import read_run
+from phalanx.experiments.robustness import Cell, score
+from phalanx.experiments.session import SessionRun, run_session, stamp_path, write_plan
+from phalanx.threats.adaptive import TACTICS
+
+RECOVERIES = ("skip", "repair", "restart")
+NOT_ATTRIBUTABLE = {"equivocate", "false_evidence", "frame_predecessor", "collude"}
+"""Tactics one replica cannot pin on the right stage (README: what is not covered)."""
+
+
+@dataclass(kw_only=True)
+class AdaptiveSpec:
+    """Scale of the grid."""
+
+    model: str = "smollm2"
+    stages: int = 6
+    steps: int = 4
+    batch_size: int = 2
+    micro_batches: int = 2
+    seq_len: int = 64
+    eval_batches: int = 2
+    rate: float = 0.5
+    attacker: int = 2  # a middle stage that holds a replica (of stage 1)
+    lr: float = 5e-5
+    seed: int = 0
+    tactics: tuple[str, ...] = tuple(sorted(TACTICS))
+    recoveries: tuple[str, ...] = RECOVERIES
+    extra: list[str] = field(default_factory=list)
+
+    @classmethod
+    def quick(cls) -> AdaptiveSpec:
+        return cls(model="tiny", stages=4, steps=3, seq_len=16, batch_size=4, lr=1e-3,
+                   tactics=("flag_forge", "nan_norm", "false_alert", "short", "eval_poison",
+                            "false_evidence"))
+
+
+def settings(spec: AdaptiveSpec, out: Path, tactic: str | None, recovery: str | None
+             ) -> list[str]:
+    """The ``phalanx train`` settings of one cell (``tactic=None``: clean; ``recovery=None``:
+    no defense)."""
+    o = [f"model.name={json.dumps(spec.model)}", f"pipeline.stages={spec.stages}",
+         f"pipeline.micro_batches={spec.micro_batches}", f"train.batch_size={spec.batch_size}",
+         f"data.seq_len={spec.seq_len}", f"train.steps={spec.steps}",
+         f"train.eval_batches={spec.eval_batches}", f"optim.lr={spec.lr}",
+         "optim.warmup_steps=1", "train.save=false", "train.progress=false",
+         f"train.seed={spec.seed}", f"train.out_dir={json.dumps(str(out))}"]
+    if tactic is not None:
+        stages = [spec.attacker, spec.attacker + 1] if tactic == "collude" else [spec.attacker]
+        o += [f"attack.adaptive={json.dumps(tactic)}", f"attack.rate={spec.rate}",
+              f"attack.stages={json.dumps(stages)}", f"attack.seed={spec.seed}"]
+    if recovery is not None:
+        o += ['defense.verify="duplicate"', f"defense.recovery={json.dumps(recovery)}"]
+    return o + spec.extra
+
+
+def cells(spec: AdaptiveSpec) -> list[tuple[str, str | None, str | None]]:
+    """(name, tactic, recovery) of every run: the clean reference first."""
+    out = [("clean", None, None)]
+    out += [(f"{t}-{r}", t, r) for t in spec.tactics for r in spec.recoveries]
+    return out
+
+
+def run(spec: AdaptiveSpec, out: Path, fresh: bool = False) -> list[dict]:
+    """Run the grid (reusing finished cells unless ``fresh``); write the results."""
+    runs = [SessionRun(name, settings(spec, out / "runs" / name, t, r),
+                       str(out / "runs" / name)) for name, t, r in cells(spec)]
+    todo = [r for r in runs if fresh or not _finished(r)]
+    if todo:
+        plan = out / "runs" / "session.json"
+        plan.parent.mkdir(parents=True, exist_ok=True)
+        write_plan(plan, todo)
+        run_session(plan)
+    _, clean = read_run(Path(runs[0].out))
+    rows = []
+    for (name, tactic, recovery), r in zip(cells(spec), runs, strict=True):
+        if tactic is None:
+            continue
+        records, summary = read_run(Path(r.out))
+        row = score(Cell(tactic, spec.rate, recovery), records, summary)
+        if tactic == "eval_poison":  # training is not attacked: what counts is the validation
+            row.update(attacked_iterations=None, detected_iterations=None, blame_correct=None)
+        rows.append({
+            "tactic": tactic, "recovery": recovery, "attacked": row["attacked_iterations"],
+            "detected": row["detected_iterations"], "blame_correct": row["blame_correct"],
+            "honest_blamed": row["false_alerts"], "in_vain": row["attacks_in_vain"],
+            "dropped": row["skipped_steps"],
+            "weights_equal_clean": summary.get("weights_sha256") == clean.get("weights_sha256"),
+            "ppl_ratio_to_clean": summary["val_ppl_end"] / clean["val_ppl_end"]
+            if math.isfinite(summary["val_ppl_end"]) else float("inf"),
+            "attributable": tactic not in NOT_ATTRIBUTABLE,
+        })
+        print(f"{name}: detected {row['detected_iterations']}/{row['attacked_iterations']}",
+              file=sys.stderr, flush=True)
+    write(rows, spec, out)
+    return rows
+
+
+def _n(value: int | None) -> str:
+    return "–" if value is None else str(value)
+
+
+def _finished(r: SessionRun) -> bool:
+    stamp = stamp_path(r.out)
+    return stamp.is_file() and json.loads(stamp.read_text()) == r.settings
+
+
+def write(rows: list[dict], spec: AdaptiveSpec, out: Path) -> None:
+    covered = [r for r in rows if r["attributable"]]
+    totals = {
+        "attacked": sum(r["attacked"] or 0 for r in rows),
+        "detected": sum(r["detected"] or 0 for r in rows),
+        "honest_blamed_covered": sum(r["honest_blamed"] or 0 for r in covered),
+        "repair_equals_clean_covered": all(r["weights_equal_clean"] for r in covered
+                                           if r["recovery"] == "repair"),
+    }
+    (out / "summary.json").write_text(json.dumps(
+        {"spec": asdict(spec), "totals": totals, "runs": rows}, indent=1) + "\n")
+    lines = [f"Adaptive attackers: {spec.model}, {spec.stages} stages, {spec.steps} iterations, "
+             f"stage {spec.attacker} attacking with p = {spec.rate} (collude: stages "
+             f"{spec.attacker} and {spec.attacker + 1}).", "",
+             "| tactic | recovery | attacked | detected | blame correct | honest blamed | "
+             "in vain | dropped | weights = clean | ppl × clean |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        bc = "–" if r["blame_correct"] is None else f"{100 * r['blame_correct']:.0f}%"
+        name = r["tactic"] + ("" if r["attributable"] else " †")
+        lines.append(f"| {name} | {r['recovery']} | {_n(r['attacked'])} | {_n(r['detected'])} | "
+                     f"{bc} | "
+                     f"{r['honest_blamed']} | {r['in_vain']} | {r['dropped']} | "
+                     f"{'yes' if r['weights_equal_clean'] else 'no'} | "
+                     f"{r['ppl_ratio_to_clean']:.4f} |")
+    lines += ["", "† not attributable with one replica (README, threat model): detected, but the "
+              "blame can fall on an honest neighbour."]
+    (out / "table.md").write_text("\n".join(lines) + "\n")
