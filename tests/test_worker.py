@@ -137,7 +137,7 @@ def test_a_norm_that_is_no_squared_norm_or_a_bad_report_is_refused_not_believed(
     used to freeze the run, a NaN count crashed the driver: now the sender is marked invalid
     for the coordinator, the step is skipped (no coordinator vouches for a norm), and the
     driver goes on."""
-    from phalanx.pipeline.worker import StageStats
+    from phalanx.pipeline.stats import StageStats
 
     fabric = LocalFabric(3)
     w0 = StageWorker(stages[0], fabric.channels(0), timeout=2.0)
@@ -181,7 +181,7 @@ def test_one_flooding_peer_cannot_take_the_room_of_the_others(stages, monkeypatc
 def test_a_middle_stage_cannot_set_the_loss_with_its_report(stages):
     """Only the last stage computes the loss; a middle stage's report claiming one is not
     believed (it used to set the reported training and validation loss)."""
-    from phalanx.pipeline.worker import IterationResult, StageStats
+    from phalanx.pipeline.stats import IterationResult, StageStats
 
     res = IterationResult(stats=[StageStats(), StageStats(loss_sum=-1e6, loss_count=1),
                                  StageStats(loss_sum=6.0, loss_count=3)])

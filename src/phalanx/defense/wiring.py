@@ -28,8 +28,9 @@ from phalanx.defense.replica import checked, shadow_params, squared_norm
 from phalanx.defense.verifier import Guard, Verifier
 from phalanx.errors import PhalanxError
 from phalanx.models.stages import StageModule
+from phalanx.pipeline.stats import IterationResult
 from phalanx.pipeline.verdict import Verdict
-from phalanx.pipeline.worker import IterationResult, StageWorker
+from phalanx.pipeline.worker import StageWorker
 from phalanx.wire import Kind
 
 

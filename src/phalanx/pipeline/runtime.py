@@ -14,7 +14,8 @@ from phalanx.pipeline.config import PipelineConfig
 from phalanx.pipeline.devices import stage_devices
 from phalanx.pipeline.optim import OptimConfig, StageOptimizer
 from phalanx.pipeline.schedule import Action, eval_actions, replica_sync, train_actions
-from phalanx.pipeline.worker import IterationResult, StageWorker
+from phalanx.pipeline.stats import IterationResult
+from phalanx.pipeline.worker import StageWorker
 from phalanx.wire import DEFAULT_LIMITS, Limits
 
 Wrap = Callable[[StageModule, dict[int, Channel]], dict[int, Channel]]
