@@ -129,8 +129,13 @@ class Duplicate:
         self.plan = self.decision.plan
         self.attempts[stage] = self.attempts.get(stage, 0) + 1
 
-    def restore(self, quarantined: list) -> None:
+    def state(self) -> dict:
+        """What a checkpoint keeps: the standing quarantine."""
+        return {"quarantined": sorted(self.standing)}
+
+    def restore(self, manifest: dict) -> None:
         """Resume with the quarantine a checkpoint recorded."""
+        quarantined = manifest.get("quarantined", [])
         if not isinstance(quarantined, list) or not all(
                 isinstance(q, int) and 0 < q < self.n - 1 for q in quarantined):
             raise PhalanxError(f"the checkpoint's quarantine {quarantined!r} is not a list of "
@@ -148,6 +153,16 @@ class Duplicate:
     def standing(self) -> frozenset[int]:
         """The standing quarantine, as the last verdict said."""
         return self.decision.quarantined
+
+    def tally(self, stage: int) -> torch.Tensor:
+        """[comparisons made, largest relative difference among those that agreed]."""
+        c = self.checks.get(stage, Checks())
+        return torch.tensor([c.checked, c.max_deviation], dtype=torch.float64)
+
+    def totals(self, tallies: list[torch.Tensor]) -> dict:
+        t = torch.stack(tallies)
+        return {"comparisons": int(t[:, 0].sum()), "max_agreeing_deviation": float(t[:, 1].max()),
+                "rtol": self.cfg.rtol, "atol": self.cfg.atol}
 
     def alerts(self, res: IterationResult) -> torch.Tensor:
         """``[verifier, suspect]`` alert counts of an attempt (stage 0's view)."""

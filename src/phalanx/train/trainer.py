@@ -22,6 +22,7 @@ from phalanx.pipeline import IterationResult
 from phalanx.train.attempts import attempts
 from phalanx.train.checkpoint import load_stage, read_manifest, save_stage, write_manifest
 from phalanx.train.config import Config
+from phalanx.train.oversight import Overseer, Unwatched
 from phalanx.train.setup import Loader, build_pipeline
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Trainer:
         self.out = Path(cfg.train.out_dir)
         self.pipe = build_pipeline(cfg, cfg.train.steps, load=load)
         self.runtime = self.pipe.runtime
+        self.overseer: Overseer = self.pipe.defense or Unwatched()
         self.driver = self.runtime.is_driver
         self.data: TokenData | None = None
         try:
@@ -115,8 +117,8 @@ class Trainer:
         if res.refused is not None and bool((res.refused > 0).any()):
             by_sender = res.refused.sum(dim=0).tolist()
             rec["refused"] = {str(i): int(c) for i, c in enumerate(by_sender) if c}
-        if self.pipe.defense is not None and res.reports is not None:
-            rec.update(self.pipe.defense.describe(res))
+        if res.reports is not None:
+            rec.update(self.overseer.describe(res))
         return rec
 
     def weights_digests(self) -> dict[str, str] | None:
@@ -137,38 +139,25 @@ class Trainer:
         return {str(i): bytes(t.tolist()).hex() for i, t in sorted(gathered.items())}
 
     def check_totals(self) -> dict | None:
-        """Comparisons the duplicated block made over the run and the largest relative
-        difference among those that agreed (how close honest runs came to the tolerance), at
-        the driver; ``None`` elsewhere or without the defense."""
-        defense = self.pipe.defense
-        if defense is None:
+        """The overseer's totals over the run (for the duplicated block: comparisons made and
+        the largest relative difference among those that agreed), at the driver; ``None``
+        elsewhere or without an overseer."""
+        tallies = {w.me: self.overseer.tally(w.me) for w in self.runtime.workers}
+        if any(t is None for t in tallies.values()):
             return None
-        per_stage = {}
-        for w in self.runtime.workers:
-            c = defense.checks.get(w.me)
-            per_stage[w.me] = torch.tensor([c.checked if c else 0, c.max_deviation if c else 0.0],
-                                           dtype=torch.float64)
-        gathered = self.runtime.gather(per_stage)
-        if gathered is None:
-            return None
-        t = torch.stack(list(gathered.values()))
-        return {"comparisons": int(t[:, 0].sum()), "max_agreeing_deviation": float(t[:, 1].max()),
-                "rtol": self.cfg.defense.rtol, "atol": self.cfg.defense.atol}
+        gathered = self.runtime.gather(tallies)
+        return None if gathered is None else self.overseer.totals(list(gathered.values()))
 
     def run_state(self, val_start: float | None) -> dict:
         """What a checkpoint keeps besides the stages: the starting validation loss and the
-        coordinator's standing quarantine."""
-        state: dict = {"val_loss_start": val_start}
-        if self.pipe.defense is not None:
-            state["quarantined"] = sorted(self.pipe.defense.standing)
-        return state
+        overseer's state (the standing quarantine)."""
+        return {"val_loss_start": val_start, **self.overseer.state()}
 
     def restore(self) -> dict:
         directory, manifest = read_manifest(self.out / "checkpoints")
         for w in self.runtime.workers:
             load_stage(directory, manifest, w)
-        if self.pipe.defense is not None:
-            self.pipe.defense.restore(manifest.get("quarantined", []))
+        self.overseer.restore(manifest)
         self.runtime.barrier()
         return manifest
 
