@@ -39,6 +39,8 @@ from phalanx.defense.plan import Decision, Plan
 from phalanx.defense.recovery import strategy
 from phalanx.pipeline.verdict import Oversight, Verdict
 
+MAX_ALERTS = 1 << 20  # more alerts than messages a stage checks in an attempt
+
 
 def report_size(n: int) -> int:
     """A stage's report: alerts by suspect (n), then its replica's squared norm (NaN if none)."""
@@ -93,7 +95,9 @@ class Coordinator:
         alerts, replica_norm = seen.reports[:, :n], seen.reports[:, n]
         for r in range(n):
             row = alerts[r]
-            if not bool((torch.isfinite(row) & (row >= 0)).all()):
+            counts = bool((torch.isfinite(row) & (row >= 0) & (row <= MAX_ALERTS)
+                           & (row == row.round())).all())
+            if not counts:  # alerts are whole numbers of messages: anything else is no report
                 named |= ({r} & middle) - plan.out
                 continue
             self.alerts_seen += int(row.sum())
@@ -137,6 +141,10 @@ class Coordinator:
         self._attempt = key if response.discard else None
         self.plan = response.redo if response.discard else base
         unvouched = frozenset(s for s in seen.invalid if self._replica(seen, plan, s) is None)
+        # a repaired stage steps, and nobody checked its norm against its replica's: where the
+        # two differ, it keeps its weights rather than let either set the clipping
+        unvouched |= {s for s in plan.repaired if self._replica(seen, plan, s) is None
+                      or not norms_agree(seen.norms[s], self._replica(seen, plan, s), self.cfg)}
         frozen, replicas = self.frozen_for(plan, unvouched)
         decision = Decision(plan=self.plan, blamed=culprits,
                             quarantined=frozenset(self.quarantined), replicas=replicas)
@@ -171,7 +179,7 @@ class Coordinator:
         the next stage). The
         replica a bypassed stage holds goes on learning, from the gradient its successor sends
         it (:mod:`phalanx.defense.verifier`)."""
-        own = plan.bypassed | (invalid & set(range(1, self.n - 1)))
+        own = plan.bypassed | (invalid & set(range(1, self.n - 1)))  # (repaired ones too)
         return frozenset(own), frozenset(s + 1 for s in own)
 
     def restore(self, quarantined: set[int]) -> None:

@@ -77,8 +77,8 @@ class GradCheck(ChannelWrapper):
             return self._ready.popleft()
         frame = self._waiting or self.inner.recv(timeout)
         self._waiting = None
-        if frame.kind is not Kind.GRADIENT:
-            return frame
+        if frame.kind is not Kind.GRADIENT or (frame.step, frame.micro) not in self.sent:
+            return frame  # (a gradient for nothing b sent: the worker refuses it)
         key, plan = (frame.step, frame.micro), self.plan()
         side = {k: self.side[k].take(key, timeout) for k in self.sources(plan)}
         return self._check(frame, side, plan)
@@ -88,7 +88,8 @@ class GradCheck(ChannelWrapper):
             return self._ready.popleft()
         if self._waiting is None:
             frame = self.inner.poll()
-            if frame is None or frame.kind is not Kind.GRADIENT:
+            if (frame is None or frame.kind is not Kind.GRADIENT
+                    or (frame.step, frame.micro) not in self.sent):
                 return frame
             self._waiting = frame
         key, plan = (self._waiting.step, self._waiting.micro), self.plan()

@@ -1,9 +1,10 @@
 """Channel wrappers of the duplicated block: the jumping connection out, side inboxes in.
 
-Frames of the defense (``JUMP``, ``JUMP_GRAD``) carry the attempt number in their ``flags``
-byte: an attempt that is redone reuses its (step, micro-batch) numbers, and what was sent for a
-discarded attempt must not be taken for the redo. The tag is as untrusted as the rest of the
-frame: a wrong one only makes the frame wait unused (bounded) until it is purged.
+Frames of the defense (``JUMP``, ``JUMP_GRAD``), like the engine's, carry the attempt number in
+their ``flags`` (the worker's tag): an attempt that is redone reuses its (step, micro-batch)
+numbers, and what was sent for a discarded attempt must not be taken for the redo. The tag is
+as untrusted as the rest of the frame: a wrong one only makes the frame wait unused (bounded)
+until it is purged.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from dataclasses import replace
 
 from phalanx.comm.channel import Channel, ChannelTimeout
 from phalanx.comm.wrap import ChannelWrapper
-from phalanx.wire import Frame, Kind
+from phalanx.pipeline.worker import TAGS
+from phalanx.wire import Frame, FrameError, Kind
 
 log = logging.getLogger(__name__)
 
 Key = tuple[int, int]  # (step, micro)
 HELD = 4096  # side frames a link may hold for later; beyond, its sender is flooding
+PASSING, PASSING_BYTES = 1024, 256 << 20  # other frames waiting for the worker on one link
 
 
 class Outbound(ChannelWrapper):
@@ -50,36 +53,60 @@ class Inbox(ChannelWrapper):
         self.kind, self.tag = kind, tag
         self.held: dict[tuple[int, int, int], Frame] = {}
         self._passing: deque[Frame] = deque()
+        self._passing_bytes = 0
         self.dropped = 0
+        # what to do with a frame this link refused (the worker counts it against the peer)
+        self.refuse: Callable[[int, Exception], None] = lambda peer, exc: log.warning(
+            "stage %d dropped a frame from stage %d: %s", self.me, peer, exc)
 
     def _file(self, frame: Frame) -> None:
         if frame.kind is not self.kind:
+            size = frame.tensor.numel() * frame.tensor.element_size()
+            if len(self._passing) >= PASSING or self._passing_bytes + size > PASSING_BYTES:
+                self.refuse(self.peer, FrameError(
+                    f"{frame.kind.name} frame while {len(self._passing)} frames "
+                    f"({self._passing_bytes} bytes) wait unread on this link"))
+                return
             self._passing.append(frame)
+            self._passing_bytes += size
             return
         if len(self.held) >= HELD:
             self.dropped += 1
             log.warning("stage %d dropped a %s frame from stage %d: %d are waiting already",
                         self.me, self.kind.name, self.peer, len(self.held))
             return
-        self.held[(frame.step, frame.micro, frame.flags)] = frame
+        self.held[(frame.step, frame.micro, frame.flags % TAGS)] = frame
 
     def recv(self, timeout: float | None = None) -> Frame:
         while not self._passing:
             self._file(self.inner.recv(timeout))
-        return self._passing.popleft()
+        return self._pop()
 
     def poll(self) -> Frame | None:
         self._drain()
-        return self._passing.popleft() if self._passing else None
+        return self._pop() if self._passing else None
+
+    def _pop(self) -> Frame:
+        frame = self._passing.popleft()
+        self._passing_bytes -= frame.tensor.numel() * frame.tensor.element_size()
+        return frame
 
     def _drain(self) -> None:
-        while (frame := self.inner.poll()) is not None:
+        """File what has arrived; a frame the link refuses is counted against its peer."""
+        while True:
+            try:
+                frame = self.inner.poll()
+            except FrameError as exc:
+                self.refuse(self.peer, exc)
+                continue
+            if frame is None:
+                return
             self._file(frame)
 
     def _purge(self, key: Key) -> None:
         """Forget frames of earlier steps and of attempts other than this one and the next."""
         now = self.tag()
-        keep = {now, (now + 1) % 256}
+        keep = {now, (now + 1) % TAGS}
         self.held = {k: f for k, f in self.held.items()
                      if k[0] > key[0] or (k[0] == key[0] and k[2] in keep)}
 
@@ -106,4 +133,7 @@ class Inbox(ChannelWrapper):
                 raise ChannelTimeout(f"stage {self.me} waited {timeout} s for the "
                                      f"{self.kind.name} frame of micro-batch {key[1]} (step "
                                      f"{key[0]}) from stage {self.peer}")
-            self._file(self.inner.recv(left))
+            try:
+                self._file(self.inner.recv(left))
+            except FrameError as exc:
+                self.refuse(self.peer, exc)

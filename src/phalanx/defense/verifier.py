@@ -66,6 +66,8 @@ class Verifier:
         self.hidden, self.timeout = hidden, timeout
         self.dtype = next(stage.parameters()).dtype
         self.position: Callable[[], Key] = lambda: (0, 0)  # the worker's, once attached
+        self.window: Callable[[], tuple[int, int]] = lambda: (0, 0)  # (step, micro-batches)
+        self.rows: Callable[[int], tuple[int, ...] | None] = lambda m: None  # labels' shape
         self._pending: dict[Key, torch.Tensor] = {}  # shadow outputs waiting for a gradient
         self.replaced: set[Key] = set()  # malformed claims the guard replaced
         stage.register_forward_pre_hook(self.before)
@@ -84,7 +86,8 @@ class Verifier:
         is not a well-formed hidden state."""
         sender, inbox = self.source(self.plan())
         x = inbox.take(key, self.timeout, keep=keep).tensor
-        if well_formed(x, self.hidden, self.dtype):
+        rows = self.rows(key[1])
+        if well_formed(x, self.hidden, self.dtype) and rows in (None, tuple(x.shape[:2])):
             return x
         if not keep:
             self.checks.alert(key, self.v, sender)
@@ -170,13 +173,16 @@ class Guard(ChannelWrapper):
         self._waiting: Frame | None = None
 
     def _checked(self, frame: Frame, true: torch.Tensor | None) -> Frame:
+        """``frame``, or zeros in its place: shaped like the true input where that comes from
+        the trusted stage 0, or like the labels at the last stage (elsewhere a true input of
+        another size may be the lie, and the verifier sorts it out)."""
         vf = self.verifier
         t = frame.tensor
-        if true is not None:
-            ok = t.shape == true.shape and t.dtype == true.dtype
-        else:  # no true input to go by (its sender is blamed): the run's hidden states
-            ok = t.dim() == 3 and t.shape[-1] == vf.hidden and t.dtype == vf.dtype
-        if ok:
+        rows = vf.rows(frame.micro)  # at the last stage: the labels' shape
+        alone = (t.dim() == 3 and t.shape[-1] == vf.hidden and t.dtype == vf.dtype
+                 and rows in (None, tuple(t.shape[:2])))
+        trusted = true is not None and vf.source(vf.plan())[0] == 0
+        if alone and not (trusted and t.shape != true.shape):
             return frame
         if frame.src not in vf.plan().out:
             vf.checks.alert((frame.step, frame.micro), vf.v, vf.s)
@@ -184,13 +190,20 @@ class Guard(ChannelWrapper):
                 vf.replaced.add((frame.step, frame.micro))
         log.warning("stage %d replaced a malformed activation of %s %s from stage %d",
                     vf.v, tuple(t.shape), t.dtype, frame.src)
-        shape = true.shape if true is not None else (0, 0, vf.hidden)
+        shape = true.shape if true is not None else (*(rows or (0, 0)), vf.hidden)
         return Frame(kind=Kind.ACTIVATION, step=frame.step, micro=frame.micro, src=frame.src,
-                     dst=frame.dst, tensor=torch.zeros(shape, dtype=vf.dtype), seq=frame.seq)
+                     dst=frame.dst, tensor=torch.zeros(shape, dtype=vf.dtype), seq=frame.seq,
+                     flags=frame.flags)
+
+    def _due(self, frame: Frame) -> bool:
+        """Whether ``frame`` is an activation of this iteration's schedule (any other is the
+        worker's to refuse; waiting for its true input would block the link)."""
+        step, micro = self.verifier.window()
+        return frame.kind is Kind.ACTIVATION and frame.step == step and 0 <= frame.micro < micro
 
     def recv(self, timeout: float | None = None) -> Frame:
         frame = self.inner.recv(timeout)
-        if frame.kind is not Kind.ACTIVATION:
+        if not self._due(frame):
             return frame
         return self._checked(frame, self.verifier.true_input((frame.step, frame.micro),
                                                              keep=True))
@@ -198,7 +211,7 @@ class Guard(ChannelWrapper):
     def poll(self) -> Frame | None:
         frame = self._waiting or self.inner.poll()
         self._waiting = None
-        if frame is None or frame.kind is not Kind.ACTIVATION:
+        if frame is None or not self._due(frame):
             return frame
         vf = self.verifier
         _, inbox = vf.source(vf.plan())

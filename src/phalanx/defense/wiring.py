@@ -34,6 +34,17 @@ from phalanx.pipeline.worker import StageWorker
 from phalanx.wire import Kind
 
 
+def _inboxes(channels: dict[int, Channel]) -> list[Inbox]:
+    """Every :class:`Inbox` in the wrapper chains of a stage's links."""
+    found = []
+    for ch in channels.values():
+        while ch is not None:
+            if isinstance(ch, Inbox):
+                found.append(ch)
+            ch = getattr(ch, "inner", None)
+    return found
+
+
 def hidden_size(stage: StageModule) -> int:
     conf = stage.config
     return int(getattr(conf, "hidden_size", None) or conf.n_embd)
@@ -48,12 +59,14 @@ class Duplicate:
         self.verifiers: dict[int, Verifier] = {}
         self.plan = Plan()  # the routes of the current attempt, from the last verdict
         self.decision = Decision()  # the last verdict's
-        self.attempts: dict[int, int] = {}  # verdicts each stage of this process adopted
+        self.workers: dict[int, StageWorker] = {}  # the stages of this process, once attached
+        self.inboxes: dict[int, list[Inbox]] = {}  # each stage's side inboxes
         self.coordinator = Coordinator(cfg, num_stages)
 
     def tag(self, stage: int) -> int:
-        """The attempt number stage ``stage`` is at, as one byte (frames' ``flags``)."""
-        return self.attempts.get(stage, 0) % 256
+        """The attempt stage ``stage`` is at, as frames' ``flags`` carry it: the worker's."""
+        w = self.workers.get(stage)
+        return w.tag if w is not None else 0
 
     def jump_targets(self, s: int) -> list[int]:
         """Where stage s's output is jumped: to s + 2, the verifier of s + 1; while s + 1 is
@@ -94,6 +107,7 @@ class Duplicate:
             out[s - 1] = Guard(repairs, verifier)
             if gradcheck is not None:
                 gradcheck.feed = verifier.learn
+        self.inboxes[s] = _inboxes(out)
         return out
 
     def attach(self, worker: StageWorker) -> None:
@@ -114,12 +128,18 @@ class Duplicate:
             replicas = Decision.decode(verdict.payload, self.n).replicas
             return (own if me in verdict.frozen else []) + (shadow if me in replicas else [])
 
+        self.workers[me] = worker
         worker.report, worker.report_size = report, report_size(self.n)
         worker.frozen_params = frozen
         worker.norm_excluded = held
         worker.verdict_hooks.append(lambda v: self._adopt(me, v))
         if me in self.verifiers:
-            self.verifiers[me].position = lambda: worker.current
+            vf = self.verifiers[me]
+            vf.position = lambda: worker.current
+            vf.window = lambda: (worker.step, worker.micro)
+            vf.rows = worker.rows
+        for inbox in self.inboxes.get(me, []):
+            inbox.refuse = worker._reject
         if me == 0:
             worker.coordinator = self.coordinator
 
@@ -127,7 +147,6 @@ class Duplicate:
         """The attempt is over for ``stage``: take the plan of the next one."""
         self.decision = Decision.decode(verdict.payload, self.n)
         self.plan = self.decision.plan
-        self.attempts[stage] = self.attempts.get(stage, 0) + 1
 
     def state(self) -> dict:
         """What a checkpoint keeps: the standing quarantine."""

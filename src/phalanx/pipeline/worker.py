@@ -29,6 +29,9 @@ PEER_FRAMES, PEER_BYTES = 1024, 1 << 30  # what one peer may have waiting (so on
 # cannot take the room the others' frames need)
 
 
+TAGS = 128  # attempt numbers a frame's flags tell apart
+
+
 PER_MICRO = (Kind.ACTIVATION, Kind.GRADIENT, Kind.LABELS, Kind.JUMP, Kind.JUMP_GRAD)
 
 
@@ -63,7 +66,10 @@ class StageWorker:
         self.device = next(stage.parameters()).device
         self.tied = sorted(stage.tied.items(), key=lambda kv: kv[1])  # (local, canonical)
         self._params = dict(stage.named_parameters())
-        self._stash: dict[tuple[int, Kind, int], Frame] = {}
+        self._stash: dict[tuple[int, Kind, int, int], Frame] = {}  # (peer, kind, micro, tag)
+        self.attempt = -1  # iterations begun, less one; a frame's ``flags`` carry it (mod 128, the low 7
+        # bits; the high bit means nothing), so what was sent for a discarded attempt is never
+        # taken for its redo
         self._backlog: dict[int, tuple[int, int]] = {}  # per peer: frames, bytes waiting
         self.rejected: dict[int, int] = {}  # frames refused, by sender: evidence against it
         self.step = 0
@@ -84,6 +90,7 @@ class StageWorker:
         self.norm_excluded: set[int] = set()  # ids of parameters the global norm leaves out
         self.verdict = Verdict()
         self.current = (0, -1)  # (step, micro-batch) of the forward being computed
+        self._rows: dict[int, tuple[int, ...]] = {}  # (batch, seq) of micro-batches, by labels
         self._reports: torch.Tensor | None = None
         self._refused: torch.Tensor | None = None
         self._rejected_before: dict[int, int] = {}
@@ -98,13 +105,16 @@ class StageWorker:
         self.step, self.micro, self.train = step, micro, train
         self.inputs = [x.to(self.device) for x in inputs or []]
         self._saved.clear()
+        self._rows.clear()
         self.stats = StageStats()
         self.result = None
         self.global_norm = float("nan")
         self.verdict = Verdict()
         self._rejected_before = dict(self.rejected)
         self.stage.train(train)
-        self._stash = {k: f for k, f in self._stash.items() if f.step >= step}
+        self.attempt += 1
+        tags = {self.tag, (self.tag + 1) % TAGS}
+        self._stash = {k: f for k, f in self._stash.items() if f.step >= step and k[3] in tags}
         self._backlog = {}
         for f in self._stash.values():
             frames, size = self._backlog.get(f.src, (0, 0))
@@ -143,7 +153,7 @@ class StageWorker:
     def ready(self, action: Action) -> bool:
         """Whether every frame ``action`` needs has arrived (never blocks)."""
         keys = self.needs(action)
-        for peer in {k[0] for k in keys}:
+        for peer in sorted({k[0] for k in keys}):  # the data owner's labels first
             while True:
                 try:
                     frame = self.channels[peer].poll()
@@ -153,7 +163,7 @@ class StageWorker:
                 if frame is None:
                     break
                 self._file(frame)
-        return all(k in self._stash for k in keys)
+        return all((*k, self.tag) in self._stash for k in keys)
 
     # -- actions -------------------------------------------------------------------------------
     def execute(self, action: Action) -> None:
@@ -162,6 +172,11 @@ class StageWorker:
         handler(action.micro)
 
     def _do_forward(self, m: int) -> None:
+        labels = None
+        if self.me == self.last:  # first: what they say of the micro-batch's shape is known
+            labels = self.inputs[m] if self.me == 0 else self._check_labels(
+                self._take(0, Kind.LABELS, m).tensor)
+            self._rows[m] = tuple(labels.shape)
         if self.me == 0:
             x = self.inputs[m]
         else:
@@ -170,10 +185,6 @@ class StageWorker:
                 x.requires_grad_()
         if self.me == 0 and self.me != self.last:
             self._send(self.last, Kind.LABELS, m, self.inputs[m])
-        labels = None
-        if self.me == self.last:
-            labels = self.inputs[m] if self.me == 0 else self._check_labels(
-                self._take(0, Kind.LABELS, m).tensor)
         t0 = time.perf_counter()
         self.current = (self.step, m)
         with torch.set_grad_enabled(self.train):
@@ -228,7 +239,8 @@ class StageWorker:
         """Stage 0, after its step: the updated tied weights, for the next iteration's replica."""
         w = self._flat(self._tied_params())
         self.channels[self.last].send(Frame(kind=Kind.TIED_WEIGHT, step=self.step + 1, micro=0,
-                                            src=self.me, dst=self.last, tensor=w))
+                                            src=self.me, dst=self.last, tensor=w,
+                                            flags=(self.tag + 1) % TAGS))  # for the next
 
     def _do_recv_weights(self, _: int) -> None:
         """Last stage: overwrite the replica with stage 0's updated weights."""
@@ -355,6 +367,16 @@ class StageWorker:
         """The control tensor ``peer`` sent with ``tag``."""
         return self._take(peer, Kind.CONTROL, tag).tensor
 
+    def rows(self, m: int) -> tuple[int, ...] | None:
+        """(batch, seq) of micro-batch ``m`` where this stage knows it from the labels (the
+        last stage: the data owner's), else ``None``."""
+        if self.me != self.last:
+            return None
+        if m not in self._rows:
+            frame = self._stash.get((0, Kind.LABELS, m, self.tag))
+            return tuple(frame.tensor.shape) if frame is not None else None
+        return self._rows[m]
+
     # -- helpers ---------------------------------------------------------------------------------
     def _tied_params(self) -> list[torch.nn.Parameter]:
         return [self._params[local] for local, _ in self.tied]
@@ -401,9 +423,14 @@ class StageWorker:
         norms = torch.stack(torch._foreach_norm(grads)).double()
         return float(norms.pow(2).sum())
 
+    @property
+    def tag(self) -> int:
+        """This attempt's number, as the ``flags`` of what it sends carry it."""
+        return self.attempt % TAGS
+
     def _send(self, peer: int, kind: Kind, micro: int, tensor: torch.Tensor) -> None:
         self.channels[peer].send(Frame(kind=kind, step=self.step, micro=micro, src=self.me,
-                                       dst=peer, tensor=tensor))
+                                       dst=peer, tensor=tensor, flags=self.tag))
 
     def _reject(self, peer: int, exc: Exception) -> None:
         """A frame the link refused (malformed, replayed, out of order): dropped, logged and
@@ -417,7 +444,13 @@ class StageWorker:
             log.warning("stage %d dropped a stale %s frame of step %d from stage %d",
                         self.me, frame.kind.name, frame.step, frame.src)
             return
-        key = (frame.src, frame.kind, frame.micro)
+        tag = frame.flags % TAGS
+        if tag not in (self.tag, (self.tag + 1) % TAGS):
+            self._reject(frame.src, FrameError(
+                f"{describe(frame.kind, frame.micro)} of step {frame.step} tagged for attempt "
+                f"{tag}, not this one ({self.tag}) or the next"))
+            return
+        key = (frame.src, frame.kind, frame.micro, tag)
         frames, size = self._backlog.get(frame.src, (0, 0))
         old = self._stash.get(key)
         if old is not None:
@@ -434,7 +467,7 @@ class StageWorker:
         self._backlog[frame.src] = (frames + 1, size + _size(frame))
 
     def _take(self, peer: int, kind: Kind, micro: int) -> Frame:
-        key = (peer, kind, micro)
+        key = (peer, kind, micro, self.tag)
         t0 = time.perf_counter()
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
@@ -453,7 +486,7 @@ class StageWorker:
             self.stats.wait_s += time.perf_counter() - t0
         return self._unstash(key)
 
-    def _unstash(self, key: tuple[int, Kind, int]) -> Frame:
+    def _unstash(self, key: tuple[int, Kind, int, int]) -> Frame:
         frame = self._stash.pop(key)
         frames, size = self._backlog[key[0]]
         self._backlog[key[0]] = (frames - 1, size - _size(frame))

@@ -11,9 +11,9 @@ how much, as for the naive attacks.
 
 Tactics (what the attacker at stage s does in an attacked iteration):
 
-- ``flag_forge``: sign-flips its activations and gradients and sets every bit of their flags
-  (which once told the verifier "already bypassed, do not check"); its jumped copies are
-  flipped too.
+- ``flag_forge``: sign-flips its activations, jumped copies and gradients and sets the high
+  bit of their flags (flags once told the verifier "already bypassed, do not check"; now only
+  their low bits tag the attempt, and nothing reads the rest).
 - ``equivocate``: sends a sign-flipped activation to stage s + 1 and its honest output over the
   jumping connection (two different messages for one micro-batch).
 - ``false_evidence`` / ``empty_evidence`` / ``nan_evidence``: as the holder of stage s - 1's
@@ -64,10 +64,10 @@ def _norm_part(frame: Frame, n: int, fn: Callable[[torch.Tensor], None]) -> Fram
 def flag_forge(f: Frame, ctx: Ctx) -> Frame:
     if not ctx[2]:
         return f
-    if f.kind in (Kind.ACTIVATION, Kind.GRADIENT):
-        return replace(_flip(f), flags=0xFF)
-    return _flip(f) if f.kind is Kind.JUMP else f  # (a wrong attempt tag on it: a withheld
-    # message, as from a crash: the wait for it names this stage)
+    if f.kind in (Kind.ACTIVATION, Kind.GRADIENT, Kind.JUMP):  # the high bit: once "skip"
+        return replace(_flip(f), flags=f.flags | 0x80)
+    return f  # (a wrong attempt tag, in the low bits, is a withheld message: refused, counted
+    # against this stage, and the wait for the real one names it)
 
 
 def equivocate(f: Frame, ctx: Ctx) -> Frame:
