@@ -6,11 +6,13 @@ iterations never kept) and their limits are what the tests say."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from phalanx.comm.wrap import ChannelWrapper
 from phalanx.config import load_config
 from phalanx.defense.plan import Decision
 from phalanx.errors import ConfigError
@@ -18,6 +20,7 @@ from phalanx.threats import AttackConfig
 from phalanx.train import Config, Trainer
 from phalanx.train.attempts import attempts
 from phalanx.train.setup import build_pipeline
+from phalanx.wire import Frame, Kind
 
 BASE = ['model.name="tiny"', "pipeline.stages=4", "pipeline.micro_batches=2",
         "train.batch_size=4", "optim.lr=1e-3", "optim.warmup_steps=0",
@@ -177,3 +180,136 @@ def test_the_adaptive_experiment_writes_its_grid_and_the_covered_tactics_hold(tm
             assert r["weights_equal_clean"] and r["ppl_ratio_to_clean"] == 1.0
     lying = [r for r in rows if r["tactic"] == "false_evidence"]
     assert all(r["detected"] > 0 for r in lying)  # seen, though blamed on the wrong stage
+
+
+# -- found by an attacking review: an attacker wrapper that sends what it likes --------------
+
+class _Evil(ChannelWrapper):
+    """A malicious stage's raw link: ``fn(link, frame)`` does the sending."""
+
+    def __init__(self, inner, fn) -> None:  # noqa: ANN001
+        super().__init__(inner)
+        self.fn = fn
+
+    def send(self, frame) -> None:  # noqa: ANN001
+        self.fn(self, frame)
+
+
+def _hostile(monkeypatch, attacker: int, fn, extra: list[str] = ()):  # noqa: ANN001, ANN202
+    import phalanx.train.setup as setup
+
+    def wrap(channels, plan, module, n):  # noqa: ANN001, ANN202
+        if module.index != attacker:
+            return channels
+        return {p: _Evil(ch, fn) for p, ch in channels.items()}
+
+    monkeypatch.setattr(setup, "adaptive", wrap)
+    return _pipe(['defense.recovery="repair"', 'attack.adaptive="drift"', "attack.rate=1.0",
+                  f"attack.stages=[{attacker}]", *extra])
+
+
+def test_alert_counts_too_large_to_add_up_name_their_sender(monkeypatch):
+    def fn(link, f):  # noqa: ANN001
+        if f.kind is Kind.NORM:
+            f = replace(f, tensor=f.tensor.clone().index_fill_(0, torch.arange(5, 9), 1e308))
+        link.inner.send(f)
+
+    pipe = _hostile(monkeypatch, 1, fn)
+    runs = attempts(pipe.runtime, pipe.attack, 0, BATCH, 3)
+    assert [_blamed(r) for r, _ in runs] == [{1}, set()]
+
+
+def test_a_jump_of_another_shape_names_its_sender_and_the_run_goes_on(monkeypatch):
+    """Stage 1 sends stage 3 a jumped output a row short: the last stage knows the shape from
+    the labels, names stage 1 (not stage 2, whose activation is right) and goes on."""
+    def fn(link, f):  # noqa: ANN001
+        if f.kind is Kind.JUMP and f.tensor.shape[0] > 1:
+            f = replace(f, tensor=f.tensor[1:].clone())
+        link.inner.send(f)
+
+    pipe = _hostile(monkeypatch, 1, fn)
+    runs = attempts(pipe.runtime, pipe.attack, 0, BATCH, 3)
+    assert [_blamed(r) for r, _ in runs] == [{1}, set()]
+    assert pipe.runtime.evaluate([BATCH]) is not None
+
+
+def test_a_frame_for_a_micro_batch_that_does_not_exist_blocks_nothing(monkeypatch):
+    sent = []
+
+    def fn(link, f):  # noqa: ANN001
+        if f.kind is Kind.GRADIENT and link.peer == 0 and not sent:
+            sent.append(1)
+            link.inner.send(replace(f, micro=99))
+        link.inner.send(f)
+
+    pipe = _hostile(monkeypatch, 1, fn)
+    runs = attempts(pipe.runtime, pipe.attack, 0, BATCH, 3)
+    assert not runs[-1][0].verdict.discard and sent
+
+
+@pytest.mark.parametrize("to", [3, 0])
+def test_a_refused_frame_on_a_side_link_is_counted_against_its_sender_and_the_run_goes_on(
+        monkeypatch, to):
+    """An oversized frame on the jumping link (1 -> 3) or after the evidence (2 -> 0): the
+    receiver refuses it, counts it against the stage that sent it, and goes on."""
+    attacker, kind = (1, Kind.JUMP) if to == 3 else (2, Kind.JUMP_GRAD)
+    one = []
+
+    def fn(link, f):  # noqa: ANN001
+        link.inner.send(f)
+        if link.peer == to and f.kind is kind and not one:
+            one.append(1)
+            link.inner.send(Frame(kind=Kind.LABELS, step=f.step, micro=0, src=attacker, dst=to,
+                                  tensor=torch.zeros(1 << 16)))
+
+    pipe = _hostile(monkeypatch, attacker, fn)
+    runs = attempts(pipe.runtime, pipe.attack, 0, BATCH, 3)
+    assert not runs[-1][0].verdict.discard
+    assert pipe.runtime.workers[to].rejected == {attacker: 1}
+
+
+def test_frames_nobody_reads_on_a_side_link_are_bounded(monkeypatch):
+    from phalanx.defense import links
+
+    monkeypatch.setattr(links, "PASSING", 8)
+    flood = []
+
+    def fn(link, f):  # noqa: ANN001
+        link.inner.send(f)
+        if link.peer == 3 and f.kind is Kind.JUMP and not flood:
+            flood.append(1)
+            for i in range(40):
+                link.inner.send(Frame(kind=Kind.ACTIVATION, step=f.step, micro=i % 2, src=1,
+                                      dst=3, tensor=torch.zeros(2, 16, 64)))
+
+    pipe = _hostile(monkeypatch, 1, fn)
+    attempts(pipe.runtime, pipe.attack, 0, BATCH, 3)
+    inbox = pipe.runtime.workers[3].channels[1]
+    while not isinstance(inbox, links.Inbox):
+        inbox = inbox.inner
+    assert len(inbox._passing) == 8 and pipe.runtime.workers[3].rejected == {1: 32}
+
+
+def test_a_repaired_stage_whose_norm_its_accuser_contradicts_sets_no_clipping(monkeypatch):
+    """Stage 2 frames stage 1, then in the repaired redo claims a huge norm for 1's replica:
+    neither number is believed, stage 1 keeps its weights, the global norm stays honest."""
+    first = set()
+
+    def fn(link, f):  # noqa: ANN001
+        if f.kind is Kind.NORM:
+            t = f.tensor.clone()
+            if f.step not in first:
+                first.add(f.step)
+                t[1 + 4 + 1] = 2.0  # two alerts against stage 1
+            else:
+                t[-1] = 1e6  # the replica's squared norm of stage 1
+            f = replace(f, tensor=t)
+        link.inner.send(f)
+
+    pipe = _hostile(monkeypatch, 2, fn)
+    clean = _pipe(['defense.verify="none"'])
+    runs = attempts(pipe.runtime, pipe.attack, 0, BATCH, 3)
+    ref = clean.runtime.train_step(0, BATCH)
+    kept = runs[-1][0]
+    assert not kept.verdict.discard and kept.verdict.frozen == {1}
+    assert kept.grad_norm < 2 * ref.grad_norm

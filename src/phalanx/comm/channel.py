@@ -35,6 +35,7 @@ class Channel(ABC):
         self.limits = limits
         self._send_seq = 0
         self._recv_seq = 0
+        self._undecoded = 0  # frames refused before their sequence number could be read
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -47,7 +48,11 @@ class Channel(ABC):
 
     def recv(self, timeout: float | None = None) -> Frame:
         """Next frame from the peer; raises :class:`ChannelTimeout` after ``timeout`` seconds."""
-        frame = self._receive(timeout)
+        try:
+            frame = self._receive(timeout)
+        except FrameError:
+            self._undecoded += 1  # it held a sequence number we will never see
+            raise
         self._check(frame)
         return frame
 
@@ -66,12 +71,12 @@ class Channel(ABC):
 
     def _check(self, frame: Frame) -> None:
         self._check_header(frame)
-        if frame.seq != self._recv_seq + 1:
+        if not self._recv_seq < frame.seq <= self._recv_seq + 1 + self._undecoded:
             raise FrameError(
                 f"frame from stage {self.peer} has sequence number {frame.seq}, expected "
                 f"{self._recv_seq + 1} (replayed, reordered or lost)"
             )
-        self._recv_seq = frame.seq
+        self._recv_seq, self._undecoded = frame.seq, 0
 
     def _check_header(self, header: Header | Frame) -> None:
         """The address check (early: on the header, before a payload buffer is allocated)."""
