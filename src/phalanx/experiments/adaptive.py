@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from phalanx.experiments.report import read_run
 from phalanx.experiments.robustness import Cell, score
 from phalanx.experiments.session import SessionRun, run_session, stamp_path, write_plan
+from phalanx.experiments.spec import ShortRuns
 from phalanx.threats.adaptive import TACTICS
 
 RECOVERIES = ("skip", "repair", "restart")
@@ -27,23 +28,16 @@ NOT_ATTRIBUTABLE = {"equivocate", "false_evidence", "frame_predecessor", "collud
 
 
 @dataclass(kw_only=True)
-class AdaptiveSpec:
+class AdaptiveSpec(ShortRuns):
     """Scale of the grid."""
 
-    model: str = "smollm2"
-    stages: int = 6
     steps: int = 4
-    batch_size: int = 2
-    micro_batches: int = 2
-    seq_len: int = 64
     eval_batches: int = 2
     rate: float = 0.5
     attacker: int = 2  # a middle stage that holds a replica (of stage 1)
     lr: float = 5e-5
-    seed: int = 0
     tactics: tuple[str, ...] = tuple(sorted(TACTICS))
     recoveries: tuple[str, ...] = RECOVERIES
-    extra: list[str] = field(default_factory=list)
 
     @classmethod
     def quick(cls) -> AdaptiveSpec:

@@ -10,26 +10,19 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from phalanx.experiments.robustness import Cell, Runner, score
+from phalanx.experiments.spec import ShortRuns
 from phalanx.threats.attacks import BACKWARD_ATTACKS, FORWARD_ATTACKS
 
 
 @dataclass(kw_only=True)
-class DetectionSpec:
+class DetectionSpec(ShortRuns):
     """Scale of the coverage runs (simulator: one process, the same stage code)."""
 
-    model: str = "smollm2"
-    stages: int = 6
-    steps: int = 3
-    batch_size: int = 2
-    micro_batches: int = 2
-    seq_len: int = 64
     strength: float = 4.0  # the factor of ``scale``, σ of ``gaussian``; below: every attack
-    seed: int = 0
-    extra: list[str] = field(default_factory=list)
 
     @classmethod
     def quick(cls) -> DetectionSpec:

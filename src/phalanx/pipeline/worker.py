@@ -67,9 +67,9 @@ class StageWorker:
         self.tied = sorted(stage.tied.items(), key=lambda kv: kv[1])  # (local, canonical)
         self._params = dict(stage.named_parameters())
         self._stash: dict[tuple[int, Kind, int, int], Frame] = {}  # (peer, kind, micro, tag)
-        self.attempt = -1  # iterations begun, less one; a frame's ``flags`` carry it (mod 128, the low 7
-        # bits; the high bit means nothing), so what was sent for a discarded attempt is never
-        # taken for its redo
+        self.attempt = -1  # iterations begun, less one; a frame's ``flags`` carry it (mod 128:
+        # the low 7 bits; the high bit means nothing), so what was sent for a discarded attempt
+        # is never taken for its redo
         self._backlog: dict[int, tuple[int, int]] = {}  # per peer: frames, bytes waiting
         self.rejected: dict[int, int] = {}  # frames refused, by sender: evidence against it
         self.step = 0
