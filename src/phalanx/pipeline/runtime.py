@@ -140,7 +140,10 @@ def simulate(workers: list[StageWorker], plans: dict[int, list[Action]]) -> None
             return
         if not progress:
             stuck = {w.me: plans[w.me][pos[w.me]] for w in workers if pos[w.me] < len(plans[w.me])}
-            raise RuntimeError(f"pipeline schedule deadlock; waiting actions: {stuck}")
+            refused = {w.me: w.rejected for w in workers if w.rejected}
+            raise RuntimeError(f"pipeline schedule deadlock; waiting actions: {stuck}"
+                               + (f"; frames refused, by receiver and sender: {refused}"
+                                  if refused else ""))
 
 
 class LocalRuntime(Runtime):

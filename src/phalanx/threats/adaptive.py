@@ -26,8 +26,9 @@ Tactics (what the attacker at stage s does in an attacked iteration):
 - ``eval_poison``: sign-flips its activations in evaluation passes only.
 - ``drift``: adds ``strength`` x 1e-6 x RMS in a fixed direction to its activations and
   gradients (well below any float tolerance of the old max-entry test).
-- ``float64`` / ``short``: activations (and their jumped copies) as float64, or activations to
-  stage s + 1 with a row fewer (malformed but plausible frames).
+- ``float16`` / ``short``: activations (and their jumped copies) as float16, or activations to
+  stage s + 1 with a row fewer (malformed but plausible frames; a float64 one would be over the
+  byte limit of the run's activations, refused by the transport: a withheld message).
 - ``collude``: with two adjacent stages given, the first sign-flips its activations and the
   second (its only verifier) reports no alerts.
 """
@@ -126,9 +127,9 @@ def drift(f: Frame, ctx: Ctx) -> Frame:
     return replace(f, tensor=t + ctx[3] * 1e-6 * rms * push)
 
 
-def float64(f: Frame, ctx: Ctx) -> Frame:
+def float16(f: Frame, ctx: Ctx) -> Frame:
     if f.kind in (Kind.ACTIVATION, Kind.JUMP) and ctx[2]:
-        return replace(f, tensor=f.tensor.double())
+        return replace(f, tensor=f.tensor.half())  # (within the byte limit a float32 run sets)
     return f
 
 
@@ -161,7 +162,7 @@ TACTICS: dict[str, Tactic] = {
     "forged_report": forged_report,
     "eval_poison": eval_poison,
     "drift": drift,
-    "float64": float64,
+    "float16": float16,
     "short": short,
     "collude": lambda f, ctx: f,  # resolved per stage by adaptive()
 }

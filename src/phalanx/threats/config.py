@@ -23,7 +23,7 @@ class AttackConfig:
     adaptive: str = "none"  # an attacker that uses every field it sends (threats.adaptive):
     # flag_forge | equivocate | false_evidence | empty_evidence | nan_evidence | false_alert |
     # frame_predecessor | nan_norm | negative_norm | huge_norm | forged_report | eval_poison |
-    # drift | float64 | short | collude (attack.stages: two adjacent stages)
+    # drift | float16 | short | collude (attack.stages: two adjacent stages)
 
     @property
     def active(self) -> bool:
