@@ -133,6 +133,14 @@ def _train(out: Path, extra: list[str]) -> dict:
         trainer.close()
 
 
+def test_a_forged_report_through_the_trainer_is_recorded_as_blame_not_a_crash(tmp_path):
+    _train(tmp_path / "f", ['defense.verify="duplicate"', 'attack.adaptive="forged_report"',
+                            "attack.rate=1.0", "attack.stages=[1]"])
+    recs = [json.loads(r) for r in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["redone"][0]["blamed"] == [1] for r in recs)
+    assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in recs)  # the last stage's
+
+
 def test_evaluation_traffic_is_verified_and_a_poisoned_pass_is_redone(tmp_path):
     """An attacker that poisons evaluation only: the validation pass is checked like training,
     discarded and redone with the attacker's messages replaced, so the reported losses are the

@@ -42,6 +42,12 @@ from phalanx.pipeline.verdict import Oversight, Verdict
 MAX_ALERTS = 1 << 20  # more alerts than messages a stage checks in an attempt
 
 
+def counts(row: torch.Tensor) -> bool:
+    """Whether a reported row of alerts is whole numbers of messages, in range."""
+    return bool((torch.isfinite(row) & (row >= 0) & (row <= MAX_ALERTS)
+                 & (row == row.round())).all())
+
+
 def report_size(n: int) -> int:
     """A stage's report: alerts by suspect (n), then its replica's squared norm (NaN if none)."""
     return n + 1
@@ -95,9 +101,7 @@ class Coordinator:
         alerts, replica_norm = seen.reports[:, :n], seen.reports[:, n]
         for r in range(n):
             row = alerts[r]
-            counts = bool((torch.isfinite(row) & (row >= 0) & (row <= MAX_ALERTS)
-                           & (row == row.round())).all())
-            if not counts:  # alerts are whole numbers of messages: anything else is no report
+            if not counts(row):  # alerts are whole numbers of messages: anything else is none
                 named |= ({r} & middle) - plan.out
                 continue
             self.alerts_seen += int(row.sum())

@@ -20,7 +20,7 @@ import torch
 from phalanx.comm.channel import Channel
 from phalanx.defense.compare import Checks
 from phalanx.defense.config import DefenseConfig
-from phalanx.defense.coordinator import Coordinator, report_size
+from phalanx.defense.coordinator import Coordinator, counts, report_size
 from phalanx.defense.gradcheck import GradCheck
 from phalanx.defense.links import Inbox, Outbound
 from phalanx.defense.plan import Decision, Plan
@@ -184,10 +184,14 @@ class Duplicate:
                 "rtol": self.cfg.rtol, "atol": self.cfg.atol}
 
     def alerts(self, res: IterationResult) -> torch.Tensor:
-        """``[verifier, suspect]`` alert counts of an attempt (stage 0's view)."""
-        if res.reports is None:
-            return torch.zeros(self.n, self.n, dtype=torch.float64)
-        return res.reports[:, :self.n]
+        """``[verifier, suspect]`` alert counts of an attempt (stage 0's view); a row that is
+        no counts (the coordinator named its sender) reads as none."""
+        out = torch.zeros(self.n, self.n, dtype=torch.float64)
+        if res.reports is not None:
+            for r in range(self.n):
+                if counts(res.reports[r, :self.n]):
+                    out[r] = res.reports[r, :self.n]
+        return out
 
     def describe(self, res: IterationResult) -> dict:
         """What the defense saw and decided in an attempt, for the metrics."""
