@@ -141,11 +141,13 @@ def test_a_forged_report_through_the_trainer_is_recorded_as_blame_not_a_crash(tm
     assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in recs)  # the last stage's
 
 
-def test_evaluation_traffic_is_verified_and_a_poisoned_pass_is_redone(tmp_path):
+@pytest.mark.parametrize("recovery", ["repair", "skip"])
+def test_evaluation_traffic_is_verified_and_a_poisoned_pass_is_redone(tmp_path, recovery):
     """An attacker that poisons evaluation only: the validation pass is checked like training,
-    discarded and redone with the attacker's messages replaced, so the reported losses are the
-    clean run's."""
-    attacked = _train(tmp_path / "a", ['defense.verify="duplicate"', 'defense.recovery="repair"',
+    discarded and redone with the attacker's messages replaced (under skip too: an evaluation
+    measures the whole model), so the reported losses are the clean run's."""
+    attacked = _train(tmp_path / "a", ['defense.verify="duplicate"',
+                                       f'defense.recovery="{recovery}"',
                                        'attack.adaptive="eval_poison"', "attack.rate=1.0",
                                        "attack.stages=[2]"])
     unguarded = _train(tmp_path / "u", ['attack.adaptive="eval_poison"', "attack.rate=1.0",

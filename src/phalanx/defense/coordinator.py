@@ -36,7 +36,7 @@ import torch
 
 from phalanx.defense.config import DefenseConfig
 from phalanx.defense.plan import Decision, Plan
-from phalanx.defense.recovery import strategy
+from phalanx.defense.recovery import Repair, Skip, strategy
 from phalanx.pipeline.verdict import Oversight, Verdict
 
 MAX_ALERTS = 1 << 20  # more alerts than messages a stage checks in an attempt
@@ -141,7 +141,10 @@ class Coordinator:
         self._culprits |= culprits
         q = frozenset(self.quarantined)
         base = Plan(bypassed=q, quarantined=q)
-        response = self.recovery.respond(culprits, self._culprits, base, self.n)
+        # an evaluation measures the whole model: its redo replaces the culprits' messages by
+        # their replicas' rather than leave their layers out
+        recovery = self.recovery if seen.train or not isinstance(self.recovery, Skip) else Repair()
+        response = recovery.respond(culprits, self._culprits, base, self.n)
         self._attempt = key if response.discard else None
         self.plan = response.redo if response.discard else base
         unvouched = frozenset(s for s in seen.invalid if self._replica(seen, plan, s) is None)

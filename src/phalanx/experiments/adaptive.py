@@ -25,6 +25,8 @@ from phalanx.threats.adaptive import TACTICS
 RECOVERIES = ("skip", "repair", "restart")
 NOT_ATTRIBUTABLE = {"equivocate", "false_evidence", "frame_predecessor", "collude"}
 """Tactics one replica cannot pin on the right stage (README: what is not covered)."""
+NORM_LIARS = {"nan_norm", "negative_norm", "huge_norm"}
+"""Repaired, such a liar keeps its weights (its norm and its replica's disagree)."""
 
 
 @dataclass(kw_only=True)
@@ -123,7 +125,8 @@ def write(rows: list[dict], spec: AdaptiveSpec, out: Path) -> None:
         "detected": sum(r["detected"] or 0 for r in rows),
         "honest_blamed_covered": sum(r["honest_blamed"] or 0 for r in covered),
         "repair_equals_clean_covered": all(r["weights_equal_clean"] for r in covered
-                                           if r["recovery"] == "repair"),
+                                           if r["recovery"] == "repair"
+                                           and r["tactic"] not in NORM_LIARS),
     }
     (out / "summary.json").write_text(json.dumps(
         {"spec": asdict(spec), "totals": totals, "runs": rows}, indent=1) + "\n")

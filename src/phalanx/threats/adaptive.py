@@ -26,9 +26,11 @@ Tactics (what the attacker at stage s does in an attacked iteration):
 - ``eval_poison``: sign-flips its activations in evaluation passes only.
 - ``drift``: adds ``strength`` x 1e-6 x RMS in a fixed direction to its activations and
   gradients (well below any float tolerance of the old max-entry test).
-- ``float16`` / ``short``: activations (and their jumped copies) as float16, or activations to
-  stage s + 1 with a row fewer (malformed but plausible frames; a float64 one would be over the
-  byte limit of the run's activations, refused by the transport: a withheld message).
+- ``float16`` / ``short``: activations to stage s + 1 as float16, or a position short
+  (malformed but plausible frames; a float64 one would be over the byte limit of the run's
+  activations, refused by the transport: a withheld message; a malformed *jumped* copy blinds
+  the verifier it feeds, whose missing evidence its sender can then report: not attributable
+  without signed receipts, like equivocation).
 - ``collude``: with two adjacent stages given, the first sign-flips its activations and the
   second (its only verifier) reports no alerts.
 """
@@ -128,14 +130,14 @@ def drift(f: Frame, ctx: Ctx) -> Frame:
 
 
 def float16(f: Frame, ctx: Ctx) -> Frame:
-    if f.kind in (Kind.ACTIVATION, Kind.JUMP) and ctx[2]:
+    if f.kind is Kind.ACTIVATION and ctx[2]:
         return replace(f, tensor=f.tensor.half())  # (within the byte limit a float32 run sets)
     return f
 
 
 def short(f: Frame, ctx: Ctx) -> Frame:
-    if f.kind is Kind.ACTIVATION and ctx[2] and f.tensor.shape[0] > 1:
-        return replace(f, tensor=f.tensor[1:].clone())
+    if f.kind is Kind.ACTIVATION and ctx[2] and f.tensor.dim() == 3 and f.tensor.shape[1] > 1:
+        return replace(f, tensor=f.tensor[:, :-1].clone())  # a position short
     return f
 
 
