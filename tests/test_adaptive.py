@@ -188,6 +188,7 @@ def test_the_adaptive_experiment_writes_its_grid_and_the_covered_tactics_hold(tm
         if r["recovery"] in ("repair", "restart") and r["tactic"] != "nan_norm":  # the clean
             # model, to the bit (a repaired stage whose norm is a lie keeps its weights)
             assert r["weights_equal_clean"] and r["ppl_ratio_to_clean"] == 1.0
+    assert not [r for r in rows if r["tactic"] == "short"][0]["attributable"]  # (6+ stages)
     lying = [r for r in rows if r["tactic"] == "false_evidence"]
     assert all(r["detected"] > 0 for r in lying)  # seen, though blamed on the wrong stage
 

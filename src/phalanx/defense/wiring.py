@@ -132,6 +132,7 @@ class Duplicate:
         worker.report, worker.report_size = report, report_size(self.n)
         worker.frozen_params = frozen
         worker.norm_excluded = held
+        worker.overseen = True
         worker.verdict_hooks.append(lambda v: self._adopt(me, v))
         if me in self.verifiers:
             vf = self.verifiers[me]

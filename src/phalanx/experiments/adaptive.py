@@ -23,8 +23,10 @@ from phalanx.experiments.spec import ShortRuns
 from phalanx.threats.adaptive import TACTICS
 
 RECOVERIES = ("skip", "repair", "restart")
-NOT_ATTRIBUTABLE = {"equivocate", "false_evidence", "frame_predecessor", "collude"}
-"""Tactics one replica cannot pin on the right stage (README: what is not covered)."""
+NOT_ATTRIBUTABLE = {"equivocate", "false_evidence", "frame_predecessor", "collude", "short"}
+"""Tactics one replica cannot pin on the right stage (README: what is not covered); ``short``
+only where the verifier's true input comes from another middle stage (a claim and a jumped
+input of different sizes: one of the two senders lied)."""
 NORM_LIARS = {"nan_norm", "negative_norm", "huge_norm"}
 """Repaired, such a liar keeps its weights (its norm and its replica's disagree)."""
 
