@@ -9,11 +9,10 @@ squared gradient norm. Everything a middle stage reports is the attacker's to ch
   computes on, and, against the replica holder s + 1, the stage that receives its evidence;
   against a stage whose output it receives over the jumping connection, the stage that checks
   with it. An accusation outside these roles is one honest code never makes: it names the
-  accuser. A stage out of the data path for this iteration keeps its forward check (its
-  predecessor has no other verifier); a quarantined one is not heard (its replica of its
-  predecessor has stopped following it: that stage goes unchecked while the quarantine
-  stands).
-- A report that is not a vector of non-negative finite counts names its sender, and so does a
+  accuser. A stage out of the data path for this iteration keeps its role as its
+  predecessor's checker (nobody else holds that replica); a quarantined one is not heard (a
+  repeat offender: its predecessor goes unchecked while the quarantine stands).
+- A report that is not whole numbers of alerts, in range, names its sender, and so does a
   squared norm that is not a finite non-negative number (the worker marks it invalid).
 - A stage's squared norm must equal its replica's (same weights, same gradient): a mismatch
   names the stage. A replica that could not follow (its true input was malformed) reports NaN
@@ -23,7 +22,9 @@ The alert of one honest verifier names the culprit; a verifier that lies can nam
 neighbour instead (one replica cannot tell who lied): see the README's threat model.
 
 Decisions: a :class:`~phalanx.defense.recovery.Recovery` strategy keeps or discards the
-attempt and plans the redo; quarantine (``quarantine_after = k``): a stage blamed in k of the
+attempt and plans the redo (an evaluation's redo repairs rather than skips: it measures the
+whole model); the global squared norm is taken from the replicas where their word counts;
+quarantine (``quarantine_after = k``): a stage blamed in k of the
 last 2k attempts is bypassed from then on (never two next to each other).
 """
 
