@@ -151,8 +151,10 @@ class Coordinator:
         unvouched = frozenset(s for s in seen.invalid if self._replica(seen, plan, s) is None)
         # a repaired stage steps, and nobody checked its norm against its replica's: where the
         # two differ, it keeps its weights rather than let either set the clipping
-        unvouched |= {s for s in plan.repaired if self._replica(seen, plan, s) is None
-                      or not norms_agree(seen.norms[s], self._replica(seen, plan, s), self.cfg)}
+        for s in plan.repaired:
+            theirs = self._replica(seen, plan, s)
+            if theirs is None or not norms_agree(seen.norms[s], theirs, self.cfg):
+                unvouched |= {s}
         frozen, replicas = self.frozen_for(plan, unvouched)
         decision = Decision(plan=self.plan, blamed=culprits,
                             quarantined=frozenset(self.quarantined), replicas=replicas)

@@ -22,7 +22,6 @@ of their own against honest stages: the attempt is discarded anyway. Without rec
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -54,7 +53,6 @@ class GradCheck(ChannelWrapper):
         self.timeout = timeout
         self.sent: dict[Key, tuple[torch.Size, torch.dtype]] = {}
         self._waiting: Frame | None = None
-        self._ready: deque[Frame] = deque()
 
     def send(self, frame: Frame) -> None:
         if frame.kind is Kind.ACTIVATION:
@@ -73,8 +71,6 @@ class GradCheck(ChannelWrapper):
         return [c + 1, c + 2] if c in plan.bypassed and c + 1 < self.n - 1 else [c + 1]
 
     def recv(self, timeout: float | None = None) -> Frame:
-        if self._ready:
-            return self._ready.popleft()
         frame = self._waiting or self.inner.recv(timeout)
         self._waiting = None
         if frame.kind is not Kind.GRADIENT or (frame.step, frame.micro) not in self.sent:
@@ -84,8 +80,6 @@ class GradCheck(ChannelWrapper):
         return self._check(frame, side, plan)
 
     def poll(self) -> Frame | None:
-        if self._ready:
-            return self._ready.popleft()
         if self._waiting is None:
             frame = self.inner.poll()
             if (frame is None or frame.kind is not Kind.GRADIENT

@@ -57,7 +57,7 @@ def _flip(frame: Frame) -> Frame:
     return replace(frame, tensor=-frame.tensor)
 
 
-def _norm_part(frame: Frame, n: int, fn: Callable[[torch.Tensor], None]) -> Frame:
+def _norm_part(frame: Frame, fn: Callable[[torch.Tensor], None]) -> Frame:
     """The norm frame with ``fn`` applied to a copy of its tensor."""
     t = frame.tensor.clone()
     fn(t)
@@ -93,7 +93,7 @@ def _alerts(targets: Callable[[int, int], list[int]]) -> Tactic:
         def accuse(t: torch.Tensor) -> None:
             for x in targets(me, n):
                 t[1 + n + x] = 2.0
-        return _norm_part(f, n, accuse)
+        return _norm_part(f, accuse)
     return tactic
 
 
@@ -101,7 +101,7 @@ def _norm(value: float) -> Tactic:
     def tactic(f: Frame, ctx: Ctx) -> Frame:
         if f.kind is not Kind.NORM:
             return f
-        return _norm_part(f, ctx[1], lambda t: t.__setitem__(0, value))
+        return _norm_part(f, lambda t: t.__setitem__(0, value))
     return tactic
 
 
@@ -111,7 +111,7 @@ def forged_report(f: Frame, ctx: Ctx) -> Frame:
         return replace(f, tensor=torch.tensor([-333329.6, math.nan, 0.0, 0.0, math.nan],
                                               dtype=torch.float64))
     if f.kind is Kind.NORM and f.tensor.numel() >= 2 * n + 1:
-        return _norm_part(f, n, lambda t: t[1 + n:1 + 2 * n].fill_(math.nan))
+        return _norm_part(f, lambda t: t[1 + n:1 + 2 * n].fill_(math.nan))
     return f
 
 
@@ -146,7 +146,7 @@ def _collude(f: Frame, ctx: Ctx, first: bool) -> Frame:
         return _flip(f) if f.kind in (Kind.ACTIVATION, Kind.JUMP) and ctx[2] else f
     n = ctx[1]  # its verifier: no alert
     if f.kind is Kind.NORM and f.tensor.numel() >= 2 * n + 1:
-        return _norm_part(f, n, lambda t: t[1 + n:1 + 2 * n].zero_())
+        return _norm_part(f, lambda t: t[1 + n:1 + 2 * n].zero_())
     return f
 
 
