@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from phalanx.config import load_config
-from phalanx.defense.compare import agrees
 from phalanx.defense.plan import Decision
 from phalanx.train import Config
 from phalanx.train.attempts import attempts
@@ -30,16 +29,6 @@ def _run(extra: list[str], steps: int = 3):  # noqa: ANN202
 
 def _blamed(pipe, res) -> frozenset[int]:  # noqa: ANN001
     return Decision.decode(res.verdict.payload, pipe.runtime.num_stages).blamed
-
-
-def test_agrees_by_hand():
-    a = torch.tensor([1.0, 2.0, -4.0])
-    assert agrees(a, a.clone(), 0, 0)
-    assert not agrees(a, a + 1e-7, 0, 0)  # bitwise mode
-    assert agrees(a, a + 1e-5, rtol=1e-5, atol=0.0)  # 1e-5 <= 1e-5 * 4
-    assert not agrees(a, a + 1e-4, rtol=1e-5, atol=0.0)
-    assert not agrees(a, torch.tensor([1.0, float("nan"), -4.0]), 1.0, 1.0)
-    assert not agrees(a, a[:2], 1.0, 1.0)
 
 
 def _alerts(results) -> list[dict[int, int]]:  # noqa: ANN001

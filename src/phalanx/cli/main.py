@@ -1,5 +1,5 @@
-"""``phalanx`` — demo, train, experiment, launch, check, report, bench. User errors: one line,
-exit code 2."""
+"""``phalanx`` — demo, train, calibrate, experiment, launch, check, report, bench. User errors:
+one line, exit code 2."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
         "training of real models over real processes, attacks and defenses.",
     )
     sub = ap.add_subparsers(dest="command", required=True,
-                            metavar="{demo,train,experiment,launch,check,keys,report,bench}")
+                            metavar="{demo,train,calibrate,experiment,launch,check,keys,report,bench}")
 
     d = sub.add_parser("demo", help="SmolLM2-135M, 4 pipeline processes: clean vs attacked vs "
                        "defended")
@@ -40,6 +40,21 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="TOML config file")
     t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     t.add_argument("overrides", nargs="*", help="config overrides, e.g. pipeline.stages=4")
+
+    cal = sub.add_parser(
+        "calibrate", help="the duplicated block's tolerance for mixed hardware, from honest runs",
+        description="Trains as phalanx train does, with the duplicated block measuring how far "
+        "each honest message is from its recomputation (defense.tolerance=measure, no attack), "
+        "and writes the calibration that defense.tolerance=calibrated reads: per check and "
+        "stage, the largest deviation times --margin. Run it on the machines the run will use. "
+        "--from converts the summary.json of such a run made elsewhere (e.g. by hand on "
+        "several hosts).")
+    cal.add_argument("--config", help="TOML config file")
+    cal.add_argument("--out", default="calibration.json", help="calibration file to write")
+    cal.add_argument("--margin", type=float, default=10.0,
+                     help="tolerance = margin x the largest honest deviation (default 10)")
+    cal.add_argument("--from", dest="source", help="summary.json of a measuring run")
+    cal.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=50")
 
     e = sub.add_parser(
         "experiment", help="paper recipes: sweeps with tables and plots",
@@ -111,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", help="a train.out_dir")
 
     b = sub.add_parser("bench", help="benchmarks (code in benchmarks/)")
-    b.add_argument("name", choices=["pipeline", "defense", "secure"])
+    b.add_argument("name", choices=["pipeline", "defense", "secure", "tolerance"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
 
     w = sub.add_parser("worker")  # one rank of a spawned job; no help: not listed
@@ -162,6 +177,41 @@ def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
         keys = ("val_ppl_start", "val_ppl_end", "tokens_per_s", "peak_rss_mb", "wall_s")
         print(json.dumps({k: summary[k] for k in keys}))
         print(f"run directory: {cfg.train.out_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from phalanx.defense.tolerance import calibration
+
+    if a.source:
+        summary_path = Path(a.source)
+    else:
+        forced = ['defense.verify="duplicate"', 'defense.tolerance="measure"', "defense.rtol=0",
+                  "defense.atol=0", 'defense.calibration=""', 'attack.forward="none"',
+                  'attack.backward="none"', 'attack.adaptive="none"']
+        argv = ["train", *(["--config", a.config] if a.config else []), *a.overrides, *forced]
+        code = cmd_train(_parser().parse_args(argv), argv)
+        if code:
+            return code
+        summary_path = Path(_config(a.config, [*a.overrides, *forced]).train.out_dir,
+                            "summary.json")
+    try:
+        summary = json.loads(summary_path.read_text())
+        defense, stages = summary["defense"], summary["config"]["pipeline"]["stages"]
+        measured = summary["config"]["defense"]["tolerance"] == "measure"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PhalanxError(f"{summary_path}: not the summary of a run with the duplicated "
+                           f"block ({type(exc).__name__}: {exc})") from None
+    if not measured:
+        raise PhalanxError(f"{summary_path}: the run compared with defense.tolerance other "
+                           "than measure, so its disagreeing messages were not measured")
+    doc = calibration(defense.get("deviation", {}), stages, a.margin,
+                      {"summary": str(summary_path), "comparisons": defense.get("comparisons"),
+                       "steps": summary.get("steps"), "model": summary.get("model")})
+    Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps({"comparisons": defense.get("comparisons"), "rtol": doc["rtol"]}))
+    print(f"calibration: {a.out} (use defense.tolerance=\"calibrated\" "
+          f"defense.calibration=\"{a.out}\")", file=sys.stderr)
     return 0
 
 
@@ -413,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.command == "train":
             return cmd_train(a, argv)
-        handlers = {"demo": cmd_demo, "experiment": cmd_experiment, "launch": cmd_launch,
+        handlers = {"demo": cmd_demo, "calibrate": cmd_calibrate, "experiment": cmd_experiment,
+                    "launch": cmd_launch,
                     "keys": cmd_keys,
                     "check": cmd_check,
                     "bench": cmd_bench, "report": cmd_report, "worker": cmd_worker}

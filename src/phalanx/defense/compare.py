@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-from phalanx.defense.config import DefenseConfig
-
-
-def agrees(recomputed: torch.Tensor, claimed: torch.Tensor, rtol: float, atol: float) -> bool:
-    """Whether a claimed message matches its recomputation: ``rtol = atol = 0`` is the
-    bitwise check; otherwise ``max|a - b| <= atol + rtol * max|b|``. NaN/Inf never agrees,
-    nor do tensors of another shape or dtype."""
-    if (claimed.shape != recomputed.shape or claimed.dtype != recomputed.dtype
-            or not bool(torch.isfinite(claimed).all())):
-        return False
-    if rtol == 0 and atol == 0:
-        return torch.equal(recomputed, claimed)
-    diff = float((recomputed - claimed).abs().max()) if claimed.numel() else 0.0
-    return diff <= atol + rtol * float(recomputed.abs().max())
+from phalanx.defense.tolerance import CHECKS, Tolerances, comparable, deviation
 
 
 @dataclass
@@ -35,23 +23,48 @@ class Alert:
 @dataclass
 class Checks:
     """One stage's verification tally: the alerts of the current attempt, the number of
-    comparisons made and the largest relative difference among those that agreed."""
+    comparisons made and, by (check, suspect), the largest deviation (in RMS units,
+    :func:`~phalanx.defense.tolerance.deviation`) among those that agreed."""
 
+    tolerances: Tolerances = field(default_factory=Tolerances)
     alerts: list[Alert] = field(default_factory=list)
     checked: int = 0
-    max_deviation: float = 0.0
+    deviations: dict[tuple[str, int], float] = field(default_factory=dict)
     blind: bool = False  # a micro-batch of this attempt had no true input to check with
 
-    def compare(self, recomputed: torch.Tensor, claimed: torch.Tensor, cfg: DefenseConfig
-                ) -> bool:
-        """Count one check; whether ``claimed`` agrees with its recomputation."""
+    def compare(self, recomputed: torch.Tensor, claimed: torch.Tensor, check: str,
+                suspect: int) -> bool:
+        """Count one ``check`` of ``suspect``'s message; whether ``claimed`` agrees with its
+        recomputation."""
         self.checked += 1
-        ok = agrees(recomputed, claimed, cfg.rtol, cfg.atol)
-        if ok and claimed.numel():
-            scale = float(recomputed.abs().max()) or 1.0
-            dev = float((recomputed - claimed).abs().max()) / scale
-            self.max_deviation = max(self.max_deviation, dev)
+        ok = self.tolerances.of(check, suspect).agrees(recomputed, claimed)
+        if ok and comparable(recomputed, claimed):
+            self.record(check, suspect, deviation(recomputed, claimed))
         return ok
+
+    def compare_scalars(self, recomputed: float, claimed: float, check: str, suspect: int
+                        ) -> bool:
+        """The same for two numbers (a stage's squared norm and its replica's)."""
+        ok = self.tolerances.of(check, suspect).scalars_agree(recomputed, claimed)
+        if ok and math.isfinite(recomputed):
+            self.record(check, suspect, abs(recomputed - claimed) / (abs(recomputed) or 1.0))
+        return ok
+
+    def record(self, check: str, suspect: int, dev: float) -> None:
+        key = (check, suspect)
+        self.deviations[key] = max(self.deviations.get(key, 0.0), dev)
+
+    @property
+    def max_deviation(self) -> float:
+        return max(self.deviations.values(), default=0.0)
+
+    def deviation_rows(self, n: int) -> torch.Tensor:
+        """The largest agreeing deviation by check (rows, :data:`CHECKS`) and suspect."""
+        out = torch.zeros(len(CHECKS), n, dtype=torch.float64)
+        for (check, s), dev in self.deviations.items():
+            if 0 <= s < n:
+                out[CHECKS.index(check), s] = dev
+        return out
 
     def alert(self, key: tuple[int, int], verifier: int, suspect: int) -> None:
         self.alerts.append(Alert(step=key[0], micro=key[1], verifier=verifier, suspect=suspect))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from phalanx.defense.tolerance import CHECKS, MODES, Tolerance, Tolerances, load_calibration
 from phalanx.errors import ConfigError
 
 VERIFY = ("none", "duplicate")
@@ -18,10 +20,22 @@ class DefenseConfig:
     recovery: str = "skip"  # what to do with an attempt that named culprits: redo it with them
     # bypassed (skip layer) | redo it with their replicas' messages (repair) | redo it as it was
     # (restart) | keep it (none: alert only)
-    rtol: float = 0.0  # tolerance of the comparison; rtol = atol = 0 (the default) compares
-    atol: float = 0.0  # bitwise, which holds where every stage runs the same hardware/software
+    tolerance: str = "bitwise"  # bitwise | rms | calibrated | measure (phalanx.defense.tolerance)
+    rtol: float = 0.0  # tolerance=rms: max|a - b| <= atol + rtol * rms(a)
+    atol: float = 0.0
+    calibration: str = ""  # tolerance=calibrated: the file phalanx calibrate wrote
     max_retries: int = 3  # redone attempts before an iteration (or evaluation) is dropped
     quarantine_after: int = 0  # quarantine a stage blamed this often in 2x as many steps; 0 never
+
+    def tolerances(self, num_stages: int) -> Tolerances:
+        """The tolerance of every check of every stage (see :mod:`phalanx.defense.tolerance`)."""
+        if self.tolerance == "measure":
+            return Tolerances(Tolerance(measure=True))
+        if self.tolerance == "calibrated":
+            table = load_calibration(self.calibration, num_stages)
+            return Tolerances(table={c: tuple(Tolerance(rtol=r) for r in table[c])
+                                     for c in CHECKS})
+        return Tolerances(Tolerance(self.rtol, self.atol))
 
     def validate(self, num_stages: int) -> None:
         if self.verify not in VERIFY:
@@ -29,8 +43,22 @@ class DefenseConfig:
         if self.recovery not in RECOVERY:
             raise ConfigError(f"defense.recovery={self.recovery!r} is unknown; use "
                               f"{', '.join(RECOVERY)}")
-        if self.rtol < 0 or self.atol < 0:
-            raise ConfigError("defense.rtol and defense.atol must be >= 0")
+        if self.tolerance not in MODES:
+            raise ConfigError(f"defense.tolerance={self.tolerance!r} is unknown; use "
+                              f"{', '.join(MODES)}")
+        if not (self.rtol >= 0 and self.atol >= 0) or math.inf in (self.rtol, self.atol):
+            raise ConfigError("defense.rtol and defense.atol must be finite and >= 0")
+        if (self.rtol or self.atol) and self.tolerance != "rms":
+            raise ConfigError(f"defense.rtol and defense.atol apply to defense.tolerance=rms "
+                              f"(it is {self.tolerance!r})")
+        if self.tolerance == "calibrated" and not self.calibration:
+            raise ConfigError("defense.tolerance=calibrated needs defense.calibration=<file>: "
+                              "write one from honest runs with phalanx calibrate")
+        if self.calibration and self.tolerance != "calibrated":
+            raise ConfigError("defense.calibration is read with defense.tolerance=calibrated "
+                              f"(it is {self.tolerance!r})")
+        if self.calibration:
+            load_calibration(self.calibration, num_stages)
         if self.max_retries < 0 or self.quarantine_after < 0:
             raise ConfigError("defense.max_retries and defense.quarantine_after must be >= 0")
         if self.verify == "none" and (self.recovery == "restart" or self.quarantine_after):

@@ -35,6 +35,7 @@ from collections import deque
 
 import torch
 
+from phalanx.defense.compare import Checks
 from phalanx.defense.config import DefenseConfig
 from phalanx.defense.plan import Decision, Plan
 from phalanx.defense.recovery import Repair, Skip, strategy
@@ -72,18 +73,13 @@ def designated(r: int, x: int, plan: Plan, n: int) -> bool:
     return r == x + 2 or (r == x + 3 and x + 1 in plan.bypassed)  # x's jumped output
 
 
-def norms_agree(a: float, b: float, cfg: DefenseConfig) -> bool:
-    if cfg.rtol == 0 and cfg.atol == 0:
-        return a == b
-    return abs(a - b) <= cfg.atol + cfg.rtol * abs(b)
-
-
 class Coordinator:
     """Blame, reputation and recovery decisions for a pipeline of ``num_stages`` stages."""
 
     def __init__(self, cfg: DefenseConfig, num_stages: int, ema: float = 0.9) -> None:
         self.cfg, self.n, self.ema = cfg, num_stages, ema
         self.recovery = strategy(cfg.recovery)
+        self.checks = Checks(cfg.tolerances(num_stages))  # the norm cross-checks' tally
         self.reputation = [1.0] * num_stages  # EMA of "not blamed" per attempt
         self.blame_count = [0] * num_stages
         self.alerts_seen = 0
@@ -118,9 +114,13 @@ class Coordinator:
             theirs = float(replica_norm[v])
             if theirs < 0 or math.isinf(theirs):
                 named |= {v} & middle  # it holds the replica: its norm is a number
-            elif not math.isnan(theirs) and not norms_agree(seen.norms[s], theirs, self.cfg):
+            elif not math.isnan(theirs) and not self.norms_agree(seen, s, theirs):
                 named.add(s)  # (NaN: the replica had nothing to learn from; it vouches for none)
         return frozenset(named)
+
+    def norms_agree(self, seen: Oversight, s: int, theirs: float) -> bool:
+        """Whether stage s's squared norm agrees with its replica's."""
+        return self.checks.compare_scalars(theirs, seen.norms[s], "norm", s)
 
     def decide(self, seen: Oversight) -> Verdict:
         plan = self.plan
@@ -153,7 +153,7 @@ class Coordinator:
         # two differ, it keeps its weights rather than let either set the clipping
         for s in plan.repaired:
             theirs = self._replica(seen, plan, s)
-            if theirs is None or not norms_agree(seen.norms[s], theirs, self.cfg):
+            if theirs is None or not self.norms_agree(seen, s, theirs):
                 unvouched |= {s}
         frozen, replicas = self.frozen_for(plan, unvouched)
         decision = Decision(plan=self.plan, blamed=culprits,

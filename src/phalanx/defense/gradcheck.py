@@ -136,7 +136,7 @@ class GradCheck(ChannelWrapper):
         if not self._fits(evidence, key):
             self._alert(key, suspect + 1, plan)
             return True  # unchecked, not refuted
-        if not self.checks.compare(evidence, claimed, self.cfg):
+        if not self.checks.compare(evidence, claimed, "backward", suspect):
             self._alert(key, suspect, plan)
             return False
         return True

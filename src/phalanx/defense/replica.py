@@ -25,6 +25,22 @@ def shadow_of(stage: StageModule) -> StageModule:
             stage.add_module(NAME, own)
 
 
+class OtherRounding(nn.Module):
+    """A replica that computes in float64 and rounds back to its input's dtype: what a verifier
+    on other hardware (other kernels, other summation order) sees, for calibrating and testing
+    tolerances on one machine. Its parameters are the wrapped replica's, so it trains in
+    lockstep as that replica would."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = {k: v.double() if v.is_floating_point() else v
+                 for k, v in [*self.inner.named_parameters(), *self.inner.named_buffers()]}
+        return torch.func.functional_call(self.inner, state, (x.double(),)).to(x.dtype)
+
+
 def checked(num_stages: int) -> range:
     """The stages a duplicated block verifies: the middle ones (the ends are trusted)."""
     return range(1, num_stages - 1)

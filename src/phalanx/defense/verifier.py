@@ -133,7 +133,7 @@ class Verifier:
             self.replaced.discard(key)
             self._on(t, to, key)
             return (repair(claimed, shadow_out) if train else shadow_out.detach(),)
-        if not self.checks.compare(shadow_out.detach(), claimed.detach(), self.cfg):
+        if not self.checks.compare(shadow_out.detach(), claimed.detach(), "forward", self.s):
             self.checks.alert(key, self.v, self.s)
         if not train:
             return args

@@ -25,6 +25,7 @@ from phalanx.defense.gradcheck import GradCheck
 from phalanx.defense.links import Inbox, Outbound
 from phalanx.defense.plan import Decision, Plan
 from phalanx.defense.replica import checked, shadow_params, squared_norm
+from phalanx.defense.tolerance import CHECKS
 from phalanx.defense.verifier import Guard, Verifier
 from phalanx.errors import PhalanxError
 from phalanx.models.stages import StageModule
@@ -55,6 +56,7 @@ class Duplicate:
 
     def __init__(self, cfg: DefenseConfig, num_stages: int, timeout: float | None) -> None:
         self.cfg, self.n, self.timeout = cfg, num_stages, timeout
+        self.tolerances = cfg.tolerances(num_stages)
         self.checks: dict[int, Checks] = {}
         self.verifiers: dict[int, Verifier] = {}
         self.plan = Plan()  # the routes of the current attempt, from the last verdict
@@ -62,6 +64,9 @@ class Duplicate:
         self.workers: dict[int, StageWorker] = {}  # the stages of this process, once attached
         self.inboxes: dict[int, list[Inbox]] = {}  # each stage's side inboxes
         self.coordinator = Coordinator(cfg, num_stages)
+
+    def _checks(self, stage: int) -> Checks:
+        return self.checks.setdefault(stage, Checks(self.tolerances))
 
     def tag(self, stage: int) -> int:
         """The attempt stage ``stage`` is at, as frames' ``flags`` carry it: the worker's."""
@@ -79,7 +84,7 @@ class Duplicate:
 
     def wrap(self, stage: StageModule, channels: dict[int, Channel]) -> dict[int, Channel]:
         s, out, mid, n = stage.index, dict(channels), checked(self.n), self.n
-        checks = self.checks.setdefault(s, Checks())
+        checks = self._checks(s)
         tag = lambda: self.tag(s)  # noqa: E731
         plan = lambda: self.plan  # noqa: E731
         gradcheck = None
@@ -113,7 +118,7 @@ class Duplicate:
     def attach(self, worker: StageWorker) -> None:
         """Fill the worker's seams: its report, its frozen parameters, the verdict's plan;
         stage 0 runs the coordinator."""
-        me, checks = worker.me, self.checks.setdefault(worker.me, Checks())
+        me, checks = worker.me, self._checks(worker.me)
         shadow = shadow_params(worker.stage)
         held = {id(p) for p in shadow}
         own = [p for p in worker.stage.parameters() if id(p) not in held]
@@ -175,14 +180,21 @@ class Duplicate:
         return self.decision.quarantined
 
     def tally(self, stage: int) -> torch.Tensor:
-        """[comparisons made, largest relative difference among those that agreed]."""
+        """[comparisons made, then the largest agreeing deviation by check and suspect] (the
+        coordinator's norm checks are stage 0's)."""
         c = self.checks.get(stage, Checks())
-        return torch.tensor([c.checked, c.max_deviation], dtype=torch.float64)
+        rows = c.deviation_rows(self.n)
+        if stage == 0:
+            rows = torch.maximum(rows, self.coordinator.checks.deviation_rows(self.n))
+        return torch.cat([torch.tensor([c.checked], dtype=torch.float64), rows.reshape(-1)])
 
     def totals(self, tallies: list[torch.Tensor]) -> dict:
         t = torch.stack(tallies)
-        return {"comparisons": int(t[:, 0].sum()), "max_agreeing_deviation": float(t[:, 1].max()),
-                "rtol": self.cfg.rtol, "atol": self.cfg.atol}
+        rows = t[:, 1:].reshape(len(tallies), len(CHECKS), self.n).amax(dim=0)
+        return {"comparisons": int(t[:, 0].sum()), "max_agreeing_deviation": float(rows.max()),
+                "deviation": {c: rows[i].tolist() for i, c in enumerate(CHECKS)},
+                "tolerance": self.cfg.tolerance, "rtol": self.cfg.rtol, "atol": self.cfg.atol,
+                "calibration": self.cfg.calibration}
 
     def alerts(self, res: IterationResult) -> torch.Tensor:
         """``[verifier, suspect]`` alert counts of an attempt (stage 0's view); a row that is
