@@ -9,6 +9,7 @@ from phalanx.defense.tolerance import CHECKS, MODES, Tolerance, Tolerances, load
 from phalanx.errors import ConfigError
 
 VERIFY = ("none", "duplicate")
+SECOND = ("none", "replica")
 RECOVERY = ("skip", "repair", "restart", "none")  # the strategies of phalanx.defense.recovery
 
 
@@ -24,6 +25,8 @@ class DefenseConfig:
     rtol: float = 0.0  # tolerance=rms: max|a - b| <= atol + rtol * rms(a)
     atol: float = 0.0
     calibration: str = ""  # tolerance=calibrated: the file phalanx calibrate wrote
+    second: str = "none"  # replica: stage s + 2 holds a second replica of s, which catches a
+    # colluding adjacent pair (phalanx.defense.second)
     max_retries: int = 3  # redone attempts before an iteration (or evaluation) is dropped
     quarantine_after: int = 0  # quarantine a stage blamed this often in 2x as many steps; 0 never
 
@@ -66,6 +69,16 @@ class DefenseConfig:
                 "defense.recovery=restart and defense.quarantine_after need alerts to act on: "
                 "set defense.verify=duplicate"
             )
+        if self.second not in SECOND:
+            raise ConfigError(f"defense.second={self.second!r} is unknown; use none or replica")
+        if self.second == "replica" and self.verify != "duplicate":
+            raise ConfigError("defense.second=replica is a second replica of the duplicated "
+                              "block: set defense.verify=duplicate")
+        if self.second == "replica" and num_stages < 4:
+            raise ConfigError(
+                f"defense.second=replica needs at least 4 stages (pipeline.stages={num_stages}): "
+                "with fewer, every middle stage's verifier is the trusted last stage, and no "
+                "stage two further on can hold a second replica")
         if self.verify == "duplicate" and num_stages < 3:
             raise ConfigError(
                 f"defense.verify=duplicate needs at least 3 stages (pipeline.stages={num_stages}): "

@@ -35,6 +35,7 @@ from collections import deque
 
 import torch
 
+from phalanx.defense import second as second_replicas
 from phalanx.defense.compare import Checks
 from phalanx.defense.config import DefenseConfig
 from phalanx.defense.plan import Decision, Plan
@@ -55,10 +56,11 @@ def report_size(n: int) -> int:
     return n + 1
 
 
-def designated(r: int, x: int, plan: Plan, n: int) -> bool:
+def designated(r: int, x: int, plan: Plan, n: int, second: bool = False) -> bool:
     """Whether stage r's role in ``plan`` is to check stage x. A stage out of the data path
     for this iteration only keeps its role as the holder of its predecessor's replica: the
-    forward check, and the evidence for the backward one (nobody else checks that stage)."""
+    forward check, and the evidence for the backward one (nobody else checks that stage).
+    With second replicas, the stages x's output is jumped to for them check its copy."""
     if not 0 < x < n - 1 or x in plan.out:
         return False
     if r in plan.out:
@@ -69,6 +71,8 @@ def designated(r: int, x: int, plan: Plan, n: int) -> bool:
         return True  # the backward check, with x + 1's evidence
     c = x - 1  # x as the replica holder of c, whose evidence goes to the stage c computes on
     if 0 < c and c not in plan.out and r == plan.pred(c):
+        return True
+    if second and r in second_replicas.jump_targets(x, plan, n):
         return True
     return r == x + 2 or (r == x + 3 and x + 1 in plan.bypassed)  # x's jumped output
 
@@ -103,7 +107,7 @@ class Coordinator:
                 continue
             self.alerts_seen += int(row.sum())
             for x in torch.nonzero(row > 0).reshape(-1).tolist():
-                if designated(r, x, plan, n):
+                if designated(r, x, plan, n, self.cfg.second == "replica"):
                     named.add(x)
                 elif r not in plan.out:
                     named |= {r} & middle

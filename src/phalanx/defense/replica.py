@@ -12,17 +12,18 @@ from torch import nn
 from phalanx.models.stages import StageModule
 
 NAME = "shadow"
+SECOND = "second"  # stage s + 2's second replica of stage s (phalanx.defense.second)
 
 
 def shadow_of(stage: StageModule) -> StageModule:
-    """An independent copy of ``stage`` (weights, buffers), to be a verifier's shadow; a shadow
-    the stage holds itself is not copied."""
-    own = stage._modules.pop(NAME, None)
+    """An independent copy of ``stage`` (weights, buffers), to be a verifier's replica; the
+    replicas the stage holds itself are not copied."""
+    own = {k: stage._modules.pop(k) for k in (NAME, SECOND) if k in stage._modules}
     try:
         return copy.deepcopy(stage)
     finally:
-        if own is not None:
-            stage.add_module(NAME, own)
+        for k, m in own.items():
+            stage.add_module(k, m)
 
 
 class OtherRounding(nn.Module):
@@ -46,15 +47,28 @@ def checked(num_stages: int) -> range:
     return range(1, num_stages - 1)
 
 
-def add_shadow(verifier: StageModule, original: StageModule) -> None:
-    """Give stage ``original.index + 1`` its shadow of ``original`` (before its optimizer is
-    built, so the optimizer steps the shadow too)."""
-    verifier.add_module(NAME, shadow_of(original))
+def second_checked(num_stages: int) -> range:
+    """The stages a second replica verifies: those whose first verifier is a middle stage."""
+    return range(1, num_stages - 2)
 
 
-def shadow_params(stage: nn.Module) -> list[nn.Parameter]:
-    """The parameters of the shadow ``stage`` holds (none if it holds none)."""
-    shadow = stage._modules.get(NAME)
+def replicated(rank: int, num_stages: int, second: bool) -> dict[str, int]:
+    """The replicas stage ``rank`` holds: name -> the stage it copies."""
+    out = {NAME: rank - 1} if rank - 1 in checked(num_stages) else {}
+    if second and rank - 2 in second_checked(num_stages):
+        out[SECOND] = rank - 2
+    return out
+
+
+def add_replica(holder: StageModule, name: str, original: StageModule) -> None:
+    """Give ``holder`` its replica ``name`` of ``original`` (before its optimizer is built, so
+    the optimizer steps the replica too)."""
+    holder.add_module(name, shadow_of(original))
+
+
+def shadow_params(stage: nn.Module, name: str = NAME) -> list[nn.Parameter]:
+    """The parameters of the replica ``name`` that ``stage`` holds (none if it holds none)."""
+    shadow = stage._modules.get(name)
     return list(shadow.parameters()) if shadow is not None else []
 
 

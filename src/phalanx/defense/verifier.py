@@ -41,6 +41,7 @@ from phalanx.defense.config import DefenseConfig
 from phalanx.defense.graph import repair, route, tie
 from phalanx.defense.links import Inbox, Key
 from phalanx.defense.plan import Plan
+from phalanx.defense.second import SecondReplica
 from phalanx.models.stages import StageModule
 from phalanx.wire import Frame, Kind
 
@@ -70,6 +71,7 @@ class Verifier:
         self.rows: Callable[[int], tuple[int, ...] | None] = lambda m: None  # labels' shape
         self._pending: dict[Key, torch.Tensor] = {}  # shadow outputs waiting for a gradient
         self.replaced: set[Key] = set()  # malformed claims the guard replaced
+        self.second: SecondReplica | None = None  # the second replica of s - 1, if held
         stage.register_forward_pre_hook(self.before)
 
     def source(self, plan: Plan) -> tuple[int, Inbox]:
@@ -108,12 +110,12 @@ class Verifier:
             self._on(t, to, key)
             if self.s - 1 > 0:
                 self._on(t, self.s, key)
-            return (route(claimed, t),)
+            return (route(claimed, self._vouched(key, t, plan, train)),)
         if self.s in plan.repaired:
             x = torch.zeros_like(claimed) if x is None or x.shape != claimed.shape else x
             t = x.detach().requires_grad_(train)
             with torch.set_grad_enabled(train):
-                y = module.shadow(t)
+                y = module.shadow(self._vouched(key, t, plan, train))
             self._on(t, to, key)
             if self.ahead is not None:
                 self.ahead.send(Frame(kind=Kind.JUMP, step=key[0], micro=key[1], src=self.v,
@@ -128,7 +130,7 @@ class Verifier:
             return args
         t = x.detach().requires_grad_(train)
         with torch.set_grad_enabled(train):
-            shadow_out = module.shadow(t)
+            shadow_out = module.shadow(self._vouched(key, t, plan, train))
         if key in self.replaced:  # go on with what s should have sent (the guard alerted)
             self.replaced.discard(key)
             self._on(t, to, key)
@@ -144,6 +146,11 @@ class Verifier:
             self._pending[key] = shadow_out
             return args
         return (tie(claimed, shadow_out),)
+
+    def _vouched(self, key: Key, t: torch.Tensor, plan: Plan, train: bool) -> torch.Tensor:
+        """Stage s's true input ``t``, checked by the second replica of s - 1 where this stage
+        holds one (and tied to it, so that it learns)."""
+        return t if self.second is None else self.second.vouch(key, t, plan, train)
 
     def learn(self, key: Key, grad: torch.Tensor) -> None:
         """While this stage is bypassed: the gradient stage v + 1 sent for the output of stage

@@ -18,15 +18,16 @@ from __future__ import annotations
 import torch
 
 from phalanx.comm.channel import Channel
+from phalanx.defense import second
 from phalanx.defense.compare import Checks
 from phalanx.defense.config import DefenseConfig
 from phalanx.defense.coordinator import Coordinator, counts, report_size
 from phalanx.defense.gradcheck import GradCheck
 from phalanx.defense.links import Inbox, Outbound
 from phalanx.defense.plan import Decision, Plan
-from phalanx.defense.replica import checked, shadow_params, squared_norm
+from phalanx.defense.replica import SECOND, checked, replicated, shadow_params, squared_norm
 from phalanx.defense.tolerance import CHECKS
-from phalanx.defense.verifier import Guard, Verifier
+from phalanx.defense.verifier import Guard, Verifier, well_formed
 from phalanx.errors import PhalanxError
 from phalanx.models.stages import StageModule
 from phalanx.pipeline.stats import IterationResult
@@ -57,6 +58,7 @@ class Duplicate:
     def __init__(self, cfg: DefenseConfig, num_stages: int, timeout: float | None) -> None:
         self.cfg, self.n, self.timeout = cfg, num_stages, timeout
         self.tolerances = cfg.tolerances(num_stages)
+        self.second = cfg.second == "replica"
         self.checks: dict[int, Checks] = {}
         self.verifiers: dict[int, Verifier] = {}
         self.plan = Plan()  # the routes of the current attempt, from the last verdict
@@ -80,7 +82,14 @@ class Duplicate:
         targets = [s + 2] if s + 1 in mid else []
         if s + 1 in self.plan.bypassed and s + 2 in mid:
             targets.append(s + 3)
+        if self.second:  # also to the second replicas of the stages that compute on it
+            targets += [t for t in second.jump_targets(s, self.plan, self.n)
+                        if t not in targets]
         return targets
+
+    def replicated(self, stage: int) -> dict[str, int]:
+        """The replicas stage ``stage`` holds: name -> the stage it copies."""
+        return replicated(stage, self.n, self.second)
 
     def wrap(self, stage: StageModule, channels: dict[int, Channel]) -> dict[int, Channel]:
         s, out, mid, n = stage.index, dict(channels), checked(self.n), self.n
@@ -89,7 +98,7 @@ class Duplicate:
         plan = lambda: self.plan  # noqa: E731
         gradcheck = None
         if s + 1 < n:  # forward out, gradients in
-            jumps = {t: channels[t] for t in (s + 2, s + 3) if t < n}
+            jumps = {t: channels[t] for t in (s + 2, s + 3, s + 4) if t < n}
             out[s + 1] = Outbound(channels[s + 1], jumps, lambda: self.jump_targets(s), tag)
             if s + 1 in mid or s - 1 in mid:
                 side = {k: Inbox(channels[k], Kind.JUMP_GRAD, tag) for k in (s + 2, s + 3)
@@ -110,6 +119,13 @@ class Duplicate:
                                 checks, plan, tag, hidden_size(stage), self.timeout)
             self.verifiers[s] = verifier
             out[s - 1] = Guard(repairs, verifier)
+            if self.second and second.checks_at(s, n):  # inputs of s - 2, from s - 3 or s - 4
+                ins = {k: jumps_in.get(k) or Inbox(out[k], Kind.JUMP, tag)
+                       for k in (s - 3, s - 4) if k >= 0}
+                out.update(ins)
+                dtype, hidden = verifier.dtype, verifier.hidden
+                verifier.second = second.SecondReplica(
+                    stage, ins, checks, lambda t: well_formed(t, hidden, dtype), self.timeout)
             if gradcheck is not None:
                 gradcheck.feed = verifier.learn
         self.inboxes[s] = _inboxes(out)
@@ -120,7 +136,8 @@ class Duplicate:
         stage 0 runs the coordinator."""
         me, checks = worker.me, self._checks(worker.me)
         shadow = shadow_params(worker.stage)
-        held = {id(p) for p in shadow}
+        second_replica = shadow_params(worker.stage, SECOND)
+        held = {id(p) for p in shadow + second_replica}
         own = [p for p in worker.stage.parameters() if id(p) not in held]
 
         def report() -> torch.Tensor:
@@ -131,7 +148,8 @@ class Duplicate:
 
         def frozen(verdict: Verdict) -> list[torch.nn.Parameter]:
             replicas = Decision.decode(verdict.payload, self.n).replicas
-            return (own if me in verdict.frozen else []) + (shadow if me in replicas else [])
+            return ((own if me in verdict.frozen else []) + (shadow if me in replicas else [])
+                    + (second_replica if me - 2 in verdict.frozen else []))
 
         self.workers[me] = worker
         worker.report, worker.report_size = report, report_size(self.n)

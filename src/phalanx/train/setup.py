@@ -9,7 +9,7 @@ import torch
 
 from phalanx.comm import Channel
 from phalanx.comm.faults import Fault, with_faults
-from phalanx.defense.replica import add_shadow, checked
+from phalanx.defense.replica import add_replica
 from phalanx.defense.wiring import Duplicate
 from phalanx.models import (
     LoadedModel,
@@ -82,10 +82,10 @@ def _one_stage(cfg: Config, load: Loader, rank: int, defense: Duplicate | None
     loaded = load(cfg.model)
     torch.manual_seed(cfg.train.seed)  # after loading: a cached model draws no numbers
     (stage,) = partition(loaded.model, loaded.family, p.stages, p.boundaries or None, only=rank)
-    if defense is not None and rank - 1 in checked(p.stages):
+    for name, i in (defense.replicated(rank) if defense is not None else {}).items():
         (original,) = partition(loaded.model, loaded.family, p.stages, p.boundaries or None,
-                                only=rank - 1)
-        add_shadow(stage, original)
+                                only=i)
+        add_replica(stage, name, original)
     return loaded, stage, ties_embeddings(loaded.model, loaded.family) and p.stages > 1
 
 
@@ -139,9 +139,10 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
         loaded = load(cfg.model)
         torch.manual_seed(cfg.train.seed)
         stages = partition(loaded.model, loaded.family, p.stages, p.boundaries or None)
-        if defense is not None:
-            for i in reversed(checked(p.stages)):
-                add_shadow(stages[i + 1], stages[i])
+        if defense is not None:  # (a replica copies its original without the original's own)
+            for stage in stages:
+                for name, i in defense.replicated(stage.index).items():
+                    add_replica(stage, name, stages[i])
         runtime = LocalRuntime(stages, p, cfg.optim, total_steps, wrap, attacher(defense),
                                limits=limits_of(cfg, loaded))
     return Pipeline(runtime=runtime, loaded=loaded, attack=attack, defense=defense)
