@@ -5,14 +5,17 @@ distributed runtime: one process per stage, gloo), under the same attack (none b
 
 * ``none``      -- no verification;
 * ``skip``      -- duplicated block + jumping connection, skip-layer recovery;
-* ``restart``   -- duplicated block + jumping connection, the iteration is redone on an alert.
+* ``restart``   -- duplicated block + jumping connection, the iteration is redone on an alert;
+* ``second``    -- skip, plus a second replica of each stage two stages on
+  (``defense.second=replica``: catches a colluding adjacent pair).
 
 Repetitions alternate the settings (none, skip, restart, none, ...), each a fresh run. Tokens/s
 of a run is the tokens of its steps after ``--warmup`` over their summed step time (from
 ``metrics.jsonl``; evaluation and start-up are not counted); peak memory is the largest peak RSS
-of its processes (``summary.json``). The JSON line on stdout has the median of each setting, the
-ratios to ``none`` (``tokens_per_s_ratio``: < 1 is slower; ``peak_rss_ratio``: > 1 is more
-memory), the per-repetition figures and the settings. Progress goes to stderr.
+of its processes and the sum of its processes' peaks (``summary.json``). The JSON line on
+stdout has the median of each setting, the ratios to ``none`` (``tokens_per_s_ratio``: < 1 is
+slower; ``peak_rss_ratio``, ``total_rss_ratio``: > 1 is more memory), the per-repetition
+figures and the settings. Progress goes to stderr.
 
 Usage::
 
@@ -36,6 +39,8 @@ SETTINGS = {
     "none": [],
     "skip": ['defense.verify="duplicate"', 'defense.recovery="skip"'],
     "restart": ['defense.verify="duplicate"', 'defense.recovery="restart"'],
+    "second": ['defense.verify="duplicate"', 'defense.recovery="skip"',
+               'defense.second="replica"'],
 }
 
 
@@ -58,8 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--attack", default="none",
                     help='attack during the runs: none, or e.g. forward=sign_flip')
     ap.add_argument("--attack-rate", type=float, default=0.3)
+    ap.add_argument("--settings", default=",".join(SETTINGS),
+                    help="comma-separated subset of " + ",".join(SETTINGS) + " (with none)")
     ap.add_argument("--out", help="also write the JSON result to this file")
     a = ap.parse_args(argv)
+    a.settings = [s.strip() for s in a.settings.split(",")]
+    if not set(a.settings) <= set(SETTINGS) or "none" not in a.settings:
+        ap.error(f"--settings: choose among {','.join(SETTINGS)}, including none")
+    if "second" in a.settings and a.stages < 4:
+        ap.error("the second replica needs at least 4 stages")
     if a.steps <= a.warmup:
         ap.error("--steps must exceed --warmup")
     if a.stages < 3:
@@ -90,12 +102,13 @@ def run_one(a: argparse.Namespace, setting: str, out: Path) -> dict[str, float]:
     summary = json.loads((out / "summary.json").read_text())
     return {"tokens_per_s": tokens / sum(r["step_s"] for r in timed),
             "peak_rss_mb": float(summary["peak_rss_mb"]),
+            "total_rss_mb": float(sum(summary["peak_rss_mb_per_process"])),
             "redone": sum(len(r.get("redone", [])) for r in recs)}
 
 
 def summarise(a: argparse.Namespace, runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
-    med = {s: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "peak_rss_mb")}
-           for s, rs in runs.items()}
+    keys = ("tokens_per_s", "peak_rss_mb", "total_rss_mb")
+    med = {s: {k: statistics.median(r[k] for r in rs) for k in keys} for s, rs in runs.items()}
     base = med["none"]
     return {
         "benchmark": "defense",
@@ -104,6 +117,8 @@ def summarise(a: argparse.Namespace, runs: dict[str, list[dict[str, float]]]) ->
                                if s != "none"},
         "peak_rss_ratio": {s: m["peak_rss_mb"] / base["peak_rss_mb"] for s, m in med.items()
                            if s != "none"},
+        "total_rss_ratio": {s: m["total_rss_mb"] / base["total_rss_mb"] for s, m in med.items()
+                            if s != "none"},
         "runs": runs,
         "settings": {k: v for k, v in vars(a).items() if k != "out"},
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
@@ -112,10 +127,10 @@ def summarise(a: argparse.Namespace, runs: dict[str, list[dict[str, float]]]) ->
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    runs: dict[str, list[dict[str, float]]] = {s: [] for s in SETTINGS}
+    runs: dict[str, list[dict[str, float]]] = {s: [] for s in a.settings}
     with tempfile.TemporaryDirectory(prefix="phalanx-bench-defense-") as tmp:
         for rep in range(a.reps):
-            for setting in SETTINGS:
+            for setting in a.settings:
                 r = run_one(a, setting, Path(tmp) / f"{setting}-{rep}")
                 runs[setting].append(r)
                 log(f"rep {rep + 1}/{a.reps} {setting}: {r['tokens_per_s']:.1f} tok/s, "

@@ -177,7 +177,8 @@ def test_the_adaptive_experiment_writes_its_grid_and_the_covered_tactics_hold(tm
     out = tmp_path / "ad"
     assert main(["experiment", "adaptive", "--quick", "--out", str(out)]) == 0
     rows = json.loads((out / "summary.json").read_text())["runs"]
-    assert len(rows) == 18 and (out / "table.md").read_text().count("\n| ") == 19
+    assert len(rows) == 21 and (out / "table.md").read_text().count("\n| ") == 22
+    assert sum(r["second_replica"] for r in rows) == 3  # flag_forge again, with a second replica
     for r in rows:
         if not r["attributable"]:
             continue

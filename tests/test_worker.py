@@ -161,9 +161,9 @@ def test_a_norm_that_is_no_squared_norm_or_a_bad_report_is_refused_not_believed(
 def test_one_flooding_peer_cannot_take_the_room_of_the_others(stages, monkeypatch):
     """A peer's backlog is bounded on its own: its excess is refused and counted against it,
     and another peer's frame still finds room."""
-    from phalanx.pipeline import worker as worker_mod
+    from phalanx.pipeline import stash
 
-    monkeypatch.setattr(worker_mod, "PEER_FRAMES", 4)
+    monkeypatch.setattr(stash, "PEER_FRAMES", 4)
     fabric = LocalFabric(3)
     w2 = StageWorker(stages[2], fabric.channels(2), timeout=5.0)
     w2.begin(0, 8)

@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--runtime", choices=["local", "distributed"], help="runtime of every run")
     e.add_argument("--defenses", help="robustness: comma-separated subset of "
                    "none,restart,skip,repair (default: all)")
+    e.add_argument("--tactics", help="adaptive: comma-separated subset of the tactics (default: "
+                   "all)")
     e.add_argument("overrides", nargs="*", help="config overrides for every run, key=value")
 
     la = sub.add_parser("launch", help="run a phalanx command as one local process per stage")
@@ -349,6 +351,14 @@ def _adaptive(a: argparse.Namespace) -> int:
     spec = ad.AdaptiveSpec.quick() if a.quick else ad.AdaptiveSpec()
     if a.steps is not None:
         spec.steps = max(1, a.steps)
+    if a.tactics:
+        chosen = tuple(t.strip() for t in a.tactics.split(","))
+        unknown = set(chosen) - set(ad.TACTICS)
+        if unknown:
+            raise PhalanxError(f"--tactics: unknown {', '.join(sorted(unknown))}; choose among "
+                               f"{', '.join(sorted(ad.TACTICS))}")
+        spec.tactics = chosen
+        spec.second = tuple(t for t in spec.second if t in chosen)
     spec.extra = list(a.overrides)
     out = Path(a.out)
     _preflight(_config(None, ad.settings(spec, out / "check", "drift", "skip")))

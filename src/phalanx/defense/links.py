@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from phalanx.comm.channel import Channel, ChannelTimeout
 from phalanx.comm.wrap import ChannelWrapper
-from phalanx.pipeline.worker import TAGS
+from phalanx.pipeline.stash import TAGS
 from phalanx.wire import Frame, FrameError, Kind
 
 log = logging.getLogger(__name__)

@@ -42,18 +42,19 @@ class AdaptiveSpec(ShortRuns):
     lr: float = 5e-5
     tactics: tuple[str, ...] = tuple(sorted(TACTICS))
     recoveries: tuple[str, ...] = RECOVERIES
+    second: tuple[str, ...] = ("collude",)  # tactics run again with defense.second=replica
 
     @classmethod
     def quick(cls) -> AdaptiveSpec:
         return cls(model="tiny", stages=4, steps=3, seq_len=16, batch_size=4, lr=1e-3,
                    tactics=("flag_forge", "nan_norm", "false_alert", "short", "eval_poison",
-                            "false_evidence"))
+                            "false_evidence"), second=("flag_forge",))
 
 
-def settings(spec: AdaptiveSpec, out: Path, tactic: str | None, recovery: str | None
-             ) -> list[str]:
+def settings(spec: AdaptiveSpec, out: Path, tactic: str | None, recovery: str | None,
+             second: bool = False) -> list[str]:
     """The ``phalanx train`` settings of one cell (``tactic=None``: clean; ``recovery=None``:
-    no defense)."""
+    no defense; ``second``: with the second replica)."""
     o = [f"model.name={json.dumps(spec.model)}", f"pipeline.stages={spec.stages}",
          f"pipeline.micro_batches={spec.micro_batches}", f"train.batch_size={spec.batch_size}",
          f"data.seq_len={spec.seq_len}", f"train.steps={spec.steps}",
@@ -66,20 +67,26 @@ def settings(spec: AdaptiveSpec, out: Path, tactic: str | None, recovery: str | 
               f"attack.stages={json.dumps(stages)}", f"attack.seed={spec.seed}"]
     if recovery is not None:
         o += ['defense.verify="duplicate"', f"defense.recovery={json.dumps(recovery)}"]
+    if second:
+        o.append('defense.second="replica"')
     return o + spec.extra
 
 
-def cells(spec: AdaptiveSpec) -> list[tuple[str, str | None, str | None]]:
-    """(name, tactic, recovery) of every run: the clean reference first."""
-    out = [("clean", None, None)]
-    out += [(f"{t}-{r}", t, r) for t in spec.tactics for r in spec.recoveries]
+Cells = list[tuple[str, str | None, str | None, bool]]
+
+
+def cells(spec: AdaptiveSpec) -> Cells:
+    """(name, tactic, recovery, second replica) of every run: the clean reference first."""
+    out: Cells = [("clean", None, None, False)]
+    out += [(f"{t}-{r}", t, r, False) for t in spec.tactics for r in spec.recoveries]
+    out += [(f"{t}-{r}-second", t, r, True) for t in spec.second for r in spec.recoveries]
     return out
 
 
 def run(spec: AdaptiveSpec, out: Path, fresh: bool = False) -> list[dict]:
     """Run the grid (reusing finished cells unless ``fresh``); write the results."""
-    runs = [SessionRun(name, settings(spec, out / "runs" / name, t, r),
-                       str(out / "runs" / name)) for name, t, r in cells(spec)]
+    runs = [SessionRun(name, settings(spec, out / "runs" / name, t, r, two),
+                       str(out / "runs" / name)) for name, t, r, two in cells(spec)]
     todo = [r for r in runs if fresh or not _finished(r)]
     if todo:
         plan = out / "runs" / "session.json"
@@ -88,7 +95,7 @@ def run(spec: AdaptiveSpec, out: Path, fresh: bool = False) -> list[dict]:
         run_session(plan)
     _, clean = read_run(Path(runs[0].out))
     rows = []
-    for (name, tactic, recovery), r in zip(cells(spec), runs, strict=True):
+    for (name, tactic, recovery, second), r in zip(cells(spec), runs, strict=True):
         if tactic is None:
             continue
         records, summary = read_run(Path(r.out))
@@ -96,14 +103,15 @@ def run(spec: AdaptiveSpec, out: Path, fresh: bool = False) -> list[dict]:
         if tactic == "eval_poison":  # training is not attacked: what counts is the validation
             row.update(attacked_iterations=None, detected_iterations=None, blame_correct=None)
         rows.append({
-            "tactic": tactic, "recovery": recovery, "attacked": row["attacked_iterations"],
+            "tactic": tactic, "recovery": recovery, "second_replica": second,
+            "attacked": row["attacked_iterations"],
             "detected": row["detected_iterations"], "blame_correct": row["blame_correct"],
             "honest_blamed": row["false_alerts"], "in_vain": row["attacks_in_vain"],
             "dropped": row["skipped_steps"],
             "weights_equal_clean": summary.get("weights_sha256") == clean.get("weights_sha256"),
             "ppl_ratio_to_clean": summary["val_ppl_end"] / clean["val_ppl_end"]
             if math.isfinite(summary["val_ppl_end"]) else float("inf"),
-            "attributable": tactic not in NOT_ATTRIBUTABLE,
+            "attributable": tactic not in NOT_ATTRIBUTABLE or (second and tactic == "collude"),
         })
         print(f"{name}: detected {row['detected_iterations']}/{row['attacked_iterations']}",
               file=sys.stderr, flush=True)
@@ -141,7 +149,8 @@ def write(rows: list[dict], spec: AdaptiveSpec, out: Path) -> None:
     for r in rows:
         bc = "–" if r["blame_correct"] is None else f"{100 * r['blame_correct']:.0f}%"
         name = r["tactic"] + ("" if r["attributable"] else " †")
-        lines.append(f"| {name} | {r['recovery']} | {_n(r['attacked'])} | {_n(r['detected'])} | "
+        recovery = r["recovery"] + (" + second replica" if r["second_replica"] else "")
+        lines.append(f"| {name} | {recovery} | {_n(r['attacked'])} | {_n(r['detected'])} | "
                      f"{bc} | "
                      f"{r['honest_blamed']} | {r['in_vain']} | {r['dropped']} | "
                      f"{'yes' if r['weights_equal_clean'] else 'no'} | "

@@ -1,8 +1,8 @@
 """StageWorker: executes one stage's actions over channels; the same code in both runtimes.
 
 The worker holds the stage module, its optimizer and its links. Frames that arrive before they
-are needed wait in a stash keyed by (peer, kind, micro-batch), so the order of arrivals never
-matters; a frame of another iteration is stale and dropped.
+are needed wait in its :class:`~phalanx.pipeline.stash.Stash`, so the order of arrivals never
+matters.
 """
 
 from __future__ import annotations
@@ -18,32 +18,12 @@ from phalanx.comm import Channel, ChannelTimeout
 from phalanx.models.stages import StageModule, lm_loss
 from phalanx.pipeline.optim import StageOptimizer, clip_coefficient
 from phalanx.pipeline.schedule import Action, Op
+from phalanx.pipeline.stash import TAGS, Stash, describe
 from phalanx.pipeline.stats import IterationResult, StageStats
 from phalanx.pipeline.verdict import Coordinator, Oversight, Verdict
 from phalanx.wire import Frame, FrameError, Kind
 
 log = logging.getLogger(__name__)
-
-STASH_FRAMES = 4096  # frames that may wait for their action; beyond, a peer is flooding
-PEER_FRAMES, PEER_BYTES = 1024, 1 << 30  # what one peer may have waiting (so one flooder
-# cannot take the room the others' frames need)
-
-
-TAGS = 128  # attempt numbers a frame's flags tell apart
-
-
-PER_MICRO = (Kind.ACTIVATION, Kind.GRADIENT, Kind.LABELS, Kind.JUMP, Kind.JUMP_GRAD)
-
-
-def describe(kind: Kind, micro: int) -> str:
-    """A frame's kind and its ``micro`` field, named for what the field means for that kind: a
-    micro-batch for pipeline data, a tag for control messages, nothing for per-step frames."""
-    if kind in PER_MICRO:
-        return f"{kind.name} of micro-batch {micro}"
-    if kind is Kind.CONTROL:
-        return f"CONTROL message {micro}"
-    return kind.name
-
 
 class StageWorker:
     """Runs the actions of stage ``stage.index`` of ``stage.num_stages``."""
@@ -66,11 +46,10 @@ class StageWorker:
         self.device = next(stage.parameters()).device
         self.tied = sorted(stage.tied.items(), key=lambda kv: kv[1])  # (local, canonical)
         self._params = dict(stage.named_parameters())
-        self._stash: dict[tuple[int, Kind, int, int], Frame] = {}  # (peer, kind, micro, tag)
+        self._stash = Stash(self.me, self._reject)
         self.attempt = -1  # iterations begun, less one; a frame's ``flags`` carry it (mod 128:
         # the low 7 bits; the high bit means nothing), so what was sent for a discarded attempt
         # is never taken for its redo
-        self._backlog: dict[int, tuple[int, int]] = {}  # per peer: frames, bytes waiting
         self.rejected: dict[int, int] = {}  # frames refused, by sender: evidence against it
         self.step = 0
         self.micro = 1
@@ -114,12 +93,7 @@ class StageWorker:
         self._rejected_before = dict(self.rejected)
         self.stage.train(train)
         self.attempt += 1
-        tags = {self.tag, (self.tag + 1) % TAGS}
-        self._stash = {k: f for k, f in self._stash.items() if f.step >= step and k[3] in tags}
-        self._backlog = {}
-        for f in self._stash.values():
-            frames, size = self._backlog.get(f.src, (0, 0))
-            self._backlog[f.src] = (frames + 1, size + _size(f))
+        self._stash.begin(step, self.tag)
 
     def run(self, actions: list[Action]) -> None:
         """Execute ``actions`` in order, blocking on each frame they need (distributed runtime)."""
@@ -444,31 +418,7 @@ class StageWorker:
         log.warning("stage %d dropped a frame from stage %d: %s", self.me, peer, exc)
 
     def _file(self, frame: Frame) -> None:
-        if frame.step < self.step:
-            log.warning("stage %d dropped a stale %s frame of step %d from stage %d",
-                        self.me, frame.kind.name, frame.step, frame.src)
-            return
-        tag = frame.flags % TAGS
-        if tag not in (self.tag, (self.tag + 1) % TAGS):
-            self._reject(frame.src, FrameError(
-                f"{describe(frame.kind, frame.micro)} of step {frame.step} tagged for attempt "
-                f"{tag}, not this one ({self.tag}) or the next"))
-            return
-        key = (frame.src, frame.kind, frame.micro, tag)
-        frames, size = self._backlog.get(frame.src, (0, 0))
-        old = self._stash.get(key)
-        if old is not None:
-            frames, size = frames - 1, size - _size(old)
-        full = (frames >= PEER_FRAMES or size + _size(frame) > PEER_BYTES
-                or (old is None and len(self._stash) >= STASH_FRAMES))
-        if frame.step > self.step + 1 or full:
-            self._reject(frame.src, FrameError(
-                f"{describe(frame.kind, frame.micro)} of step {frame.step} while at step "
-                f"{self.step} with {len(self._stash)} frames waiting ({frames} from stage "
-                f"{frame.src}, {size} bytes): too far ahead"))
-            return
-        self._stash[key] = frame
-        self._backlog[frame.src] = (frames + 1, size + _size(frame))
+        self._stash.file(frame, self.step, self.tag)
 
     def _take(self, peer: int, kind: Kind, micro: int) -> Frame:
         key = (peer, kind, micro, self.tag)
@@ -488,13 +438,7 @@ class StageWorker:
                         raise ChannelTimeout(self._waited(peer, kind, micro)) from None
         finally:
             self.stats.wait_s += time.perf_counter() - t0
-        return self._unstash(key)
-
-    def _unstash(self, key: tuple[int, Kind, int, int]) -> Frame:
-        frame = self._stash.pop(key)
-        frames, size = self._backlog[key[0]]
-        self._backlog[key[0]] = (frames - 1, size - _size(frame))
-        return frame
+        return self._stash.pop(key)
 
     def _waited(self, peer: int, kind: Kind, micro: int) -> str:
         """What a wait that ran out was for, in the words of the frame's kind."""
@@ -517,6 +461,3 @@ class StageWorker:
             raise FrameError(f"labels outside the vocabulary [0, {vocab})")
         return y
 
-
-def _size(frame: Frame) -> int:
-    return frame.tensor.numel() * frame.tensor.element_size()
