@@ -98,7 +98,8 @@ def load_stage(directory: Path, manifest: dict, worker: StageWorker) -> None:
     names = {k[len("param."):] for k in tensors if k.startswith("param.")}
     if names != set(params):
         raise PhalanxError(f"{path} holds other parameters than stage {worker.me}: was it saved "
-                           "with another model or stage split?")
+                           "with another model, stage split or set of replicas (defense.verify, "
+                           "defense.second)?")
     with torch.no_grad():
         for n, p in params.items():
             t = tensors[f"param.{n}"]
