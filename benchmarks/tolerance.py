@@ -10,7 +10,7 @@ agrees with its original bit for bit, as on other kernels. The benchmark
 3. runs the ``drift`` attacker (a push of ``strength x 1e-6 x RMS`` in one fixed direction on
    every activation and gradient it sends) at multiples of the attacked stage's calibrated
    forward budget, and counts the attacked iterations whose first attempt raised an alert,
-   and the honest stages blamed.
+   and the honest stages blamed (``defense.recovery=none``: one attempt a step, alerts only).
 
 Prints one JSON line (also written to ``--out``): the calibration, the honest alerts, and per
 multiple of the budget the detection rate.
@@ -80,7 +80,7 @@ def bench(a: argparse.Namespace) -> dict:
     base = [f'model.name="{a.model}"', f"pipeline.stages={a.stages}", "pipeline.micro_batches=4",
             "train.batch_size=4", "data.seq_len=64", "train.eval_every=0", "train.eval_batches=1",
             "train.progress=false", "optim.warmup_steps=0", "optim.lr=2e-4",
-            'defense.verify="duplicate"', 'defense.recovery="repair"']
+            'defense.verify="duplicate"', 'defense.recovery="none"']  # alerts only: one attempt
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         cal = t / "calibration.json"
