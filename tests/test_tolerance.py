@@ -77,6 +77,7 @@ def calibrated(mixed_hardware, tmp_path) -> str:
 
 def test_mixed_hardware_needs_a_calibration_and_passes_with_one(mixed_hardware, calibrated):
     doc = json.loads(open(calibrated).read())
+    assert doc["steps"] == 4
     for check in ("forward", "backward", "norm"):
         assert any(d > 0 for d in doc["deviation"][check][1:3])  # the replicas' rounding shows
         assert doc["rtol"][check] == [10 * d for d in doc["deviation"][check]]
@@ -107,6 +108,7 @@ def test_drift_within_the_calibrated_budget_passes_and_beyond_it_is_caught(
     (['defense.tolerance="close"'], "defense.tolerance='close' is unknown"),
     (["defense.rtol=1e-4"], "apply to defense.tolerance=rms"),
     (['defense.tolerance="rms"', "defense.rtol=nan"], "finite and >= 0"),
+    (['defense.tolerance="rms"', "defense.rtol=1.0"], "checks nothing"),
     (['defense.calibration="x.json"'], "is read with defense.tolerance=calibrated"),
     (['defense.tolerance="calibrated"', 'defense.calibration="/nonexistent.json"'],
      "cannot be read"),
@@ -117,20 +119,52 @@ def test_a_tolerance_that_cannot_work_is_a_config_error(extra, message):
         cfg.validate()
 
 
+VALID = ('{"format": "phalanx-calibration/1", "stages": 4, "steps": 4, "rtol": {"forward": '
+         '[0, 0, 0, 0], "backward": [0, 0, 0, 0], "norm": [0, 0, 0, 0]}}')
+
+
 @pytest.mark.parametrize(("content", "message"), [
     ("{", "is not JSON"),
     ('{"format": "other"}', "is not a calibration file"),
     ('{"format": "phalanx-calibration/1", "stages": 6}', "calibrated for 6 stages"),
     ('{"format": "phalanx-calibration/1", "stages": 4, "rtol": {"forward": [0, 0, 0, 0], '
-     '"backward": [0, -1, 0, 0], "norm": [0, 0, 0, 0]}}', "rtol.backward must be 4 finite"),
+     '"backward": [0, -1, 0, 0], "norm": [0, 0, 0, 0]}}', "rtol.backward must be 4 numbers"),
     ('{"format": "phalanx-calibration/1", "stages": 4, "rtol": {"forward": [0, 0, 0, 0], '
-     '"backward": [0, 0, 0, 0], "norm": [0, true, 0, 0]}}', "rtol.norm must be 4 finite"),
+     '"backward": [0, 0, 0, 0], "norm": [0, true, 0, 0]}}', "rtol.norm must be 4 numbers"),
+    (VALID.replace('"norm": [0, 0, 0, 0]', '"norm": [0, 1e300, 0, 0]'), "in \\[0, 1\\)"),
+    (VALID.replace('"norm": [0, 0, 0, 0]', '"norm": [0, ' + "9" * 400 + ', 0, 0]'),
+     "in \\[0, 1\\)"),
+    (VALID.replace(', "steps": 4', ""), "steps .* must be a whole number"),
+    ("[" * 100_000, "is not JSON"),
+    ("0" * (1 << 21), "over 1 MiB"),
 ])
 def test_a_bad_calibration_file_is_named(tmp_path, content, message):
     path = tmp_path / "c.json"
     path.write_text(content)
     with pytest.raises(ConfigError, match=message):
         load_calibration(path, 4)
+    assert load_calibration(_valid(tmp_path), 4)["norm"] == [0.0] * 4
+
+
+def _valid(tmp_path) -> str:  # noqa: ANN001
+    path = tmp_path / "valid.json"
+    path.write_text(VALID)
+    return str(path)
+
+
+def test_a_device_given_as_calibration_is_read_no_further_than_the_cap():
+    with pytest.raises(ConfigError, match="over 1 MiB"):
+        load_calibration("/dev/zero", 4)
+
+
+def test_a_run_longer_than_its_calibration_is_warned_about(tmp_path):
+    from phalanx.train.preflight import warnings
+
+    cfg = load_config(Config, None, [*TINY, 'defense.tolerance="calibrated"',
+                                     f'defense.calibration="{_valid(tmp_path)}"',
+                                     "train.steps=40"])
+    cfg.validate()
+    assert any("covered 4 steps and this run has 40" in w for w in warnings(cfg))
 
 
 def test_a_calibrated_run_without_its_file_is_one_line_exit_2(tmp_path):

@@ -207,9 +207,12 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     if not measured:
         raise PhalanxError(f"{summary_path}: the run compared with defense.tolerance other "
                            "than measure, so its disagreeing messages were not measured")
-    doc = calibration(defense.get("deviation", {}), stages, a.margin,
+    steps = summary.get("steps")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise PhalanxError(f"{summary_path}: steps={steps!r} is not a number of steps")
+    doc = calibration(defense.get("deviation", {}), stages, a.margin, steps,
                       {"summary": str(summary_path), "comparisons": defense.get("comparisons"),
-                       "steps": summary.get("steps"), "model": summary.get("model")})
+                       "model": summary.get("model")})
     Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps({"comparisons": defense.get("comparisons"), "rtol": doc["rtol"]}))
     print(f"calibration: {a.out} (use defense.tolerance=\"calibrated\" "

@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from phalanx.defense.tolerance import CHECKS, MODES, Tolerance, Tolerances, load_calibration
+from phalanx.defense.tolerance import (
+    CHECKS,
+    MAX_RTOL,
+    MODES,
+    Tolerance,
+    Tolerances,
+    load_calibration,
+)
 from phalanx.errors import ConfigError
 
 VERIFY = ("none", "duplicate")
@@ -51,6 +58,9 @@ class DefenseConfig:
                               f"{', '.join(MODES)}")
         if not (self.rtol >= 0 and self.atol >= 0) or math.inf in (self.rtol, self.atol):
             raise ConfigError("defense.rtol and defense.atol must be finite and >= 0")
+        if self.rtol >= MAX_RTOL:
+            raise ConfigError(f"defense.rtol={self.rtol} is {MAX_RTOL:g} x the message's RMS or "
+                              "more: such a tolerance checks nothing")
         if (self.rtol or self.atol) and self.tolerance != "rms":
             raise ConfigError(f"defense.rtol and defense.atol apply to defense.tolerance=rms "
                               f"(it is {self.tolerance!r})")

@@ -32,6 +32,8 @@ from phalanx.errors import ConfigError
 MODES = ("bitwise", "rms", "calibrated", "measure")
 CHECKS = ("forward", "backward", "norm")  # a stage's activation, its gradient, its squared norm
 FORMAT = "phalanx-calibration/1"
+MAX_RTOL = 1.0  # a tolerance of the message's own RMS checks nothing
+MAX_BYTES = 1 << 20  # a calibration file is a few hundred bytes
 
 
 def rms(t: torch.Tensor) -> float:
@@ -107,14 +109,18 @@ def load_calibration(path: str | Path, num_stages: int) -> dict[str, list[float]
     p = Path(path)
     where = f"defense.calibration={str(path)!r}"
     try:
-        if p.stat().st_size > 1 << 20:
-            raise ConfigError(f"{where} is over 1 MiB: not a calibration file")
-        doc = json.loads(p.read_text(encoding="utf-8"))
+        with p.open("rb") as f:  # (a device or a FIFO says size 0: read no more than the cap)
+            raw = f.read(MAX_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{where} cannot be read ({exc.strerror or exc}); write one with "
                           "phalanx calibrate") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{where} is not JSON ({exc})") from None
+    if len(raw) > MAX_BYTES:
+        raise ConfigError(f"{where} is over 1 MiB: not a calibration file")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # (huge ints: ValueError)
+        raise ConfigError(f"{where} is not JSON a calibration can be ({type(exc).__name__})"
+                          ) from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ConfigError(f"{where} is not a calibration file (format {FORMAT!r})")
     if doc.get("stages") != num_stages:
@@ -126,16 +132,33 @@ def load_calibration(path: str | Path, num_stages: int) -> dict[str, list[float]
         row = rtol.get(check) if isinstance(rtol, dict) else None
         if (not isinstance(row, list) or len(row) != num_stages
                 or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                           and math.isfinite(x) and x >= 0 for x in row)):
-            raise ConfigError(f"{where}: rtol.{check} must be {num_stages} finite numbers >= 0")
+                           and _fits(x) for x in row)):
+            raise ConfigError(f"{where}: rtol.{check} must be {num_stages} numbers in "
+                              f"[0, {MAX_RTOL:g})")
         out[check] = [float(x) for x in row]
+    if not isinstance(doc.get("steps"), int) or isinstance(doc.get("steps"), bool):
+        raise ConfigError(f"{where}: steps (how many the calibration covered) must be a whole "
+                          "number")
     return out
 
 
+def _fits(x: int | float) -> bool:
+    try:
+        return 0 <= float(x) < MAX_RTOL
+    except OverflowError:
+        return False
+
+
+def covered_steps(path: str | Path) -> int:
+    """How many training steps a (valid) calibration file covered."""
+    return int(json.loads(Path(path).read_text(encoding="utf-8"))["steps"])
+
+
 def calibration(deviations: dict[str, list[float]], num_stages: int, margin: float,
-                source: dict) -> dict:
-    """A calibration file's content from the largest honest deviation of each (check, stage):
-    ``rtol = margin x deviation`` (0, i.e. bitwise, where the replica agreed bitwise)."""
+                steps: int, source: dict) -> dict:
+    """A calibration file's content from the largest honest deviation of each (check, stage)
+    over ``steps`` training steps: ``rtol = margin x deviation`` (0, i.e. bitwise, where the
+    replica agreed bitwise)."""
     if not (math.isfinite(margin) and margin >= 1):
         raise ConfigError(f"--margin {margin} must be a number >= 1")
     rows = {}
@@ -145,5 +168,10 @@ def calibration(deviations: dict[str, list[float]], num_stages: int, margin: flo
             raise ConfigError(f"the run recorded no {check} deviations for {num_stages} stages: "
                               "was it run with defense.tolerance=measure?")
         rows[check] = [float(x) for x in row]
-    return {"format": FORMAT, "stages": num_stages, "margin": margin, "deviation": rows,
-            "rtol": {c: [margin * x for x in r] for c, r in rows.items()}, "source": source}
+        wide = [s for s, x in enumerate(rows[check]) if not _fits(margin * x)]
+        if wide:
+            raise ConfigError(f"the honest {check} deviations of stages {wide} times the margin "
+                              f"reach {MAX_RTOL:g} x RMS: such replicas check nothing")
+    return {"format": FORMAT, "stages": num_stages, "steps": steps, "margin": margin,
+            "deviation": rows, "rtol": {c: [margin * x for x in r] for c, r in rows.items()},
+            "source": source}

@@ -153,7 +153,8 @@ class Duplicate:
 
         self.workers[me] = worker
         worker.report, worker.report_size = report, report_size(self.n)
-        worker.frozen_params = frozen
+        if worker.gate is not None:
+            worker.gate.frozen = frozen
         worker.norm_excluded = held
         worker.overseen = True
         worker.verdict_hooks.append(lambda v: self._adopt(me, v))

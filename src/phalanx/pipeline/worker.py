@@ -16,7 +16,8 @@ import torch
 
 from phalanx.comm import Channel, ChannelTimeout
 from phalanx.models.stages import StageModule, lm_loss
-from phalanx.pipeline.optim import StageOptimizer, clip_coefficient
+from phalanx.pipeline.gate import VerdictGate
+from phalanx.pipeline.optim import StageOptimizer
 from phalanx.pipeline.schedule import Action, Op
 from phalanx.pipeline.stash import TAGS, Stash, describe
 from phalanx.pipeline.stats import IterationResult, StageStats
@@ -65,7 +66,8 @@ class StageWorker:
         self.report_size = 0  # its length, the same on every stage
         self.coordinator: Coordinator | None = None  # stage 0 only
         self.verdict_hooks: list[Callable[[Verdict], None]] = []
-        self.frozen_params: Callable[[Verdict], list[torch.nn.Parameter]] | None = None
+        # the optimizer, gated by the verdict; an overseer may say what a verdict freezes
+        self.gate = VerdictGate(optimizer, stage, self.me) if optimizer is not None else None
         self.norm_excluded: set[int] = set()  # ids of parameters the global norm leaves out
         self.overseen = False  # a malformed gradient: refused and zeros used, not an error
         self.verdict = Verdict()
@@ -307,19 +309,9 @@ class StageWorker:
             hook(verdict)
 
     def _do_step(self, _: int) -> None:
-        if self.optimizer is None:
+        if self.gate is None:
             raise RuntimeError(f"stage {self.me} has no optimizer to step")
-        v = self.verdict
-        if self.frozen_params is not None:
-            frozen = self.frozen_params(v)
-        else:
-            frozen = list(self.stage.parameters()) if self.me in v.frozen else []
-        # A non-finite global norm (NaN/Inf anywhere in the pipeline's gradients) would poison
-        # every weight it touched: all stages see the same norm and all skip this update.
-        self.optimizer.step(clip_coefficient(self.global_norm, self.optimizer.cfg.clip),
-                            skip=v.discard or not math.isfinite(self.global_norm),
-                            frozen=frozen, advance=not v.discard)
-        self.optimizer.zero_grad()
+        self.gate.step(self.verdict, self.global_norm)
 
     def _do_send_report(self, _: int) -> None:
         self._send(0, Kind.REPORT, 0, self.stats.as_tensor())

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from phalanx.data import build_data
+from phalanx.defense.tolerance import covered_steps
 from phalanx.errors import PhalanxError
 from phalanx.models.loading import load_tokenizer, prepare
 from phalanx.models.stages import resolve_bounds
@@ -52,4 +53,11 @@ def warnings(cfg: Config) -> list[str]:
             f"optim.warmup_steps={o.warmup_steps} is longer than train.steps={steps}: the "
             f"learning rate never reaches optim.lr={o.lr:g} (it peaks at {peak:.3g}); lower "
             "optim.warmup_steps")
+    d = cfg.defense
+    if d.tolerance == "calibrated" and covered_steps(d.calibration) < steps:
+        out.append(
+            f"defense.calibration covered {covered_steps(d.calibration)} steps and this run has "
+            f"{steps}: on mixed hardware the honest deviations grow with the steps (AdamW "
+            "turns rounding into updates), so later ones may pass the tolerance and blame an "
+            f"honest stage; calibrate over {steps} steps (phalanx calibrate train.steps={steps})")
     return out
