@@ -9,7 +9,8 @@ import json
 import pytest
 
 from phalanx.cli.main import main
-from phalanx.experiments.robustness import Cell, Spec, attempts, grid, score
+from phalanx.experiments.robustness import Spec, grid
+from phalanx.experiments.scoring import Cell, attempts, score
 
 KEYS = {"attack", "rate", "defense", "val_ppl_end", "ppl_ratio_to_clean", "attacked_iterations",
         "detected_iterations", "false_alerts", "blame_correct", "tokens_per_s", "wall_s"}

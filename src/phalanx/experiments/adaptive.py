@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from phalanx.experiments.report import read_run
-from phalanx.experiments.robustness import Cell, score
+from phalanx.experiments.scoring import Cell, score
 from phalanx.experiments.session import SessionRun, run_session, stamp_path, write_plan
 from phalanx.experiments.spec import ShortRuns
 from phalanx.threats.adaptive import TACTICS

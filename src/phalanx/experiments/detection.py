@@ -13,7 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from phalanx.experiments.robustness import Cell, Runner, score
+from phalanx.experiments.robustness import Runner
+from phalanx.experiments.scoring import Cell, score
 from phalanx.experiments.spec import ShortRuns
 from phalanx.threats.attacks import BACKWARD_ATTACKS, FORWARD_ATTACKS
 

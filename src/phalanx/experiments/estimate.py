@@ -7,7 +7,8 @@ import time
 
 import torch
 
-from phalanx.experiments.robustness import Cell, Spec, overrides
+from phalanx.experiments.robustness import Spec, overrides
+from phalanx.experiments.scoring import Cell
 
 # Time per token of a defended run relative to an undefended one (measured on SmolLM2 in 6
 # stages, results/robustness: the duplicated block 1.35x; restart redoes a share of the
