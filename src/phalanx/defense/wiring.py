@@ -7,7 +7,11 @@ For every stage s of a run with a duplicated block (checked stages are the middl
   to s + 3 while s + 1 is bypassed) and, when s + 1 is checked, :class:`GradCheck` (gradients
   coming back) with inboxes of ``JUMP_GRAD`` from s + 2 and s + 3;
 - when s verifies s - 1: inboxes of ``JUMP`` from s - 2 and s - 3, a :class:`Guard` and an inbox
-  of repaired inputs on the link from s - 1, and the :class:`Verifier` hook.
+  of repaired inputs on the link from s - 1, and the :class:`Verifier` hook;
+- with second replicas (``defense.second=replica``), when s holds one of s - 2: inboxes of
+  ``JUMP`` from s - 3 and s - 4 (s - 2's true input), checked in the verifier hook
+  (:class:`~phalanx.defense.second.SecondReplica`); and the jumps out of every stage go to
+  those second replicas too.
 
 :meth:`Duplicate.attach` plugs the stage's report (alerts, the replica's norm), the freezing of
 its weights and replica, and the verdict's plan into the worker; stage 0 runs the coordinator.
