@@ -33,7 +33,7 @@ def _pipe(extra: list[str]):  # noqa: ANN202
 
 
 def _blamed(res) -> frozenset[int]:  # noqa: ANN001
-    return Decision.decode(res.verdict.payload, 4).blamed
+    return Decision.decode(res.verdict.payload, res.reports.shape[0]).blamed
 
 
 def _alerts(res) -> dict[int, int]:  # noqa: ANN001
@@ -129,3 +129,38 @@ def test_a_second_replica_with_too_few_stages_is_one_line_exit_2(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0
     assert "defense.second=replica needs at least 4 stages" in p.stderr
+
+
+@pytest.fixture(scope="module")
+def six_layers(tmp_path_factory) -> str:
+    """A random Llama of 6 layers in a model folder (byte-level tokens), for 6 stages."""
+    from transformers import AutoModelForCausalLM
+
+    from phalanx.models.loading import tiny_config
+
+    conf = tiny_config()
+    conf.num_hidden_layers = 6
+    path = tmp_path_factory.mktemp("six")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(conf).save_pretrained(path)
+    return str(path)
+
+
+def test_six_stages_repair_keeps_every_second_replica_in_lockstep(six_layers):
+    """Stage 2 forges, stage 3 covers it up. The redo repairs stage 2, so stage 3 computes on
+    its replica's output, which it must pass on (through stage 4) to the second replica of 3 at
+    stage 5: every second replica stays in lockstep and the run is the clean run."""
+    six = [f'model.name="{six_layers}"', "pipeline.stages=6"]
+    collude = ['attack.adaptive="collude"', "attack.rate=1.0", "attack.stages=[2,3]"]
+    pipe = _pipe([*six, *SECOND, 'defense.recovery="repair"', *collude])
+    clean = _pipe(six)
+    for step in range(STEPS):
+        runs = attempts(pipe.runtime, pipe.attack, step, BATCH, max_retries=3)
+        assert [_blamed(r) for r, _ in runs] == [{2}, set()]
+        assert runs[-1][0].loss == clean.runtime.train_step(step, BATCH).loss
+    ws = {w.me: w.stage for w in pipe.runtime.workers}
+    for holder in (3, 4, 5):
+        original = dict(ws[holder - 2].named_parameters())
+        assert all(torch.equal(p, original[k]) for k, p in ws[holder].second.named_parameters())
+    ours, theirs = _weights(pipe), _weights(clean)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

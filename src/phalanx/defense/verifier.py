@@ -72,6 +72,7 @@ class Verifier:
         self._pending: dict[Key, torch.Tensor] = {}  # shadow outputs waiting for a gradient
         self.replaced: set[Key] = set()  # malformed claims the guard replaced
         self.second: SecondReplica | None = None  # the second replica of s - 1, if held
+        self.forwards: Callable[[Plan], bool] = lambda plan: False  # pass s's input on to v + 1
         stage.register_forward_pre_hook(self.before)
 
     def source(self, plan: Plan) -> tuple[int, Inbox]:
@@ -100,6 +101,10 @@ class Verifier:
         key, plan = self.position(), self.plan()
         x = self.true_input(key)
         train = module.training
+        if self.forwards(plan) and self.ahead is not None:  # for the second replica of s
+            self.ahead.send(Frame(kind=Kind.JUMP, step=key[0], micro=key[1], src=self.v,
+                                  dst=self.v + 1, flags=self.tag(),
+                                  tensor=(x if x is not None else claimed).detach()))
         to = plan.pred(self.s)  # where gradients with respect to the true input go
         if self.s in plan.bypassed:
             x = torch.zeros_like(claimed) if x is None or x.shape != claimed.shape else x

@@ -127,9 +127,12 @@ class Duplicate:
                 ins = {k: jumps_in.get(k) or Inbox(out[k], Kind.JUMP, tag)
                        for k in (s - 3, s - 4) if k >= 0}
                 out.update(ins)
+                ins[s - 1] = repairs  # what s - 1 forwards while s - 3 is repaired
                 dtype, hidden = verifier.dtype, verifier.hidden
                 verifier.second = second.SecondReplica(
                     stage, ins, checks, lambda t: well_formed(t, hidden, dtype), self.timeout)
+            if self.second:
+                verifier.forwards = lambda p, s=s: second.forwards(s, p, n)
             if gradcheck is not None:
                 gradcheck.feed = verifier.learn
         self.inboxes[s] = _inboxes(out)

@@ -66,7 +66,7 @@ def score(cell: Cell, records: list[dict], summary: dict) -> dict:
         "honest_iterations": len(honest), "checked_iterations": len(tries)
         if cell.defense != "none" else 0,
         "false_alerts": false_alerts if cell.defense != "none" else None,
-        "blame_correct": (sum(set(t["blamed"]) == set(t["malicious"]) for t in detected)
+        "blame_correct": (sum(set(t["blamed"]) <= set(t["malicious"]) for t in detected)
                           / len(detected)) if detected else None,
         "redone_iterations": sum(len(r.get("redone", [])) for r in records),
         "skipped_steps": sum(bool(r.get("skipped_step")) for r in records),
