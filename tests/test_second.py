@@ -164,3 +164,18 @@ def test_six_stages_repair_keeps_every_second_replica_in_lockstep(six_layers):
         assert all(torch.equal(p, original[k]) for k, p in ws[holder].second.named_parameters())
     ours, theirs = _weights(pipe), _weights(clean)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+@pytest.mark.parametrize("tactic", ["flag_forge", "float16", "short", "nan_norm", "huge_norm",
+                                    "forged_report", "false_alert", "drift"])
+def test_an_attacker_using_every_field_is_caught_alone_and_the_second_replica_keeps_step(tactic):
+    """With the second replica on, the stage it checks (1) attacks through flags, dtypes,
+    shapes, norms, reports, accusations and sub-tolerance pushes: it alone is blamed, in every
+    attempt it attacks, and the second replica at stage 3 stays bitwise in lockstep."""
+    pipe = _pipe([*SECOND, 'defense.recovery="repair"', f'attack.adaptive="{tactic}"',
+                  "attack.rate=1.0", "attack.stages=[1]"])
+    for step in range(STEPS):
+        runs = attempts(pipe.runtime, pipe.attack, step, BATCH, max_retries=3)
+        assert _blamed(runs[0][0]) == {1} and all(_blamed(r) <= {1} for r, _ in runs)
+        assert not runs[-1][0].verdict.discard
+    assert _in_lockstep(pipe)

@@ -54,10 +54,6 @@ class Checks:
         key = (check, suspect)
         self.deviations[key] = max(self.deviations.get(key, 0.0), dev)
 
-    @property
-    def max_deviation(self) -> float:
-        return max(self.deviations.values(), default=0.0)
-
     def deviation_rows(self, n: int) -> torch.Tensor:
         """The largest agreeing deviation by check (rows, :data:`CHECKS`) and suspect."""
         out = torch.zeros(len(CHECKS), n, dtype=torch.float64)

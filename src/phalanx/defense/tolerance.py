@@ -98,10 +98,6 @@ class Tolerances:
         row = self.table.get(check)
         return row[stage] if row is not None and 0 <= stage < len(row) else self.default
 
-    @property
-    def measure(self) -> bool:
-        return self.default.measure
-
 
 def load_calibration(path: str | Path, num_stages: int) -> dict[str, list[float]]:
     """The per-(check, stage) ``rtol`` of a calibration file, validated for a run of
