@@ -43,3 +43,19 @@ def serve_coordinator():
     yield start
     for m in started:
         m.close()
+
+
+@pytest.fixture(scope="session")
+def six_layers(tmp_path_factory) -> str:
+    """A random Llama of 6 layers in a model folder (byte-level tokens), for 6 stages."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from phalanx.models.loading import tiny_config
+
+    conf = tiny_config()
+    conf.num_hidden_layers = 6
+    path = tmp_path_factory.mktemp("six")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(conf).save_pretrained(path)
+    return str(path)

@@ -29,7 +29,8 @@ BATCH = torch.randint(0, 257, (4, 16), generator=torch.Generator().manual_seed(0
 STEPS = 3
 
 COVERED = ["flag_forge", "empty_evidence", "nan_evidence", "false_alert", "nan_norm",
-           "negative_norm", "huge_norm", "forged_report", "drift", "float16", "short"]
+           "negative_norm", "huge_norm", "forged_report", "drift", "float16", "short",
+           "equivocate"]
 NORMS = {"nan_norm", "negative_norm", "huge_norm"}  # repaired, such a liar keeps its weights
 
 
@@ -72,7 +73,8 @@ def test_a_covered_adaptive_attacker_is_caught_every_time_and_repair_trains_the_
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
-@pytest.mark.parametrize("tactic", ["flag_forge", "nan_norm", "short", "false_alert"])
+@pytest.mark.parametrize("tactic",
+                         ["flag_forge", "nan_norm", "short", "false_alert", "equivocate"])
 def test_skip_leaves_a_covered_adaptive_attacker_out_and_blames_nobody_else(tactic):
     pipe = _pipe([f'attack.adaptive="{tactic}"', "attack.rate=1.0", "attack.stages=[2]"])
     for step in range(STEPS):
@@ -189,7 +191,7 @@ def test_the_adaptive_experiment_writes_its_grid_and_the_covered_tactics_hold(tm
         if r["recovery"] in ("repair", "restart") and r["tactic"] != "nan_norm":  # the clean
             # model, to the bit (a repaired stage whose norm is a lie keeps its weights)
             assert r["weights_equal_clean"] and r["ppl_ratio_to_clean"] == 1.0
-    assert not [r for r in rows if r["tactic"] == "short"][0]["attributable"]  # (6+ stages)
+    assert [r for r in rows if r["tactic"] == "short"][0]["attributable"]  # (signed receipts)
     lying = [r for r in rows if r["tactic"] == "false_evidence"]
     assert all(r["detected"] > 0 for r in lying)  # seen, though blamed on the wrong stage
 
@@ -314,7 +316,7 @@ def test_a_repaired_stage_whose_norm_its_accuser_contradicts_sets_no_clipping(mo
                 first.add(f.step)
                 t[1 + 4 + 1] = 2.0  # two alerts against stage 1
             else:
-                t[-1] = 1e6  # the replica's squared norm of stage 1
+                t[1 + 4 + 4] = 1e6  # the replica's squared norm of stage 1
             f = replace(f, tensor=t)
         link.inner.send(f)
 
@@ -325,3 +327,93 @@ def test_a_repaired_stage_whose_norm_its_accuser_contradicts_sets_no_clipping(mo
     kept = runs[-1][0]
     assert not kept.verdict.discard and kept.verdict.frozen == {1}
     assert kept.grad_norm < 2 * ref.grad_norm
+
+
+# -- signed receipts: equivocation proven, forged receipts pinned on their reporter ----------
+
+@pytest.mark.parametrize("recovery", ["skip", "repair", "restart"])
+def test_an_equivocating_stage_is_named_by_its_own_signatures_and_its_receiver_is_not(recovery):
+    """Stage 1 sends stage 2 a flipped output and stage 3 (over the jump) its honest one; stage
+    3's replica of stage 2 then disagrees with honest stage 2. The two signed receipts name 1,
+    void the alert against 2, and without them stage 2 would be blamed."""
+    extra = [f'defense.recovery="{recovery}"', 'attack.adaptive="equivocate"', "attack.rate=1.0",
+             "attack.stages=[1]"]
+    pipe = _pipe(extra)
+    for step in range(STEPS):
+        runs = attempts(pipe.runtime, pipe.attack, step, BATCH, max_retries=3)
+        assert _blamed(runs[0][0]) == {1}
+        assert all(_blamed(r) <= {1} for r, _ in runs)
+        # (restart redoes the same routes: at rate 1 every attempt is attacked and dropped)
+        assert runs[-1][0].verdict.discard == (recovery == "restart")
+    blind = _pipe(extra)
+    blind.defense.coordinator.notary = None  # what one replica alone concludes
+    runs = attempts(blind.runtime, blind.attack, 0, BATCH, max_retries=3)
+    assert 2 in _blamed(runs[0][0])
+
+
+RECEIPTS = 1 + 4 + 4 + 1  # where a norm frame's receipt words start (4 stages)
+
+
+def _receipt_words(change):  # noqa: ANN001, ANN202
+    """An attacker link that rewrites the receipt words of its norm frames with ``change``."""
+    from phalanx.defense.receipts import WORDS
+
+    def fn(link, f):  # noqa: ANN001
+        if f.kind is Kind.NORM:
+            t = f.tensor.clone()
+            change(f.step, t[RECEIPTS:].view(-1, WORDS))
+            f = replace(f, tensor=t)
+        link.inner.send(f)
+    return fn
+
+
+def _other_digest(step, w):  # noqa: ANN001
+    w[0, 1 + 32] = (w[0, 1 + 32] + 1) % 2 ** 32  # the first word of its first receipt's digest
+
+
+def _garbage(step, w):  # noqa: ANN001
+    w[0, 0] = 0.5
+
+
+def _replayed():  # noqa: ANN202
+    first = {}
+
+    def change(step, w):  # noqa: ANN001
+        old = first.setdefault("words", w.clone())
+        w.copy_(old)
+    return change
+
+
+@pytest.mark.parametrize("forgery", [_other_digest, _garbage])
+def test_a_stage_that_forges_receipts_is_named_and_frames_nobody(monkeypatch, forgery):
+    pipe = _hostile(monkeypatch, 2, _receipt_words(forgery))
+    clean = _pipe(['defense.verify="none"'])
+    for step in range(2):
+        runs = attempts(pipe.runtime, pipe.attack, step, BATCH, max_retries=3)
+        assert _blamed(runs[0][0]) == {2}
+        assert all(_blamed(r) <= {2} for r, _ in runs) and not runs[-1][0].verdict.discard
+        assert runs[-1][0].loss == clean.runtime.train_step(step, BATCH).loss
+
+
+def test_receipts_replayed_from_an_earlier_step_prove_nothing(monkeypatch):
+    pipe = _hostile(monkeypatch, 2, _receipt_words(_replayed()))
+    for step in range(STEPS):
+        runs = attempts(pipe.runtime, pipe.attack, step, BATCH, max_retries=3)
+        assert [_blamed(r) for r, _ in runs] == [set()]
+
+
+@pytest.mark.parametrize("tactic", ["equivocate", "short"])
+def test_in_six_stages_a_message_that_differs_by_receiver_is_pinned_on_its_sender(tactic,
+                                                                                six_layers):
+    """Stage 2's verifier (3) gets a flipped or a short activation, stage 4 (which checks 3)
+    its honest output over the jump: one replica would blame 3 as well; the receipts name 2
+    alone, and the repaired run is the clean run."""
+    six = [f'model.name="{six_layers}"', "pipeline.stages=6"]
+    pipe = _pipe([*six, 'defense.recovery="repair"', f'attack.adaptive="{tactic}"',
+                  "attack.rate=1.0", "attack.stages=[2]"])
+    clean = _pipe([*six, 'defense.verify="none"'])
+    for step in range(2):
+        runs = attempts(pipe.runtime, pipe.attack, step, BATCH, max_retries=3)
+        assert [Decision.decode(r.verdict.payload, 6).blamed for r, _ in runs][0] == {2}
+        assert all(Decision.decode(r.verdict.payload, 6).blamed <= {2} for r, _ in runs)
+        assert runs[-1][0].loss == clean.runtime.train_step(step, BATCH).loss

@@ -86,7 +86,8 @@ def test_corpus_larger_than_the_limit_is_refused(tmp_path):
 def test_stdlib_corpus_is_real_english_larger_than_pydoc_and_deduplicated():
     from phalanx.data.stdlib import module_docstrings, stdlib_documents
 
-    docs = stdlib_documents()
+    docs = stdlib_documents(cache=False)
+    assert stdlib_documents() == docs  # (written to the cache, or read from it)
     names = [n for n, _ in docs]
     assert names == sorted(names) and not any("/test/" in n or n.startswith("test/")
                                                for n in names)
@@ -100,6 +101,24 @@ def test_stdlib_corpus_is_real_english_larger_than_pydoc_and_deduplicated():
     text3 = "A class that does things. " * 3
     src = 'def f():\n    """Short."""\n\nclass A:\n    """' + text3 + '"""\n'
     assert module_docstrings(src) == [text3]
+
+
+@pytest.mark.parametrize("content", ["not json", '[["a.py", 3]]', '{"a.py": "x"}', "[1e999]"])
+def test_a_stdlib_cache_that_is_not_one_is_rebuilt(tmp_path, monkeypatch, content):
+    from phalanx.data.stdlib import _sources, cache_file, stdlib_documents
+
+    monkeypatch.setenv("PHALANX_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "lib"
+    root.mkdir()
+    (root / "m.py").write_text('"""' + "Words about a module, long enough to count. " + '"""')
+    fresh = stdlib_documents(root)
+    path = cache_file(root, _sources(root))
+    assert path.is_file() and stdlib_documents(root) == fresh
+    path.write_text(content)
+    assert stdlib_documents(root) == fresh and stdlib_documents(root, cache=False) == fresh
+    assert stdlib_documents(root) == fresh  # rewritten
+    (root / "n.py").write_text('"""' + "Another module's words, long enough too. " + '"""')
+    assert [n for n, _ in stdlib_documents(root)] == ["m.py", "n.py"]  # a new key
 
 
 def test_stdlib_documents_keep_a_repeated_docstring_once_and_skip_tests(tmp_path):

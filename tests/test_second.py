@@ -131,21 +131,6 @@ def test_a_second_replica_with_too_few_stages_is_one_line_exit_2(tmp_path):
     assert "defense.second=replica needs at least 4 stages" in p.stderr
 
 
-@pytest.fixture(scope="module")
-def six_layers(tmp_path_factory) -> str:
-    """A random Llama of 6 layers in a model folder (byte-level tokens), for 6 stages."""
-    from transformers import AutoModelForCausalLM
-
-    from phalanx.models.loading import tiny_config
-
-    conf = tiny_config()
-    conf.num_hidden_layers = 6
-    path = tmp_path_factory.mktemp("six")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(conf).save_pretrained(path)
-    return str(path)
-
-
 def test_six_stages_repair_keeps_every_second_replica_in_lockstep(six_layers):
     """Stage 2 forges, stage 3 covers it up. The redo repairs stage 2, so stage 3 computes on
     its replica's output, which it must pass on (through stage 4) to the second replica of 3 at

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Protocol
 
 from phalanx.wire import DEFAULT_LIMITS, Frame, FrameError, Header, Limits
 
@@ -93,6 +93,23 @@ class Channel(ABC):
     def _receive(self, timeout: float | None) -> Frame:
         """Take the next frame off the transport, decoded and validated as a frame."""
 
+
+
+class Sealer(Protocol):
+    """Signs what a link sends and verifies what it receives (one link's keys)."""
+
+    def signs(self, kind: Any) -> bool:
+        """Whether frames of ``kind`` are signed."""
+        ...
+
+    def sign(self, header: bytes, payload: memoryview | bytes) -> bytes:
+        """The signature of a frame."""
+        ...
+
+    def verify(self, header: bytes, payload: memoryview | bytes, signature: bytes) -> bytes:
+        """The payload's digest; raises :class:`~phalanx.wire.FrameError` if the signature
+        does not verify."""
+        ...
 
 
 def queue_get(q: queue.Queue, timeout: float | None, peer: int) -> Any:

@@ -17,6 +17,10 @@ from phalanx.errors import ConfigError
 
 VERIFY = ("none", "duplicate")
 SECOND = ("none", "replica")
+MAX_RETRIES = 30
+"""A step has at most 4 passes (its training and up to three evaluations), each with up to
+1 + max_retries attempts: fewer than the 128 attempt numbers frames carry, so a signed frame
+of one attempt is never mistaken for another's (:mod:`phalanx.defense.receipts`)."""
 RECOVERY = ("skip", "repair", "restart", "none")  # the strategies of phalanx.defense.recovery
 
 
@@ -74,6 +78,10 @@ class DefenseConfig:
             load_calibration(self.calibration, num_stages)
         if self.max_retries < 0 or self.quarantine_after < 0:
             raise ConfigError("defense.max_retries and defense.quarantine_after must be >= 0")
+        if self.max_retries > MAX_RETRIES:
+            raise ConfigError(f"defense.max_retries={self.max_retries} is more than "
+                              f"{MAX_RETRIES}: a step's attempts must stay fewer than the "
+                              "attempt numbers frames tell apart")
         if self.verify == "none" and (self.recovery == "restart" or self.quarantine_after):
             raise ConfigError(
                 "defense.recovery=restart and defense.quarantine_after need alerts to act on: "

@@ -18,6 +18,16 @@ squared gradient norm. Everything a middle stage reports is the attacker's to ch
   names the stage. A replica that could not follow (its true input was malformed) reports NaN
   and vouches for nothing.
 
+- With signed links, each report ends with the receipts of the copies of other stages'
+  outputs its sender received (:mod:`phalanx.defense.receipts`). Two validly signed receipts
+  of different contents for one message name their signer with its own signatures as proof.
+  In an attempt with such a proof against a stage in the data path, alerts and norm checks
+  name nobody: the copies it sent fed the checks after it (each checked against another copy
+  than it was given) and, through the gradients and evidence mended from them, the checks
+  before it. Only self-evident lies (reports and norms that are not numbers) are named beside
+  it; the attempt is discarded, and its redo, without it, is judged in full. A receipt no key
+  signed, or one its reporter cannot have received, names its reporter.
+
 The alert of one honest verifier names the culprit; a verifier that lies can name its honest
 neighbour instead (one replica cannot tell who lied): see the README's threat model.
 
@@ -39,6 +49,7 @@ from phalanx.defense import second as second_replicas
 from phalanx.defense.compare import Checks
 from phalanx.defense.config import DefenseConfig
 from phalanx.defense.plan import Decision, Plan
+from phalanx.defense.receipts import WORDS, Findings, Notary, equivocators
 from phalanx.defense.recovery import Repair, Skip, strategy
 from phalanx.pipeline.verdict import Oversight, Verdict
 
@@ -83,6 +94,8 @@ class Coordinator:
     def __init__(self, cfg: DefenseConfig, num_stages: int, ema: float = 0.9) -> None:
         self.cfg, self.n, self.ema = cfg, num_stages, ema
         self.recovery = strategy(cfg.recovery)
+        self.notary: Notary | None = None  # with signed links: what checks receipts
+        self.receipt_slots = 0  # receipts per report
         self.checks = Checks(cfg.tolerances(num_stages))  # the norm cross-checks' tally
         self.reputation = [1.0] * num_stages  # EMA of "not blamed" per attempt
         self.blame_count = [0] * num_stages
@@ -100,18 +113,21 @@ class Coordinator:
         middle = set(range(1, n - 1))
         named |= (seen.invalid & middle) - plan.out  # (out of the path, its norm is not used)
         alerts, replica_norm = seen.reports[:, :n], seen.reports[:, n]
+        proof = self.receipts(seen)
+        named |= ((proof.equivocators | proof.forgers) & middle) - plan.out
+        judged = not proof.equivocators - plan.out  # else every check was fed by a liar
         for r in range(n):
             row = alerts[r]
             if not counts(row):  # alerts are whole numbers of messages: anything else is none
                 named |= ({r} & middle) - plan.out
                 continue
             self.alerts_seen += int(row.sum())
-            for x in torch.nonzero(row > 0).reshape(-1).tolist():
+            for x in torch.nonzero(row > 0).reshape(-1).tolist() if judged else ():
                 if designated(r, x, plan, n, self.cfg.second == "replica"):
                     named.add(x)
                 elif r not in plan.out:
                     named |= {r} & middle
-        for s in middle - plan.out:
+        for s in middle - plan.out if judged else ():
             v = s + 1
             if (v in plan.out and v not in plan.heard) or s in seen.invalid:
                 continue
@@ -121,6 +137,15 @@ class Coordinator:
             elif not math.isnan(theirs) and not self.norms_agree(seen, s, theirs):
                 named.add(s)  # (NaN: the replica had nothing to learn from; it vouches for none)
         return frozenset(named)
+
+    def receipts(self, seen: Oversight) -> Findings:
+        """What the receipts in this attempt's reports prove."""
+        if self.notary is None or not self.receipt_slots:
+            return Findings()
+        start = self.n + 1
+        words = seen.reports[:, start:start + self.receipt_slots * WORDS]
+        return equivocators({r: words[r] for r in range(self.n)}, seen.step, seen.tag,
+                            self.notary)
 
     def norms_agree(self, seen: Oversight, s: int, theirs: float) -> bool:
         """Whether stage s's squared norm agrees with its replica's."""

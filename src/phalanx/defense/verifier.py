@@ -186,14 +186,18 @@ class Guard(ChannelWrapper):
 
     def _checked(self, frame: Frame, true: torch.Tensor | None) -> Frame:
         """``frame``, or zeros in its place: shaped like the true input where that comes from
-        the trusted stage 0, or like the labels at the last stage (elsewhere a true input of
-        another size may be the lie, and the verifier sorts it out)."""
+        the trusted stage 0 or where s is out of the path, or like the labels at the last
+        stage (elsewhere a true input of another size may be the lie, and the verifier sorts
+        it out)."""
         vf = self.verifier
         t = frame.tensor
         rows = vf.rows(frame.micro)  # at the last stage: the labels' shape
         alone = (t.dim() == 3 and t.shape[-1] == vf.hidden and t.dtype == vf.dtype
                  and rows in (None, tuple(t.shape[:2])))
-        trusted = true is not None and vf.source(vf.plan())[0] == 0
+        # the true input's shape decides where it comes from the trusted stage 0, or where the
+        # plan leaves s out (what s sends is not used; its shape must not be either)
+        trusted = true is not None and (vf.source(vf.plan())[0] == 0
+                                        or frame.src in vf.plan().out)
         if alone and not (trusted and t.shape != true.shape):
             return frame
         if frame.src not in vf.plan().out:

@@ -11,7 +11,10 @@ For every stage s of a run with a duplicated block (checked stages are the middl
 - with second replicas (``defense.second=replica``), when s holds one of s - 2: inboxes of
   ``JUMP`` from s - 3 and s - 4 (s - 2's true input), checked in the verifier hook
   (:class:`~phalanx.defense.second.SecondReplica`); and the jumps out of every stage go to
-  those second replicas too.
+  those second replicas too;
+- with signed links (the secure transport; the simulator's throwaway keys), a
+  :class:`~phalanx.defense.receipts.Receipted` on the links from s - 1 to s - 4 (the output of
+  s - 1, the jumps of the others), whose receipts go in the stage's report.
 
 :meth:`Duplicate.attach` plugs the stage's report (alerts, the replica's norm), the freezing of
 its weights and replica, and the verdict's plan into the worker; stage 0 runs the coordinator.
@@ -29,6 +32,7 @@ from phalanx.defense.coordinator import Coordinator, counts, report_size
 from phalanx.defense.gradcheck import GradCheck
 from phalanx.defense.links import Inbox, Outbound
 from phalanx.defense.plan import Decision, Plan
+from phalanx.defense.receipts import WORDS, Book, Notary, Receipted, pack
 from phalanx.defense.replica import SECOND, checked, replicated, shadow_params, squared_norm
 from phalanx.defense.tolerance import CHECKS
 from phalanx.defense.verifier import Guard, Verifier, well_formed
@@ -59,8 +63,12 @@ def hidden_size(stage: StageModule) -> int:
 class Duplicate:
     """The duplicated block, jumping connection and coordinator for the stages of a process."""
 
-    def __init__(self, cfg: DefenseConfig, num_stages: int, timeout: float | None) -> None:
+    def __init__(self, cfg: DefenseConfig, num_stages: int, timeout: float | None,
+                 max_micro: int = 1) -> None:
         self.cfg, self.n, self.timeout = cfg, num_stages, timeout
+        self.max_micro = max_micro  # the most micro-batches a pass has (an evaluation's)
+        self.books: dict[int, Book] = {}  # each stage's receipts, once links are signed
+        self.receipt_slots = 0
         self.tolerances = cfg.tolerances(num_stages)
         self.second = cfg.second == "replica"
         self.checks: dict[int, Checks] = {}
@@ -70,6 +78,17 @@ class Duplicate:
         self.workers: dict[int, StageWorker] = {}  # the stages of this process, once attached
         self.inboxes: dict[int, list[Inbox]] = {}  # each stage's side inboxes
         self.coordinator = Coordinator(cfg, num_stages)
+
+    def notarize(self, notary: Notary) -> None:
+        """The links are signed: stages report receipts, which the coordinator checks with
+        ``notary`` (before :meth:`wrap`)."""
+        self.receipt_slots = Book(self.max_micro).slots
+        self.coordinator.notary, self.coordinator.receipt_slots = notary, self.receipt_slots
+
+    def norm_bytes(self) -> int:
+        """The most bytes a stage's norm frame holds: its norm, refusals and report, with
+        receipts."""
+        return 8 * (1 + self.n + report_size(self.n) + Book(self.max_micro).slots * WORDS)
 
     def _checks(self, stage: int) -> Checks:
         return self.checks.setdefault(stage, Checks(self.tolerances))
@@ -96,7 +115,15 @@ class Duplicate:
         return replicated(stage, self.n, self.second)
 
     def wrap(self, stage: StageModule, channels: dict[int, Channel]) -> dict[int, Channel]:
-        s, out, mid, n = stage.index, dict(channels), checked(self.n), self.n
+        s, mid, n = stage.index, checked(self.n), self.n
+        if self.receipt_slots:
+            book = self.books.setdefault(s, Book(self.max_micro))
+            channels = dict(channels)
+            for k in (s - 1, s - 2, s - 3, s - 4):
+                if k >= 0:
+                    kind = Kind.ACTIVATION if k == s - 1 else Kind.JUMP
+                    channels[k] = Receipted(channels[k], book, kind)
+        out = dict(channels)
         checks = self._checks(s)
         tag = lambda: self.tag(s)  # noqa: E731
         plan = lambda: self.plan  # noqa: E731
@@ -150,8 +177,11 @@ class Duplicate:
         def report() -> torch.Tensor:
             replica = squared_norm(shadow) if shadow and not checks.blind else float("nan")
             checks.blind = False
-            return torch.cat([checks.counts(self.n),
-                              torch.tensor([replica], dtype=torch.float64)])
+            parts = [checks.counts(self.n), torch.tensor([replica], dtype=torch.float64)]
+            if self.receipt_slots:
+                book = self.books[me]
+                parts.append(pack(book.drain(worker.step, worker.tag), self.receipt_slots))
+            return torch.cat(parts)
 
         def frozen(verdict: Verdict) -> list[torch.nn.Parameter]:
             replicas = Decision.decode(verdict.payload, self.n).replicas
@@ -159,7 +189,8 @@ class Duplicate:
                     + (second_replica if me - 2 in verdict.frozen else []))
 
         self.workers[me] = worker
-        worker.report, worker.report_size = report, report_size(self.n)
+        worker.report = report
+        worker.report_size = report_size(self.n) + self.receipt_slots * WORDS
         if worker.gate is not None:
             worker.gate.frozen = frozen
         worker.norm_excluded = held

@@ -23,10 +23,11 @@ from phalanx.experiments.spec import ShortRuns
 from phalanx.threats.adaptive import TACTICS
 
 RECOVERIES = ("skip", "repair", "restart")
-NOT_ATTRIBUTABLE = {"equivocate", "false_evidence", "frame_predecessor", "collude", "short"}
-"""Tactics one replica cannot pin on the right stage (README: what is not covered); ``short``
-only where the verifier's true input comes from another middle stage (a claim and a jumped
-input of different sizes: one of the two senders lied)."""
+NOT_ATTRIBUTABLE = {"false_evidence", "frame_predecessor", "collude"}
+"""Tactics one replica cannot pin on the right stage (README: what is not covered). The cells
+run in the simulator, whose links sign: a message that differs by receiver (``equivocate``,
+and ``short`` where the verifier's true input comes from another middle stage) is pinned on
+its sender by its own signed receipts."""
 NORM_LIARS = {"nan_norm", "negative_norm", "huge_norm"}
 """Repaired, such a liar keeps its weights (its norm and its replica's disagree)."""
 

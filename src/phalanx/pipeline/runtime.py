@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from phalanx.comm import Channel, LocalFabric
+from phalanx.comm.channel import Sealer
 from phalanx.comm.device import on_device
 from phalanx.models.stages import StageModule, set_precision
 from phalanx.pipeline.config import PipelineConfig
@@ -151,9 +152,10 @@ class LocalRuntime(Runtime):
 
     def __init__(self, stages: list[StageModule], cfg: PipelineConfig, optim: OptimConfig,
                  total_steps: int, wrap: Wrap = no_wrap, attach: Attach = no_attach,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+                 limits: Limits = DEFAULT_LIMITS,
+                 sealer: Callable[[int, int], Sealer] | None = None) -> None:
         super().__init__(cfg, len(stages), tied=any(s.tied for s in stages))
-        fabric = LocalFabric(len(stages), limits)
+        fabric = LocalFabric(len(stages), limits, sealer)
         for s, device in zip(stages, stage_devices(cfg.device, len(stages)), strict=True):
             s.to(device)
             set_precision(s, cfg.precision)

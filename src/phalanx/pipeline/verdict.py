@@ -69,6 +69,7 @@ class Oversight:
     invalid: frozenset[int]
     reports: torch.Tensor  # (n, report size): each stage's overseer report
     refused: torch.Tensor  # (n, n): [reporter, sender] frames refused by the transport
+    tag: int = 0  # the attempt number, as frames' flags carry it
 
 
 class Coordinator(Protocol):

@@ -283,7 +283,7 @@ class StageWorker:
             invalid = frozenset(p for p, v in enumerate(norms) if math.isnan(v))
             verdict = self.coordinator.decide(Oversight(
                 step=self.step, train=self.train, norms=norms, invalid=invalid,
-                reports=reports, refused=refused))
+                reports=reports, refused=refused, tag=self.tag))
         self._reports, self._refused = reports, refused
         # a NaN (a real overflow, or an invalid report) makes every stage skip this update
         total = verdict.norm_sq

@@ -342,7 +342,7 @@ class TlsChannel(Channel):
                 sig = bytearray(SIGNATURE)
                 recv_exactly(inc, memoryview(sig))
                 frame.digest = self.signer.verify(bytes(hdr), _view(payload), bytes(sig))
-                frame.signature = bytes(sig)
+                frame.signature, frame.header = bytes(sig), bytes(hdr)
             if frame.kind is Kind.CONTROL and frame.micro == ACK_MICRO:
                 with self._lock:  # an acknowledgement only ever frees what we hold
                     self._peer_acked = max(self._peer_acked, min(frame.step, self._sent))

@@ -445,6 +445,14 @@ class Mesh:
                          ).start()
         return dict(self.links)
 
+    def public_key(self, stage: int) -> ed25519.Ed25519PublicKey | None:
+        """The key the roster admits for ``stage`` now (what its frames are signed with)."""
+        member = self.roster.members.get(stage)
+        if member is None:
+            return None
+        key = x509.load_pem_x509_certificate(member.cert_pem.encode()).public_key()
+        return key if isinstance(key, ed25519.Ed25519PublicKey) else None
+
     def _link(self, peer: int, out: socket.socket, inc: socket.socket) -> TlsChannel:
         signer = None
         if self.sign:

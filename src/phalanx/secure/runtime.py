@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from phalanx.comm import Channel
@@ -16,9 +15,10 @@ from phalanx.wire import DEFAULT_LIMITS, Limits
 
 def secure_links(cfg: SecureConfig, rank: int, stages: int, timeout: float,
                  limits: Limits = DEFAULT_LIMITS
-                 ) -> tuple[dict[int, Channel], Callable[[], None]]:
+                 ) -> tuple[dict[int, Channel], Mesh]:
     """Load this stage's identity and the roster (or bind the identity with a join token),
-    meet the other stages; the links, and what closes the mesh after them."""
+    meet the other stages; the links, and the mesh (to close after them; its session and keys
+    check signatures)."""
     if cfg.missing():
         raise ConfigError(f"pipeline.runtime=secure needs {', '.join(cfg.missing())}: see the "
                           "README's section on several hosts")
@@ -39,4 +39,4 @@ def secure_links(cfg: SecureConfig, rank: int, stages: int, timeout: float,
     mesh = Mesh(rank, identity, roster, cfg.coordinator, cfg.listen, cfg.advertise, timeout,
                 sign=cfg.sign, encrypt=cfg.encrypt, limits=limits,
                 reconnect_s=cfg.reconnect_s)
-    return dict(mesh.connect()), mesh.close
+    return dict(mesh.connect()), mesh

@@ -9,6 +9,7 @@ an accusation with :func:`verify_evidence` against the accused stage's pinned ke
 from __future__ import annotations
 
 import hashlib
+import os
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -56,3 +57,18 @@ def verify_evidence(public_key: ed25519.Ed25519PublicKey, session: bytes, header
         return True
     except InvalidSignature:
         return False
+
+
+class LocalKeys:
+    """Throwaway identities for the stages of one process (the simulator): its links sign and
+    verify as the secure transport's do, and the coordinator checks receipts with them."""
+
+    def __init__(self, num_stages: int) -> None:
+        self.session = os.urandom(16)
+        self._keys = [ed25519.Ed25519PrivateKey.generate() for _ in range(num_stages)]
+
+    def sealer(self, me: int, peer: int) -> Signer:
+        return Signer(self._keys[me], self._keys[peer].public_key(), self.session)
+
+    def public(self, stage: int) -> ed25519.Ed25519PublicKey | None:
+        return self._keys[stage].public_key() if 0 <= stage < len(self._keys) else None

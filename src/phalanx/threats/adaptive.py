@@ -15,7 +15,8 @@ Tactics (what the attacker at stage s does in an attacked iteration):
   bit of their flags (flags once told the verifier "already bypassed, do not check"; now only
   their low bits tag the attempt, and nothing reads the rest).
 - ``equivocate``: sends a sign-flipped activation to stage s + 1 and its honest output over the
-  jumping connection (two different messages for one micro-batch).
+  jumping connection (two different messages for one micro-batch; with signed links, the two
+  receipts are the proof, :mod:`phalanx.defense.receipts`).
 - ``false_evidence`` / ``empty_evidence`` / ``nan_evidence``: as the holder of stage s - 1's
   replica, sends flipped, empty or NaN ``JUMP_GRAD`` frames (evidence and bypass gradients).
 - ``false_alert``: reports alerts against stages it has no role in checking (the trusted ends
@@ -28,9 +29,9 @@ Tactics (what the attacker at stage s does in an attacked iteration):
   gradients (well below any float tolerance of the old max-entry test).
 - ``float16`` / ``short``: activations to stage s + 1 as float16, or a position short
   (malformed but plausible frames; a float64 one would be over the byte limit of the run's
-  activations, refused by the transport: a withheld message; a malformed *jumped* copy blinds
-  the verifier it feeds, whose missing evidence its sender can then report: not attributable
-  without signed receipts, like equivocation).
+  activations, refused by the transport: a withheld message). The jumped copy stays honest,
+  so where the verifier's true input comes from another middle stage, ``short`` is also an
+  equivocation: attributable through signed receipts only.
 - ``collude``: with two adjacent stages given, the first sign-flips its activations and the
   second (its only verifier) reports no alerts.
 """

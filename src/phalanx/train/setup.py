@@ -9,6 +9,7 @@ import torch
 
 from phalanx.comm import Channel
 from phalanx.comm.faults import Fault, with_faults
+from phalanx.defense.receipts import Notary
 from phalanx.defense.replica import add_replica
 from phalanx.defense.wiring import Duplicate
 from phalanx.models import (
@@ -22,6 +23,7 @@ from phalanx.models import (
 from phalanx.pipeline import LocalRuntime, Runtime, StageWorker
 from phalanx.pipeline.devices import stage_devices
 from phalanx.pipeline.limits import run_limits
+from phalanx.secure.signing import LocalKeys
 from phalanx.threats import AttackPlan
 from phalanx.threats.adaptive import adaptive
 from phalanx.threats.channel import poison
@@ -89,7 +91,7 @@ def _one_stage(cfg: Config, load: Loader, rank: int, defense: Duplicate | None
     return loaded, stage, ties_embeddings(loaded.model, loaded.family) and p.stages > 1
 
 
-def limits_of(cfg: Config, loaded: LoadedModel) -> Limits:
+def limits_of(cfg: Config, loaded: LoadedModel, defense: Duplicate | None = None) -> Limits:
     """The largest frame of each kind this run sends (what every receiver refuses beyond)."""
     conf = loaded.model.config
     hidden = int(getattr(conf, "hidden_size", None) or conf.n_embd)
@@ -97,7 +99,8 @@ def limits_of(cfg: Config, loaded: LoadedModel) -> Limits:
     tied = ties_embeddings(loaded.model, loaded.family) and cfg.pipeline.stages > 1
     return run_limits(micro_rows=cfg.train.batch_size // cfg.pipeline.micro_batches,
                       seq_len=cfg.data.seq_len, hidden=hidden, itemsize=itemsize,
-                      tied_bytes=int(conf.vocab_size) * hidden * itemsize if tied else 0)
+                      tied_bytes=int(conf.vocab_size) * hidden * itemsize if tied else 0,
+                      norm_bytes=defense.norm_bytes() if defense is not None else 0)
 
 
 def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> Pipeline:
@@ -109,7 +112,8 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
     if cfg.defense.verify == "duplicate":
         # in the simulator a side frame that is not there when needed never comes: no wait
         wait = 0.0 if p.runtime == "local" else p.timeout_s
-        defense = Duplicate(cfg.defense, p.stages, wait)
+        defense = Duplicate(cfg.defense, p.stages, wait,
+                            max_micro=p.micro_batches * max(1, cfg.train.eval_batches))
     wrap = wrapper(attack, defense, cfg.faults.parsed(p.stages), cfg.faults.seed)
     if p.runtime == "distributed":
         import torch.distributed as dist
@@ -122,7 +126,7 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
         runtime: Runtime = DistributedRuntime(stage, p, cfg.optim, total_steps, device, tied=tied,
                                               wrap=wrap, attach=attacher(defense),
                                               owns_group=owns_group,
-                                              limits=limits_of(cfg, loaded))
+                                              limits=limits_of(cfg, loaded, defense))
     elif p.runtime == "secure":
         from phalanx.pipeline.process import ProcessRuntime, stage_threads
         from phalanx.secure.runtime import secure_links
@@ -131,10 +135,12 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
         rank = cfg.secure.rank()
         device = stage_devices(p.device, p.stages)[rank]
         loaded, stage, tied = _one_stage(cfg, load, rank, defense)
-        links, close_mesh = secure_links(cfg.secure, rank, p.stages, p.timeout_s,
-                                         limits_of(cfg, loaded))
+        links, mesh = secure_links(cfg.secure, rank, p.stages, p.timeout_s,
+                                   limits_of(cfg, loaded, defense))
+        if defense is not None and cfg.secure.sign:
+            defense.notarize(Notary(mesh.session, mesh.public_key))
         runtime = ProcessRuntime(stage, p, cfg.optim, total_steps, device, links, tied=tied,
-                                 wrap=wrap, attach=attacher(defense), on_close=close_mesh)
+                                 wrap=wrap, attach=attacher(defense), on_close=mesh.close)
     else:
         loaded = load(cfg.model)
         torch.manual_seed(cfg.train.seed)
@@ -143,6 +149,11 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
             for stage in stages:
                 for name, i in defense.replicated(stage.index).items():
                     add_replica(stage, name, stages[i])
+        keys = None
+        if defense is not None:  # signed links, so that receipts prove what was sent
+            keys = LocalKeys(p.stages)
+            defense.notarize(Notary(keys.session, keys.public))
         runtime = LocalRuntime(stages, p, cfg.optim, total_steps, wrap, attacher(defense),
-                               limits=limits_of(cfg, loaded))
+                               limits=limits_of(cfg, loaded, defense),
+                               sealer=keys.sealer if keys is not None else None)
     return Pipeline(runtime=runtime, loaded=loaded, attack=attack, defense=defense)

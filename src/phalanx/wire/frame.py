@@ -94,10 +94,12 @@ class Frame:
     seq: int = 0
     flags: int = 0  # one byte a wrapper may use as it likes (the defense: the attempt number);
     # as untrusted as the rest of the frame, and never read by the engine
-    # Accountability (the secure transport): SHA-256 of the payload and the sender's Ed25519
-    # signature over header + digest, both verified on receipt; empty where nothing signs.
+    # Accountability (signed links): SHA-256 of the payload and the sender's Ed25519
+    # signature over header + digest, both verified on receipt, and the header as received
+    # (what the signature covers); empty where nothing signs.
     digest: bytes = b""
     signature: bytes = b""
+    header: bytes = b""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,166 @@
+"""Signed receipts: two validly signed contents for one message name their signer, and nothing
+a reporter makes up names anybody but the reporter."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pytest
+import torch
+
+from phalanx.defense.receipts import (
+    PER_MICRO,
+    WORDS,
+    Book,
+    Notary,
+    Receipt,
+    equivocators,
+    pack,
+)
+from phalanx.secure.signing import LocalKeys
+from phalanx.wire import Frame, Kind
+from phalanx.wire.frame import encode_header
+
+KEYS = LocalKeys(5)
+NOTARY = Notary(KEYS.session, KEYS.public)
+
+
+def _signed(kind: Kind, src: int, dst: int, tensor: torch.Tensor, step: int = 0, micro: int = 0,
+            tag: int = 0) -> Frame:
+    """The frame as a receiver whose link verified it holds it."""
+    frame = Frame(kind=kind, step=step, micro=micro, src=src, dst=dst, tensor=tensor, flags=tag)
+    payload = tensor.contiguous().numpy().tobytes()
+    header = encode_header(frame, len(payload))
+    frame.header, frame.digest = header, hashlib.sha256(payload).digest()
+    frame.signature = KEYS.sealer(src, dst).sign(header, payload)
+    return frame
+
+
+def _receipt(frame: Frame) -> Receipt:
+    return Receipt(frame.header, frame.digest, frame.signature)
+
+
+def _report(*frames: Frame, slots: int = 6) -> torch.Tensor:
+    return pack([_receipt(f) for f in frames], slots)
+
+
+X = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+
+
+def test_a_receipt_survives_its_trip_through_report_words():
+    r = _receipt(_signed(Kind.ACTIVATION, 1, 2, X))
+    words = pack([r], 2).reshape(2, WORDS)
+    assert Receipt.from_words(words[0]) == r and Receipt.from_words(words[1]) is None
+
+
+@pytest.mark.parametrize(("index", "value"), [
+    (5, math.nan), (5, 0.5), (5, -1.0), (5, 2.0 ** 32), (0, 2.0), (0, math.inf)])
+def test_report_words_that_are_not_a_receipt_are_refused(index, value):
+    words = pack([_receipt(_signed(Kind.ACTIVATION, 1, 2, X))], 1)
+    words[index] = value
+    with pytest.raises(ValueError):
+        Receipt.from_words(words)
+
+
+def test_an_empty_slot_with_anything_in_it_is_refused():
+    words = torch.zeros(WORDS, dtype=torch.float64)
+    words[7] = 3.0
+    with pytest.raises(ValueError):
+        Receipt.from_words(words)
+
+
+def test_two_signed_contents_for_one_message_name_their_signer():
+    """Stage 1 sends stage 2 one output and stage 3 (over the jump) another: each receiver
+    reports what it got, and the pair of signatures is the proof."""
+    slots = {2: _report(_signed(Kind.ACTIVATION, 1, 2, -X)),
+             3: _report(_signed(Kind.JUMP, 1, 3, X))}
+    found = equivocators(slots, 0, 0, NOTARY)
+    assert found.equivocators == {1} and not found.forgers
+
+
+def test_a_conflict_one_receiver_saw_alone_names_the_signer():
+    """Stage 1 sends stage 3 two different frames for one micro-batch: stage 3's book keeps both
+    and the pair proves it, whatever anybody else reports."""
+    book = Book(2)
+    book.record(_signed(Kind.JUMP, 1, 3, X))
+    book.record(_signed(Kind.JUMP, 1, 3, X * 2))
+    found = equivocators({3: pack(book.drain(0, 0), book.slots)}, 0, 0, NOTARY)
+    assert found.equivocators == {1}
+
+
+def test_the_same_content_to_every_receiver_proves_nothing():
+    slots = {2: _report(_signed(Kind.ACTIVATION, 1, 2, X)),
+             3: _report(_signed(Kind.JUMP, 1, 3, X))}
+    assert equivocators(slots, 0, 0, NOTARY) == equivocators({}, 0, 0, NOTARY)
+
+
+def test_a_receipt_nobody_signed_names_its_reporter_and_never_the_sender():
+    """Stage 2 changes the digest of what stage 1 sent it, to frame stage 1 as an equivocator:
+    its signature does not verify, so stage 2 is named and stage 1 is not."""
+    forged = _receipt(_signed(Kind.ACTIVATION, 1, 2, X))
+    forged = Receipt(forged.header, bytes(32), forged.signature)
+    slots = {2: pack([forged], 2), 3: _report(_signed(Kind.JUMP, 1, 3, X))}
+    found = equivocators(slots, 0, 0, NOTARY)
+    assert found.forgers == {2} and not found.equivocators
+
+
+def test_a_receipt_addressed_to_another_stage_names_its_reporter():
+    """A validly signed receipt of a frame to stage 3, reported by stage 2: an honest stage only
+    keeps what it received, so stage 2 is lying (and the signer is not named)."""
+    slots = {2: _report(_signed(Kind.JUMP, 1, 3, -X)), 3: _report(_signed(Kind.JUMP, 1, 3, X))}
+    found = equivocators(slots, 0, 0, NOTARY)
+    assert found.forgers == {2} and not found.equivocators
+
+
+def test_a_receipt_of_what_carries_no_output_names_its_reporter():
+    slots = {2: _report(_signed(Kind.GRADIENT, 3, 2, X))}
+    assert equivocators(slots, 0, 0, NOTARY).forgers == {2}
+
+
+@pytest.mark.parametrize(("step", "tag"), [(1, 0), (0, 1)])
+def test_receipts_of_another_step_or_attempt_prove_nothing(step, tag):
+    """A redo recomputes a stage's output from a repaired input: a different content, validly
+    signed, for the same micro-batch of another attempt is no equivocation."""
+    slots = {2: _report(_signed(Kind.ACTIVATION, 1, 2, X, step=step, tag=tag)),
+             3: _report(_signed(Kind.JUMP, 1, 3, -X))}
+    assert equivocators(slots, 0, 0, NOTARY) == equivocators({}, 0, 0, NOTARY)
+
+
+def test_garbage_in_a_report_names_its_reporter():
+    words = torch.full((2 * WORDS,), 0.25, dtype=torch.float64)
+    assert equivocators({2: words, 3: _report()}, 0, 0, NOTARY).forgers == {2}
+
+
+def test_a_stage_without_a_pinned_key_cannot_be_named():
+    """Receipts claimed for a stage that has no key (out of the run) verify for nobody: their
+    reporters are named, not the stage."""
+    slots = {2: _report(_signed(Kind.ACTIVATION, 1, 2, X)),
+             3: _report(_signed(Kind.JUMP, 1, 3, -X))}
+    found = equivocators(slots, 0, 0, Notary(KEYS.session, lambda s: None))
+    assert found.forgers == {2, 3} and not found.equivocators
+
+
+def test_a_book_is_bounded_whatever_a_sender_floods_it_with():
+    book = Book(2)
+    for step in range(50):
+        for micro in range(2):
+            book.record(_signed(Kind.ACTIVATION, 1, 2, X, step=step, micro=micro))
+    book.record(_signed(Kind.ACTIVATION, 1, 2, X, micro=99))  # no such micro-batch: not kept
+    assert len(book.kept) == 2 * PER_MICRO * 2
+    assert len(book.drain(0, 0)) <= book.slots
+
+
+def test_a_book_keeps_the_next_attempt_and_forgets_the_rest():
+    book = Book(1)
+    book.record(_signed(Kind.ACTIVATION, 1, 2, X, tag=0))
+    book.record(_signed(Kind.ACTIVATION, 1, 2, X, tag=1))  # a faster sender's next attempt
+    book.record(_signed(Kind.ACTIVATION, 1, 2, X, tag=5))
+    assert len(book.drain(0, 0)) == 1
+    assert len(book.drain(0, 1)) == 1 and not book.kept
+
+
+def test_an_unsigned_frame_is_not_kept():
+    book = Book(1)
+    book.record(Frame(kind=Kind.ACTIVATION, step=0, micro=0, src=1, dst=2, tensor=X))
+    assert not book.kept
