@@ -164,3 +164,12 @@ def test_an_unsigned_frame_is_not_kept():
     book = Book(1)
     book.record(Frame(kind=Kind.ACTIVATION, step=0, micro=0, src=1, dst=2, tensor=X))
     assert not book.kept
+
+
+def test_more_retries_than_attempt_tags_tell_apart_is_a_config_error():
+    from phalanx.defense.config import MAX_RETRIES, DefenseConfig
+    from phalanx.errors import ConfigError
+
+    DefenseConfig(verify="duplicate", max_retries=MAX_RETRIES).validate(4)
+    with pytest.raises(ConfigError, match="more than 30"):
+        DefenseConfig(verify="duplicate", max_retries=MAX_RETRIES + 1).validate(4)

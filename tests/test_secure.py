@@ -243,16 +243,23 @@ TINY = ['model.name="tiny"', "data.seq_len=32", "train.batch_size=4", "pipeline.
 @pytest.mark.slow
 def test_four_stage_pipeline_over_tls_trains_as_the_simulator(tmp_path):
     """Four processes that reach each other only over TLS on loopback (throwaway identities
-    and roster made by `phalanx train`) train exactly as the simulator."""
-    r = _cli("train", *TINY, 'pipeline.runtime="secure"', f'train.out_dir="{tmp_path / "s"}"')
+    and roster made by `phalanx train`) train exactly as the simulator — here with stage 1
+    equivocating under the repairing defense: the coordinator checks the receipts against the
+    roster's keys and blames stage 1 alone, as the simulator does."""
+    guarded = [*TINY, 'defense.verify="duplicate"', 'defense.recovery="repair"',
+               'attack.adaptive="equivocate"', "attack.rate=1.0", "attack.stages=[1]"]
+    r = _cli("train", *guarded, 'pipeline.runtime="secure"', f'train.out_dir="{tmp_path / "s"}"')
     assert r.returncode == 0, r.stderr[-2000:]
-    r2 = _cli("train", *TINY, f'train.out_dir="{tmp_path / "l"}"')
+    r2 = _cli("train", *guarded, f'train.out_dir="{tmp_path / "l"}"')
     assert r2.returncode == 0, r2.stderr[-2000:]
 
-    def losses(d: Path) -> list[float]:
-        return [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+    def records(d: Path) -> list[dict]:
+        return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
 
-    assert losses(tmp_path / "s") == pytest.approx(losses(tmp_path / "l"), rel=1e-6)
+    secure, local = records(tmp_path / "s"), records(tmp_path / "l")
+    assert [x["loss"] for x in secure] == pytest.approx([x["loss"] for x in local], rel=1e-6)
+    for rec in secure:  # its receiver (stage 2) was accused too, and not blamed
+        assert [t["blamed"] for t in rec["redone"]] == [[1]] and rec["blamed"] == []
     summary = (tmp_path / "s" / "summary.json").read_text()
     assert "PRIVATE KEY" not in summary and "phalanx-keys-" in summary  # paths, never keys
 
