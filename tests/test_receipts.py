@@ -142,7 +142,7 @@ def test_a_stage_without_a_pinned_key_cannot_be_named():
 
 
 def test_a_book_is_bounded_whatever_a_sender_floods_it_with():
-    book = Book(2)
+    book = Book(2)  # (before the first attempt: the first attempt of any step is kept)
     for step in range(50):
         for micro in range(2):
             book.record(_signed(Kind.ACTIVATION, 1, 2, X, step=step, micro=micro))
@@ -151,13 +151,29 @@ def test_a_book_is_bounded_whatever_a_sender_floods_it_with():
     assert len(book.drain(0, 0)) <= book.slots
 
 
-def test_a_book_keeps_the_next_attempt_and_forgets_the_rest():
-    book = Book(1)
-    book.record(_signed(Kind.ACTIVATION, 1, 2, X, tag=0))
-    book.record(_signed(Kind.ACTIVATION, 1, 2, X, tag=1))  # a faster sender's next attempt
-    book.record(_signed(Kind.ACTIVATION, 1, 2, X, tag=5))
-    assert len(book.drain(0, 0)) == 1
-    assert len(book.drain(0, 1)) == 1 and not book.kept
+def test_a_book_keeps_this_attempt_and_the_next_and_nothing_ahead():
+    now = [(3, 0)]
+    book = Book(1, lambda: now[0])
+    book.record(_signed(Kind.ACTIVATION, 1, 2, X, step=3, tag=0))
+    book.record(_signed(Kind.ACTIVATION, 1, 2, X, step=4, tag=1))  # a faster sender's next
+    book.record(_signed(Kind.ACTIVATION, 1, 2, X, step=3, tag=5))  # attempts ahead: junk
+    book.record(_signed(Kind.ACTIVATION, 1, 2, X, step=900, tag=1))
+    assert len(book.drain(3, 0)) == 1
+    now[0] = (4, 1)
+    assert len(book.drain(4, 1)) == 1 and not book.kept
+
+
+def test_frames_for_attempts_ahead_cannot_crowd_out_the_receipt_that_proves():
+    """Stage 1 floods stage 2 with signed frames for future steps before sending its real
+    (flipped) activation: the book still keeps the real one, so the proof stands."""
+    book = Book(2, lambda: (0, 0))
+    for step in range(1, 200):
+        for micro in range(2):
+            book.record(_signed(Kind.ACTIVATION, 1, 2, X, step=step, micro=micro, tag=1))
+            book.record(_signed(Kind.ACTIVATION, 1, 2, X, step=step, micro=micro, tag=7))
+    book.record(_signed(Kind.ACTIVATION, 1, 2, -X))
+    slots = {2: pack(book.drain(0, 0), book.slots), 3: _report(_signed(Kind.JUMP, 1, 3, X))}
+    assert equivocators(slots, 0, 0, NOTARY).equivocators == {1}
 
 
 def test_an_unsigned_frame_is_not_kept():

@@ -84,19 +84,24 @@ class Book:
     """The receipts one stage keeps: of this attempt, and of the next (frames of a faster
     stage arrive early), one per (step, attempt, sender, micro-batch) for micro-batches below
     ``max_micro`` — and, once per attempt, a second of different content for the same key
-    (the sender equivocated to this stage alone: the pair is the proof). What an attempt can
-    hold fits in its report's ``slots``."""
+    (the sender equivocated to this stage alone: the pair is the proof). Only frames of the
+    attempt ``now()`` and the one after it are kept, so a sender cannot crowd out the receipts
+    that matter with frames for attempts ahead. What an attempt can hold fits in its report's
+    ``slots``."""
 
-    def __init__(self, max_micro: int) -> None:
+    def __init__(self, max_micro: int,
+                 now: Callable[[], tuple[int, int] | None] = lambda: None) -> None:
         self.max_micro = max_micro
+        self.now = now  # the receiving stage's (step, attempt); None before its first
         self.slots = PER_MICRO * max_micro + 2
         self.kept: dict[tuple[int, int, int, int], tuple[Receipt, tuple]] = {}
         self.pairs: dict[tuple[int, int], list[Receipt]] = {}  # (step, attempt): a conflict
 
     def record(self, frame: Frame) -> None:
-        if not frame.signature or not 0 <= frame.micro < self.max_micro:
-            return
         attempt = (frame.step, frame.flags % TAGS)
+        if (not frame.signature or not 0 <= frame.micro < self.max_micro
+                or attempt not in self._expected()):
+            return  # (a frame for an attempt far ahead is junk: it must not fill the book)
         key = (*attempt, frame.src, frame.micro)
         receipt = Receipt(frame.header, frame.digest, frame.signature)
         content = (frame.digest, frame.tensor.dtype, tuple(frame.tensor.shape))
@@ -111,15 +116,36 @@ class Book:
             return
         self.kept[key] = (receipt, content)
 
+    def _expected(self) -> set[tuple[int, int]] | _Any:
+        """The attempts whose frames can arrive now: this one and the next (a redo of this
+        step, or the next step; before the first attempt, the first of any step)."""
+        now = self.now()
+        if now is None:
+            return _Any()
+        return _following(*now) | {now}
+
     def drain(self, step: int, tag: int) -> list[Receipt]:
         """The receipts of attempt ``tag`` of ``step``, a conflict first (forgotten with
         every earlier one; the next attempt's are kept)."""
         mine = [*self.pairs.get((step, tag), []),
                 *(r for k, (r, _) in self.kept.items() if k[:2] == (step, tag))]
-        nxt = (tag + 1) % TAGS
-        self.kept = {k: v for k, v in self.kept.items() if k[1] == nxt and k[0] >= step}
-        self.pairs = {k: v for k, v in self.pairs.items() if k[1] == nxt and k[0] >= step}
+        keep = _following(step, tag)
+        self.kept = {k: v for k, v in self.kept.items() if k[:2] in keep}
+        self.pairs = {k: v for k, v in self.pairs.items() if k in keep}
         return mine[:self.slots]
+
+
+def _following(step: int, tag: int) -> set[tuple[int, int]]:
+    """The attempts that can follow attempt ``tag`` of ``step``."""
+    nxt = (tag + 1) % TAGS
+    return {(step, nxt), (step + 1, nxt)}
+
+
+class _Any:
+    """Before a stage's first attempt: the first attempt of whatever step the run starts at."""
+
+    def __contains__(self, attempt: object) -> bool:
+        return isinstance(attempt, tuple) and attempt[1] == 0
 
 
 class Receipted(ChannelWrapper):

@@ -93,6 +93,11 @@ class Duplicate:
     def _checks(self, stage: int) -> Checks:
         return self.checks.setdefault(stage, Checks(self.tolerances))
 
+    def attempt(self, stage: int) -> tuple[int, int] | None:
+        """(step, attempt) stage ``stage`` is at; ``None`` before its first."""
+        w = self.workers.get(stage)
+        return (w.step, w.tag) if w is not None and w.attempt >= 0 else None
+
     def tag(self, stage: int) -> int:
         """The attempt stage ``stage`` is at, as frames' ``flags`` carry it: the worker's."""
         w = self.workers.get(stage)
@@ -117,7 +122,7 @@ class Duplicate:
     def wrap(self, stage: StageModule, channels: dict[int, Channel]) -> dict[int, Channel]:
         s, mid, n = stage.index, checked(self.n), self.n
         if self.receipt_slots:
-            book = self.books.setdefault(s, Book(self.max_micro))
+            book = self.books.setdefault(s, Book(self.max_micro, lambda: self.attempt(s)))
             channels = dict(channels)
             for k in (s - 1, s - 2, s - 3, s - 4):
                 if k >= 0:
