@@ -15,6 +15,8 @@ from __future__ import annotations
 import queue
 from collections.abc import Callable
 
+import torch
+
 from phalanx.comm.channel import Channel, ChannelClosed, Sealer, queue_get
 from phalanx.wire import DEFAULT_LIMITS, HEADER_SIZE, Frame, Limits, decode, decode_header
 from phalanx.wire.frame import decode_payload, encode_header, payload_tensor
@@ -67,7 +69,8 @@ class LocalChannel(Channel):
         self._outbox.put(_CLOSED)
 
 
-def _host(payload):  # noqa: ANN001, ANN202 - a uint8 tensor, as bytes to hash
+def _host(payload: torch.Tensor) -> memoryview | bytes:
+    """A flat uint8 payload's bytes in host memory, to hash."""
     return memoryview(payload.cpu().numpy()) if payload.numel() else b""
 
 
