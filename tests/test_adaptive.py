@@ -417,3 +417,15 @@ def test_in_six_stages_a_message_that_differs_by_receiver_is_pinned_on_its_sende
         assert [Decision.decode(r.verdict.payload, 6).blamed for r, _ in runs][0] == {2}
         assert all(Decision.decode(r.verdict.payload, 6).blamed <= {2} for r, _ in runs)
         assert runs[-1][0].loss == clean.runtime.train_step(step, BATCH).loss
+
+
+@pytest.mark.parametrize(("tactic", "attacker", "framed"),
+                         [("frame_predecessor", 2, 1), ("frame_successor", 1, 2)])
+def test_a_checker_that_frames_the_stage_it_checks_gets_it_blamed_a_limit_of_one_replica(
+        tactic, attacker, framed):
+    """A stage accuses its predecessor (its forward check) or its successor (its backward
+    check) of mismatches that never happened: one replica cannot tell an accuser from the
+    accused, so the honest stage is named (README: what is not covered), the accuser is not."""
+    pipe = _pipe(['defense.recovery="none"', f'attack.adaptive="{tactic}"', "attack.rate=1.0",
+                  f"attack.stages=[{attacker}]"])
+    assert _blamed(pipe.runtime.train_step(0, BATCH)) == {framed}

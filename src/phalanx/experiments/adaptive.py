@@ -23,7 +23,7 @@ from phalanx.experiments.spec import ShortRuns
 from phalanx.threats.adaptive import TACTICS
 
 RECOVERIES = ("skip", "repair", "restart")
-NOT_ATTRIBUTABLE = {"false_evidence", "frame_predecessor", "collude"}
+NOT_ATTRIBUTABLE = {"false_evidence", "frame_predecessor", "frame_successor", "collude"}
 """Tactics one replica cannot pin on the right stage (README: what is not covered). The cells
 run in the simulator, whose links sign: a message that differs by receiver (``equivocate``,
 and ``short`` where the verifier's true input comes from another middle stage) is pinned on

@@ -20,7 +20,9 @@ Tactics (what the attacker at stage s does in an attacked iteration):
 - ``false_evidence`` / ``empty_evidence`` / ``nan_evidence``: as the holder of stage s - 1's
   replica, sends flipped, empty or NaN ``JUMP_GRAD`` frames (evidence and bypass gradients).
 - ``false_alert``: reports alerts against stages it has no role in checking (the trusted ends
-  and itself); ``frame_predecessor``: against stage s - 1, which it does check.
+  and itself); ``frame_predecessor``: against stage s - 1, which it does check (forward);
+  ``frame_successor``: against stage s + 1, whose gradient it checks against s + 2's evidence
+  (backward; where s + 1 is a middle stage).
 - ``nan_norm`` / ``negative_norm`` / ``huge_norm``: a squared gradient norm of NaN, -1, 1e30.
 - ``forged_report``: statistics claiming a loss of -333329.6 over NaN tokens, and NaN alert
   counts.
@@ -159,6 +161,7 @@ TACTICS: dict[str, Tactic] = {
     "nan_evidence": _evidence(lambda t: torch.full_like(t, math.nan)),
     "false_alert": _alerts(lambda me, n: [0, n - 1, me]),
     "frame_predecessor": _alerts(lambda me, n: [me - 1]),
+    "frame_successor": _alerts(lambda me, n: [me + 1] if me + 2 < n else []),
     "nan_norm": _norm(math.nan),
     "negative_norm": _norm(-1.0),
     "huge_norm": _norm(1e30),

@@ -22,8 +22,9 @@ class AttackConfig:
     seed: int = 0  # the attack's own randomness (which iterations, which stage, the noise)
     adaptive: str = "none"  # an attacker that uses every field it sends (threats.adaptive):
     # flag_forge | equivocate | false_evidence | empty_evidence | nan_evidence | false_alert |
-    # frame_predecessor | nan_norm | negative_norm | huge_norm | forged_report | eval_poison |
-    # drift | float16 | short | collude (attack.stages: two adjacent stages)
+    # frame_predecessor | frame_successor | nan_norm | negative_norm | huge_norm |
+    # forged_report | eval_poison | drift | float16 | short | collude (attack.stages: two
+    # adjacent stages)
 
     @property
     def active(self) -> bool:
