@@ -100,7 +100,7 @@ class Book:
     def record(self, frame: Frame) -> None:
         attempt = (frame.step, frame.flags % TAGS)
         if (not frame.signature or not 0 <= frame.micro < self.max_micro
-                or attempt not in self._expected()):
+                or not self._expected(attempt)):
             return  # (a frame for an attempt far ahead is junk: it must not fill the book)
         key = (*attempt, frame.src, frame.micro)
         receipt = Receipt(frame.header, frame.digest, frame.signature)
@@ -116,13 +116,13 @@ class Book:
             return
         self.kept[key] = (receipt, content)
 
-    def _expected(self) -> set[tuple[int, int]] | _Any:
-        """The attempts whose frames can arrive now: this one and the next (a redo of this
-        step, or the next step; before the first attempt, the first of any step)."""
+    def _expected(self, attempt: tuple[int, int]) -> bool:
+        """Whether frames of ``attempt`` (step, tag) can arrive now: this one's and the next's
+        (a redo of this step, or the next step; before the first, the first of any step)."""
         now = self.now()
         if now is None:
-            return _Any()
-        return _following(*now) | {now}
+            return attempt[1] == 0
+        return attempt == now or attempt in _following(*now)
 
     def drain(self, step: int, tag: int) -> list[Receipt]:
         """The receipts of attempt ``tag`` of ``step``, a conflict first (forgotten with
@@ -140,12 +140,6 @@ def _following(step: int, tag: int) -> set[tuple[int, int]]:
     nxt = (tag + 1) % TAGS
     return {(step, nxt), (step + 1, nxt)}
 
-
-class _Any:
-    """Before a stage's first attempt: the first attempt of whatever step the run starts at."""
-
-    def __contains__(self, attempt: object) -> bool:
-        return isinstance(attempt, tuple) and attempt[1] == 0
 
 
 class Receipted(ChannelWrapper):
