@@ -147,7 +147,7 @@ def test_a_book_is_bounded_whatever_a_sender_floods_it_with():
         for micro in range(2):
             book.record(_signed(Kind.ACTIVATION, 1, 2, X, step=step, micro=micro))
     book.record(_signed(Kind.ACTIVATION, 1, 2, X, micro=99))  # no such micro-batch: not kept
-    assert len(book.kept) == 2 * PER_MICRO * 2
+    assert len(book.kept) == 3 * PER_MICRO * 2
     assert len(book.drain(0, 0)) <= book.slots
 
 
@@ -189,3 +189,18 @@ def test_more_retries_than_attempt_tags_tell_apart_is_a_config_error():
     DefenseConfig(verify="duplicate", max_retries=MAX_RETRIES).validate(4)
     with pytest.raises(ConfigError, match="more than 30"):
         DefenseConfig(verify="duplicate", max_retries=MAX_RETRIES + 1).validate(4)
+
+
+def test_a_full_window_of_early_and_junk_frames_leaves_room_for_every_current_receipt():
+    """Stage 1 sends frames for both attempts that may follow, the other three senders their
+    next attempt's early, and only then all four send this attempt's: every one is kept."""
+    book = Book(2, lambda: (0, 0))
+    for micro in range(2):
+        for step in (0, 1):
+            book.record(_signed(Kind.ACTIVATION, 1, 4, X, step=step, micro=micro, tag=1))
+        for src in (0, 2, 3):
+            book.record(_signed(Kind.JUMP, src, 4, X, step=1, micro=micro, tag=1))
+    for micro in range(2):
+        for src in range(4):
+            book.record(_signed(Kind.JUMP, src, 4, X, micro=micro))
+    assert len(book.drain(0, 0)) == 8
