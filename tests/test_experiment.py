@@ -63,6 +63,24 @@ def test_score_counts_redone_attempts_and_misplaced_blame():
     assert row["redone_iterations"] == 2 and row["honest_iterations"] == 2
 
 
+def test_a_colluder_whose_forging_partner_is_out_of_the_path_attacks_in_vain():
+    """With the forger (2) bypassed, its quiet partner (3) has nothing to hide: the attempt is
+    in vain, not a missed detection; with the forger in the path it is attacked and missed."""
+    records = [
+        {"step": 0, "malicious": [2, 3], "alerts": {}, "blamed": [],
+         "redone": [{"malicious": [2, 3], "alerts": {"2": 1}, "blamed": [2],
+                     "next": {"bypassed": [2], "repaired": []}}]},
+        {"step": 1, "malicious": [2, 3], "alerts": {}, "blamed": []},
+    ]
+    summary = {"val_loss_start": 1.0, "val_loss_end": 0.5, "val_ppl_start": 2.7,
+               "val_ppl_end": 1.6, "steps": 2, "tokens_per_s": 1.0, "wall_s": 1.0}
+    row = score(Cell("collude", 0.5, "skip"), records, summary, covers=frozenset({3}))
+    assert (row["attacked_iterations"], row["detected_iterations"]) == (2, 1)
+    assert row["attacks_in_vain"] == 1
+    plain = score(Cell("collude", 0.5, "skip"), records, summary)  # 3 counted as an attacker
+    assert (plain["attacked_iterations"], plain["attacks_in_vain"]) == (3, 0)
+
+
 def test_demo_runs_clean_attacked_and_defended(tmp_path, capsys):
     """The demo's code path, on the tiny model in the simulator (the real demo is SmolLM2)."""
     out = tmp_path / "demo"

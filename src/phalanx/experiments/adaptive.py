@@ -100,7 +100,8 @@ def run(spec: AdaptiveSpec, out: Path, fresh: bool = False) -> list[dict]:
         if tactic is None:
             continue
         records, summary = read_run(Path(r.out))
-        row = score(Cell(tactic, spec.rate, recovery), records, summary)
+        covers = frozenset({spec.attacker + 1}) if tactic == "collude" else frozenset()
+        row = score(Cell(tactic, spec.rate, recovery), records, summary, covers)
         if tactic == "eval_poison":  # training is not attacked: what counts is the validation
             row.update(attacked_iterations=None, detected_iterations=None, blame_correct=None)
         rows.append({

@@ -42,15 +42,19 @@ def left_out(tries: list[dict]) -> list[set[int]]:
     return out
 
 
-def score(cell: Cell, records: list[dict], summary: dict) -> dict:
+def score(cell: Cell, records: list[dict], summary: dict,
+          covers: frozenset[int] = frozenset()) -> dict:
     """One row of the results: what the attack did and what the defense caught. An attempt
     whose attackers were all left out of its data path attacked in vain (nothing it sent was
-    used): it is counted apart, not as an attacked iteration."""
+    used): it is counted apart, not as an attacked iteration. ``covers`` are attackers whose
+    only act is to cover for another (a colluder that keeps quiet about its partner's
+    forgery): with every other attacker out of the path they have nothing to hide, and the
+    attempt is in vain too."""
     tries = attempts(records)
     outs = left_out(tries)
-    attacked = [t for t, o in zip(tries, outs, strict=True) if set(t.get("malicious", [])) - o]
-    vain = [t for t, o in zip(tries, outs, strict=True)
-            if t.get("malicious") and not set(t["malicious"]) - o]
+    hits = [set(t.get("malicious", [])) - o for t, o in zip(tries, outs, strict=True)]
+    attacked = [t for t, h in zip(tries, hits, strict=True) if h - covers]
+    vain = [t for t, h in zip(tries, hits, strict=True) if t.get("malicious") and not h - covers]
     honest = [t for t in tries if not t.get("malicious")]
     detected = [t for t in attacked if t.get("blamed")]
     false_alerts = sum(1 for t in honest if t.get("alerts")) + sum(
