@@ -85,9 +85,10 @@ def test_training_steps_match_single_process(schedule):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("stages", "schedule"),
-                         [(1, "1f1b"), (2, "gpipe"), (2, "1f1b"), (4, "gpipe"), (4, "1f1b")])
+                         [(2, "1f1b"), (4, "gpipe"), (4, "1f1b")])
 def test_distributed_runtime_equivalence(stages, schedule):
-    """The same check across real processes (torchrun, gloo), through the CLI."""
+    """The same check across real processes (torchrun, gloo), through the CLI: both schedules
+    in four processes, and the smallest split (the local runtime covers every count)."""
     cmd = [sys.executable, "-m", "phalanx.cli", "check", "equivalence", "--model", "tiny",
            "--stages", str(stages), "--schedule", schedule, "--runtime", "distributed",
            "--seq-len", "32"]

@@ -199,7 +199,8 @@ def test_restart_redoes_attacked_iterations_until_clean(tmp_path):
 @pytest.mark.parametrize("recovery", ["skip", "repair"])
 def test_recovery_is_the_same_in_both_runtimes(tmp_path, recovery):
     args = ['attack.forward="sign_flip"', 'attack.backward="gaussian"', "attack.rate=0.6",
-            "attack.seed=2", 'defense.verify="duplicate"', f'defense.recovery="{recovery}"']
+            "attack.seed=2", 'defense.verify="duplicate"', f'defense.recovery="{recovery}"',
+            "train.steps=4"]
     local = _train(tmp_path / "l", args)
     out = subprocess.run(
         [sys.executable, "-m", "phalanx.cli", "train", *TINY, *args,
