@@ -166,6 +166,16 @@ def _parts(model: nn.Module, family: str) -> dict:
                 blocks=("h", core.h), rotary=None, norm=("ln_f", core.ln_f), head=model.lm_head)
 
 
+def blocks_of(model: nn.Module, family: str) -> nn.ModuleList:
+    """The model's decoder layers, in order."""
+    return _parts(model, family)["blocks"][1]
+
+
+def embedding_of(model: nn.Module, family: str) -> nn.Embedding:
+    """The model's input token embedding."""
+    return _parts(model, family)["embed"][1]
+
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 

@@ -197,7 +197,8 @@ class StageWorker:
                 self._reject(self.me + 1, exc)  # an overseer discards the attempt
                 grad = torch.zeros_like(out)
         t0 = time.perf_counter()
-        torch.autograd.backward(out, grad)
+        if out.requires_grad:  # else nothing before it trains (a data owner's frozen layers)
+            torch.autograd.backward(out, grad)
         self.stats.compute_s += time.perf_counter() - t0
         if self.me != 0:
             self._send(self.me - 1, Kind.GRADIENT, m, x.grad)

@@ -11,6 +11,8 @@ from phalanx.errors import ConfigError
 from phalanx.models import ModelConfig
 from phalanx.pipeline import OptimConfig, PipelineConfig
 from phalanx.secure.config import SecureConfig
+from phalanx.split.config import SplitConfig
+from phalanx.split.trainable import TrainableConfig
 from phalanx.threats import AttackConfig
 
 
@@ -42,6 +44,8 @@ class Config:
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     secure: SecureConfig = field(default_factory=SecureConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    trainable: TrainableConfig = field(default_factory=lambda: TrainableConfig(method="full"))
 
     def validate(self) -> None:
         """Check every component and the settings that involve several of them."""
@@ -51,6 +55,13 @@ class Config:
         self.defense.validate(self.pipeline.stages)
         self.secure.validate(self.pipeline.runtime)
         self.faults.parsed(self.pipeline.stages)
+        self.split.validate()
+        self.trainable.validate()
+        if self.split.active:
+            if self.pipeline.boundaries:
+                raise ConfigError("split.mode sets the cut: leave pipeline.boundaries empty "
+                                  "(split.cut, split.tail)")
+            self.pipeline.stages = self.split.stages  # client, server (, client)
         t = self.train
         if t.steps < 1 or t.batch_size < 1 or t.eval_batches < 1:
             raise ConfigError("train.steps, train.batch_size and train.eval_batches must be >= 1")

@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from phalanx.data import build_data
-from phalanx.models import lm_loss, load_model
+from phalanx.models import lm_loss
 from phalanx.models.stages import PRECISIONS
 from phalanx.pipeline import Runtime
 from phalanx.pipeline.devices import stage_devices
 from phalanx.train.config import Config
-from phalanx.train.setup import build_pipeline
+from phalanx.train.setup import build_pipeline, load_prepared
 
 TOLERANCE = 1e-5
 TOLERANCES = {"fp32": TOLERANCE, "bf16": 1e-4}
@@ -46,7 +46,7 @@ def reference_step(model: torch.nn.Module, batch: torch.Tensor, micro: int = 1,
     loss = 0.0
     for mb in batch.to(device).chunk(micro):
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            logits = model(mb).logits
+            logits = model(mb, use_cache=False).logits  # (a KV cache is for generation)
         step_loss = lm_loss(logits, mb)  # the pipeline's loss, outside autocast, in fp32
         (step_loss / micro).backward()
         loss += step_loss.item() / micro
@@ -109,7 +109,7 @@ def check_distributed(cfg: Config) -> dict:
     from phalanx.errors import PhalanxError
     from phalanx.launch import spawn
 
-    loaded = load_model(cfg.model)
+    loaded = load_prepared(cfg)
     loss_ref, ref = reference_for(cfg, loaded.model, first_batch(cfg, loaded.tokenizer))
     del loaded
     with tempfile.TemporaryDirectory(prefix="phalanx-eq-") as tmp:
@@ -131,7 +131,7 @@ def run_pipeline_step(cfg: Config, batch: torch.Tensor | None) -> tuple[Runtime,
 
 def check_local(cfg: Config) -> dict:
     """Reference and local-runtime pipeline in this process."""
-    loaded = load_model(cfg.model)
+    loaded = load_prepared(cfg)
     batch = first_batch(cfg, loaded.tokenizer)
     loss_ref, ref = reference_for(cfg, loaded.model, batch)
     runtime, loss_pipe = run_pipeline_step(cfg, batch)

@@ -24,6 +24,8 @@ from phalanx.pipeline import LocalRuntime, Runtime, StageWorker
 from phalanx.pipeline.devices import stage_devices
 from phalanx.pipeline.limits import run_limits
 from phalanx.secure.signing import LocalKeys
+from phalanx.split.prepare import cuts as split_cuts
+from phalanx.split.prepare import prepare
 from phalanx.threats import AttackPlan
 from phalanx.threats.adaptive import adaptive
 from phalanx.threats.channel import poison
@@ -76,17 +78,30 @@ Loader = Callable[[ModelConfig], LoadedModel]
 """Gives a fresh model for a config (:func:`load_model`, or a cache of loaded models)."""
 
 
+def load_prepared(cfg: Config, load: Loader = load_model) -> LoadedModel:
+    """The model of a run, seeded, with its trainable parts and its client's layers frozen
+    (``split``, ``trainable``): what every process and every reference starts from."""
+    loaded = load(cfg.model)
+    torch.manual_seed(cfg.train.seed)  # after loading: a cached model draws no numbers
+    prepare(loaded, cfg.split, cfg.trainable)
+    return loaded
+
+
+def bounds_of(cfg: Config, loaded: LoadedModel) -> list[int] | None:
+    """The pipeline's cut points: the split's, else ``pipeline.boundaries`` (else balanced)."""
+    return split_cuts(loaded, cfg.split) or cfg.pipeline.boundaries or None
+
+
 def _one_stage(cfg: Config, load: Loader, rank: int, defense: Duplicate | None
                ) -> tuple[LoadedModel, StageModule, bool]:
     """This process's stage (with the replica it verifies, under the duplicated block) and
     whether the model ties its embeddings (a fact every rank must agree on)."""
     p = cfg.pipeline
-    loaded = load(cfg.model)
-    torch.manual_seed(cfg.train.seed)  # after loading: a cached model draws no numbers
-    (stage,) = partition(loaded.model, loaded.family, p.stages, p.boundaries or None, only=rank)
+    loaded = load_prepared(cfg, load)
+    cuts = bounds_of(cfg, loaded)
+    (stage,) = partition(loaded.model, loaded.family, p.stages, cuts, only=rank)
     for name, i in (defense.replicated(rank) if defense is not None else {}).items():
-        (original,) = partition(loaded.model, loaded.family, p.stages, p.boundaries or None,
-                                only=i)
+        (original,) = partition(loaded.model, loaded.family, p.stages, cuts, only=i)
         add_replica(stage, name, original)
     return loaded, stage, ties_embeddings(loaded.model, loaded.family) and p.stages > 1
 
@@ -142,9 +157,8 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
         runtime = ProcessRuntime(stage, p, cfg.optim, total_steps, device, links, tied=tied,
                                  wrap=wrap, attach=attacher(defense), on_close=mesh.close)
     else:
-        loaded = load(cfg.model)
-        torch.manual_seed(cfg.train.seed)
-        stages = partition(loaded.model, loaded.family, p.stages, p.boundaries or None)
+        loaded = load_prepared(cfg, load)
+        stages = partition(loaded.model, loaded.family, p.stages, bounds_of(cfg, loaded))
         if defense is not None:  # (a replica copies its original without the original's own)
             for stage in stages:
                 for name, i in defense.replicated(stage.index).items():
