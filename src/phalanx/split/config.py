@@ -8,6 +8,8 @@ from phalanx.errors import ConfigError
 
 MODES = {"none": 0, "layers": 2, "u": 3}
 """Split modes and the pipeline stages each makes (``none``: no split, the pipeline as set)."""
+ENCLAVES = ("none", "simulated")
+SERVER = 1  # the server's stage: between the client's front (0) and, under ``u``, its tail (2)
 
 
 @dataclass(kw_only=True)
@@ -18,11 +20,21 @@ class SplitConfig:
     their hidden states with the labels; the server runs the remaining layers, the head and the
     loss, and holds the trainable parts (``trainable.*``). ``u`` (U-shaped): the client also
     keeps the last ``tail`` layers, the head and the loss, so the labels never leave it; the
-    server runs the layers in between. Either sets ``pipeline.stages`` (2 or 3)."""
+    server runs the layers in between. Either sets ``pipeline.stages`` (2 or 3).
+
+    ``enclave=simulated`` puts the server's stage in an enclave (:mod:`phalanx.split.wiring`):
+    every client stage checks its attestation report before it sends anything, then talks to
+    it end to end encrypted (the server's host sees ciphertext), and the server's checkpoints
+    are sealed."""
 
     mode: str = "none"  # none | layers | u
     cut: int = 2  # layers the client runs before the server's (>= 1)
     tail: int = 1  # u: layers the client runs after the server's, with the head (>= 1)
+    enclave: str = "none"  # none | simulated: the server's stage runs in an attested enclave
+    platform: str = ""  # folder of the simulated platform (phalanx split platform); "": one
+    # is made under train.out_dir for a one-host run. The client reads only vendor_public.pem
+    measurement: str = ""  # hex SHA-256 the client pins; "": computed from its own copy of the
+    # public weights and the run's seed (what an honest server loads)
 
     @property
     def active(self) -> bool:
@@ -32,10 +44,23 @@ class SplitConfig:
     def stages(self) -> int:
         return MODES[self.mode]
 
+    @property
+    def clients(self) -> tuple[int, ...]:
+        """The client's stages (the data owner's)."""
+        return (0, 2) if self.mode == "u" else (0,) if self.active else ()
+
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"split.mode={self.mode!r} is unknown; use one of "
                               f"{', '.join(MODES)}")
+        if self.enclave not in ENCLAVES:
+            raise ConfigError(f"split.enclave={self.enclave!r} is unknown; use one of "
+                              f"{', '.join(ENCLAVES)}")
+        if self.enclave != "none" and not self.active:
+            raise ConfigError("split.enclave needs a split: set split.mode=layers or u")
+        m = self.measurement
+        if m and (len(m) != 64 or any(c not in "0123456789abcdefABCDEF" for c in m)):
+            raise ConfigError(f"split.measurement={m!r} must be 64 hex digits (a SHA-256)")
         for key in ("cut", "tail"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

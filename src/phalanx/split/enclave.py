@@ -84,6 +84,9 @@ from phalanx.split.envelope import (
 _SEALING_TAG = b"phalanx-sealing-key-1"
 
 
+MAX_PENDING = 16  # attestations awaiting their session at once
+
+
 class EnclaveError(PhalanxError):
     """An enclave call made out of order: nothing loaded, no attestation, no session."""
 
@@ -115,7 +118,7 @@ class Enclave(ABC):
         self._limits = limits
         self._module: nn.Module | None = None
         self._measurement: bytes | None = None
-        self._pending: tuple[bytes, x25519.X25519PrivateKey, bytes] | None = None
+        self._pending: dict[bytes, tuple[x25519.X25519PrivateKey, bytes]] = {}
         self._session: Session | None = None
 
     def __repr__(self) -> str:  # never print keys or weights
@@ -139,7 +142,7 @@ class Enclave(ABC):
         the measurement. Ends any attestation or session of a previous load."""
         self._measurement = self._measure(module, code)
         self._module = module
-        self._pending = self._session = None
+        self._pending, self._session = {}, None
         return self._measurement
 
     @property
@@ -156,25 +159,32 @@ class Enclave(ABC):
 
     def attest(self, nonce: bytes) -> bytes:
         """A report bound to the client's fresh ``nonce`` and to a key-exchange key generated
-        inside for this attestation."""
+        inside for this attestation. At most :data:`MAX_PENDING` attestations await their
+        session at once (one per client link); a nonce seen before is refused."""
         if not isinstance(nonce, bytes) or len(nonce) != CLIENT_NONCE_SIZE:
             raise EnclaveError(f"a client nonce is {CLIENT_NONCE_SIZE} random bytes")
+        if nonce in self._pending or len(self._pending) >= MAX_PENDING:
+            raise EnclaveError("this nonce already awaits a session, or too many attestations "
+                               f"do (at most {MAX_PENDING})")
         start = time.perf_counter()
         key = x25519.X25519PrivateKey.generate()
         enclave_public = public_bytes(key.public_key())
         report = self._quote(Report(measurement=self.measurement, nonce=nonce,
                                     enclave_public=enclave_public))
-        self._pending = (nonce, key, enclave_public)
+        self._pending[nonce] = (key, enclave_public)
         self.cost.attestations += 1
         self.cost.attest_s += time.perf_counter() - start
         return report
 
-    def open_session(self, client_public: bytes) -> None:
-        """Derive the session key of the last attestation with the client's public key; each
-        attestation opens at most one session."""
-        if self._pending is None:
-            raise EnclaveError("no attestation awaits a session: call attest first")
-        (nonce, key, enclave_public), self._pending = self._pending, None
+    def open_session(self, client_public: bytes, *, nonce: bytes | None = None) -> Session:
+        """Derive the session of the attestation that answered ``nonce`` (default: the only
+        one pending) with the client's public key; each attestation opens at most one session.
+        The session is returned and kept for :meth:`run_encrypted`."""
+        if nonce is None and len(self._pending) == 1:
+            nonce = next(iter(self._pending))
+        if nonce is None or nonce not in self._pending:
+            raise EnclaveError("no attestation awaits this session: call attest first")
+        key, enclave_public = self._pending.pop(nonce)
         start = time.perf_counter()
         session_key = derive_session_key(key, client_public, nonce=nonce,
                                          measurement=self.measurement,
@@ -182,6 +192,7 @@ class Enclave(ABC):
                                          client_public=client_public)
         self._session = Session(session_key, role="enclave", limits=self._limits)
         self.cost.attest_s += time.perf_counter() - start
+        return self._session
 
     def seal(self, *, label: str, state: Mapping[str, torch.Tensor] | None = None) -> bytes:
         """Seal ``state`` (default: the module's state dict) under the sealing key, bound to

@@ -1,8 +1,9 @@
-"""Checkpoints: per-stage safetensors (parameters + optimizer state) and a JSON manifest of hashes.
+"""Checkpoints: per-stage files (parameters + optimizer state) and a JSON manifest of hashes.
 
 Every file is written atomically (temp file + rename) and verified by SHA-256 on load; nothing is
 unpickled. Layout: ``DIR/step_<k>/stage_<i>.safetensors``, ``DIR/step_<k>/manifest.json`` and
-``DIR/latest.json`` naming the newest complete checkpoint.
+``DIR/latest.json`` naming the newest complete checkpoint. A stage may keep its file in another
+format (a :class:`StageStore`: the enclave's stage seals it, ``stage_<i>.sealed``).
 """
 
 from __future__ import annotations
@@ -11,16 +12,43 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from phalanx.errors import PhalanxError
 from phalanx.fileio import atomic_write_json, sha256_file
 from phalanx.pipeline.worker import StageWorker
 
 FORMAT = "phalanx-checkpoint-1"
+
+
+class StageStore(Protocol):
+    """How one stage's tensors become the bytes of its checkpoint file, and back."""
+
+    suffix: str
+
+    def dump(self, tensors: dict[str, torch.Tensor]) -> bytes: ...
+
+    def load(self, data: bytes) -> dict[str, torch.Tensor]: ...
+
+
+class PlainStore:
+    """Safetensors, in the clear."""
+
+    suffix = ".safetensors"
+
+    def dump(self, tensors: dict[str, torch.Tensor]) -> bytes:
+        return save_bytes(tensors, metadata={"format": FORMAT})
+
+    def load(self, data: bytes) -> dict[str, torch.Tensor]:
+        return load_bytes(data)
+
+
+PLAIN = PlainStore()
 
 
 def stage_tensors(worker: StageWorker) -> dict[str, torch.Tensor]:
@@ -36,14 +64,14 @@ def stage_tensors(worker: StageWorker) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_stage(directory: Path, worker: StageWorker) -> str:
+def save_stage(directory: Path, worker: StageWorker, store: StageStore = PLAIN) -> str:
     """Write stage ``worker.me``'s file atomically; returns its SHA-256."""
-    path = directory / f"stage_{worker.me}.safetensors"
+    path = directory / f"stage_{worker.me}{store.suffix}"
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=directory)
-    os.close(fd)
     try:
-        save_file(stage_tensors(worker), tmp, metadata={"format": FORMAT})
+        with os.fdopen(fd, "wb") as f:
+            f.write(store.dump(stage_tensors(worker)))
         digest = sha256_file(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
@@ -52,11 +80,14 @@ def save_stage(directory: Path, worker: StageWorker) -> str:
     return digest
 
 
-def write_manifest(directory: Path, step: int, hashes: dict[int, str], extra: dict) -> None:
-    """Record the stage files and their hashes, then point ``latest.json`` at this checkpoint."""
+def write_manifest(directory: Path, step: int, hashes: dict[int, str], extra: dict,
+                   suffixes: dict[int, str] | None = None) -> None:
+    """Record the stage files (``.safetensors`` unless ``suffixes`` says otherwise) and their
+    hashes, then point ``latest.json`` at this checkpoint."""
+    suffixes = suffixes or {}
     manifest = {
         "format": FORMAT, "step": step,
-        "stages": {str(i): {"file": f"stage_{i}.safetensors", "sha256": h}
+        "stages": {str(i): {"file": f"stage_{i}{suffixes.get(i, PLAIN.suffix)}", "sha256": h}
                    for i, h in sorted(hashes.items())},
         **extra,
     }
@@ -80,18 +111,22 @@ def read_manifest(root: Path) -> tuple[Path, dict]:
     return directory, manifest
 
 
-def load_stage(directory: Path, manifest: dict, worker: StageWorker) -> None:
+def load_stage(directory: Path, manifest: dict, worker: StageWorker,
+               store: StageStore = PLAIN) -> None:
     """Restore stage ``worker.me`` from its file after checking the file's hash."""
     entry = manifest.get("stages", {}).get(str(worker.me))
     if not isinstance(entry, dict):
         raise PhalanxError(f"checkpoint {directory} has no stage {worker.me}")
     path = directory / Path(str(entry.get("file", ""))).name
+    if path.suffix != store.suffix:
+        raise PhalanxError(f"checkpoint file {path} is not a {store.suffix} file, as stage "
+                           f"{worker.me} of this run keeps it")
     if not path.is_file():
         raise PhalanxError(f"checkpoint file {path} is missing")
     if sha256_file(path) != entry.get("sha256"):
         raise PhalanxError(f"checkpoint file {path} does not match its hash: it is corrupt")
     try:
-        tensors = load_file(path)
+        tensors = store.load(path.read_bytes())
     except (SafetensorError, OSError) as exc:
         raise PhalanxError(f"cannot read checkpoint file {path}: {exc}") from None
     params = dict(worker.stage.named_parameters())

@@ -62,6 +62,10 @@ class Config:
                 raise ConfigError("split.mode sets the cut: leave pipeline.boundaries empty "
                                   "(split.cut, split.tail)")
             self.pipeline.stages = self.split.stages  # client, server (, client)
+        if self.split.enclave != "none" and self.defense.verify != "none":
+            raise ConfigError("split.enclave keeps the server's layers to the enclave; the "
+                              "duplicated block would replicate them at the client: set "
+                              "defense.verify=none")
         t = self.train
         if t.steps < 1 or t.batch_size < 1 or t.eval_batches < 1:
             raise ConfigError("train.steps, train.batch_size and train.eval_batches must be >= 1")

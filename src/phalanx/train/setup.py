@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,11 +24,15 @@ from phalanx.pipeline import LocalRuntime, Runtime, StageWorker
 from phalanx.pipeline.devices import stage_devices
 from phalanx.pipeline.limits import run_limits
 from phalanx.secure.signing import LocalKeys
+from phalanx.split.config import SERVER
+from phalanx.split.link import OVERHEAD
 from phalanx.split.prepare import cuts as split_cuts
 from phalanx.split.prepare import prepare
+from phalanx.split.wiring import EnclaveWiring, platform_dir, sealed_stages
 from phalanx.threats import AttackPlan
 from phalanx.threats.adaptive import adaptive
 from phalanx.threats.channel import poison
+from phalanx.train.checkpoint import StageStore
 from phalanx.train.config import Config
 from phalanx.wire import Limits
 
@@ -41,20 +45,26 @@ class Pipeline:
     loaded: LoadedModel
     attack: AttackPlan
     defense: Duplicate | None = None
+    enclave: EnclaveWiring | None = None
+    stores: dict[int, StageStore] = field(default_factory=dict)  # stage -> its file's format
+    suffixes: dict[int, str] = field(default_factory=dict)  # every stage's file, if not plain
 
 
 def wrapper(attack: AttackPlan, defense: Duplicate | None, faults: list[Fault] = (),
-            fault_seed: int = 0):  # noqa: ANN201
-    """The channel wrapping of a run: declared network faults next to the transport, then an
-    adaptive attacker's rewriting of everything its stage sends (under the defense: the
-    attacker owns its whole process), then the defense's links, then the paper's poisoning on
-    the malicious stages' pipeline links (outermost, so what an attacker sends is what every
-    link carries)."""
+            fault_seed: int = 0, enclave: EnclaveWiring | None = None):  # noqa: ANN201
+    """The channel wrapping of a run: declared network faults next to the transport, then the
+    split's sessions with the enclave (what a stage's code sends is encrypted; what the network
+    or a host does to it is caught), then an adaptive attacker's rewriting of everything its
+    stage sends (under the defense: the attacker owns its whole process), then the defense's
+    links, then the paper's poisoning on the malicious stages' pipeline links (outermost, so
+    what an attacker sends is what every link carries)."""
     n = attack.num_stages
 
     def wrap(stage: StageModule, channels: dict[int, Channel]) -> dict[int, Channel]:
         if faults:
             channels = with_faults(channels, stage.index, list(faults), fault_seed)
+        if enclave is not None:
+            channels = enclave.wrap(stage, channels)
         if attack.cfg.active and attack.cfg.adaptive != "none":
             channels = adaptive(channels, attack, stage, n)
         if defense is not None:
@@ -115,7 +125,23 @@ def limits_of(cfg: Config, loaded: LoadedModel, defense: Duplicate | None = None
     return run_limits(micro_rows=cfg.train.batch_size // cfg.pipeline.micro_batches,
                       seq_len=cfg.data.seq_len, hidden=hidden, itemsize=itemsize,
                       tied_bytes=int(conf.vocab_size) * hidden * itemsize if tied else 0,
-                      norm_bytes=defense.norm_bytes() if defense is not None else 0)
+                      norm_bytes=defense.norm_bytes() if defense is not None else 0,
+                      overhead=OVERHEAD if cfg.split.enclave != "none" else 0)
+
+
+def enclave_wiring(cfg: Config, loaded: LoadedModel, stages: dict[int, StageModule]
+                   ) -> EnclaveWiring | None:
+    """The enclave of a split run (``None`` without one), from this process's ``stages``
+    (index -> stage, before anything moves or trains them)."""
+    split = cfg.split
+    if split.enclave == "none":
+        return None
+    reference = stages.get(SERVER)
+    if reference is None and not split.measurement and set(stages) & set(split.clients):
+        (reference,) = partition(loaded.model, loaded.family, cfg.pipeline.stages,
+                                 bounds_of(cfg, loaded), only=SERVER)
+    return EnclaveWiring(split, platform_dir(split, cfg.train.out_dir),
+                         server=stages.get(SERVER), reference=reference)
 
 
 def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> Pipeline:
@@ -129,7 +155,8 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
         wait = 0.0 if p.runtime == "local" else p.timeout_s
         defense = Duplicate(cfg.defense, p.stages, wait,
                             max_micro=p.micro_batches * max(1, cfg.train.eval_batches))
-    wrap = wrapper(attack, defense, cfg.faults.parsed(p.stages), cfg.faults.seed)
+    faults = cfg.faults.parsed(p.stages)
+    enclave = None
     if p.runtime == "distributed":
         import torch.distributed as dist
 
@@ -138,6 +165,8 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
         owns_group = not dist.is_initialized()  # else a session keeps it for its next run
         rank, _, device = init_distributed(p)
         loaded, stage, tied = _one_stage(cfg, load, rank, defense)
+        enclave = enclave_wiring(cfg, loaded, {rank: stage})
+        wrap = wrapper(attack, defense, faults, cfg.faults.seed, enclave)
         runtime: Runtime = DistributedRuntime(stage, p, cfg.optim, total_steps, device, tied=tied,
                                               wrap=wrap, attach=attacher(defense),
                                               owns_group=owns_group,
@@ -150,6 +179,8 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
         rank = cfg.secure.rank()
         device = stage_devices(p.device, p.stages)[rank]
         loaded, stage, tied = _one_stage(cfg, load, rank, defense)
+        enclave = enclave_wiring(cfg, loaded, {rank: stage})
+        wrap = wrapper(attack, defense, faults, cfg.faults.seed, enclave)
         links, mesh = secure_links(cfg.secure, rank, p.stages, p.timeout_s,
                                    limits_of(cfg, loaded, defense))
         if defense is not None and cfg.secure.sign:
@@ -159,6 +190,8 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
     else:
         loaded = load_prepared(cfg, load)
         stages = partition(loaded.model, loaded.family, p.stages, bounds_of(cfg, loaded))
+        enclave = enclave_wiring(cfg, loaded, dict(enumerate(stages)))
+        wrap = wrapper(attack, defense, faults, cfg.faults.seed, enclave)
         if defense is not None:  # (a replica copies its original without the original's own)
             for stage in stages:
                 for name, i in defense.replicated(stage.index).items():
@@ -170,4 +203,13 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
         runtime = LocalRuntime(stages, p, cfg.optim, total_steps, wrap, attacher(defense),
                                limits=limits_of(cfg, loaded, defense),
                                sealer=keys.sealer if keys is not None else None)
-    return Pipeline(runtime=runtime, loaded=loaded, attack=attack, defense=defense)
+    if enclave is None:
+        return Pipeline(runtime=runtime, loaded=loaded, attack=attack, defense=defense)
+    try:
+        enclave.open(p.timeout_s)
+    except BaseException:
+        runtime.close()  # the peers learn at once that this stage is gone
+        raise
+    return Pipeline(runtime=runtime, loaded=loaded, attack=attack, defense=defense,
+                    enclave=enclave, stores=dict(enclave.stores()),
+                    suffixes={i: ".sealed" for i in sealed_stages(cfg.split)})

@@ -20,7 +20,13 @@ from phalanx.data import TokenData, build_data
 from phalanx.models import load_model
 from phalanx.pipeline import IterationResult
 from phalanx.train.attempts import attempts
-from phalanx.train.checkpoint import load_stage, read_manifest, save_stage, write_manifest
+from phalanx.train.checkpoint import (
+    PLAIN,
+    load_stage,
+    read_manifest,
+    save_stage,
+    write_manifest,
+)
 from phalanx.train.config import Config
 from phalanx.train.oversight import Overseer, Unwatched
 from phalanx.train.setup import Loader, build_pipeline
@@ -94,13 +100,14 @@ class Trainer:
         self.progress("checkpointing", step)
         directory = self.out / "checkpoints" / f"step_{step}"
         self.runtime.sync_replicas(step)
-        hashes = {w.me: save_stage(directory, w) for w in self.runtime.workers}
+        hashes = {w.me: save_stage(directory, w, self.pipe.stores.get(w.me, PLAIN))
+                  for w in self.runtime.workers}
         digests = {i: torch.frombuffer(bytearray(bytes.fromhex(h)), dtype=torch.uint8)
                    for i, h in hashes.items()}
         gathered = self.runtime.gather(digests)
         if gathered is not None:
             all_hashes = {i: bytes(t.tolist()).hex() for i, t in gathered.items()}
-            write_manifest(directory, step, all_hashes, extra)
+            write_manifest(directory, step, all_hashes, extra, self.pipe.suffixes)
         self.runtime.barrier()
 
     def attempt(self, step: int, batch: torch.Tensor | None) -> tuple[object, list[dict]]:
@@ -156,7 +163,7 @@ class Trainer:
     def restore(self) -> dict:
         directory, manifest = read_manifest(self.out / "checkpoints")
         for w in self.runtime.workers:
-            load_stage(directory, manifest, w)
+            load_stage(directory, manifest, w, self.pipe.stores.get(w.me, PLAIN))
         self.overseer.restore(manifest)
         self.runtime.barrier()
         return manifest
