@@ -78,14 +78,18 @@ def test_training_moves_the_servers_adapters_alone(tmp_path):
 
 def test_a_split_run_over_tls_trains_as_the_simulator(tmp_path):
     """Client and server as two processes joined only by TLS (throwaway identities), the server
-    holding LoRA: the same losses as the simulator's."""
+    holding LoRA in its (simulated) enclave, attested by the client, its checkpoint sealed: the
+    same losses as the simulator's without an enclave."""
     args = [*TINY, 'split.mode="layers"', "split.cut=1", 'trainable.method="lora"',
-            "train.steps=2", "train.save=false", "pipeline.timeout_s=60"]
-    assert main(["train", *args, f'train.out_dir="{tmp_path / "l"}"']) == 0
+            "train.steps=2", "pipeline.timeout_s=60"]
+    assert main(["train", *args, "train.save=false", f'train.out_dir="{tmp_path / "l"}"']) == 0
     r = subprocess.run([sys.executable, "-m", "phalanx.cli", "train", *args,
-                        'pipeline.runtime="secure"', f'train.out_dir="{tmp_path / "s"}"'],
+                        'pipeline.runtime="secure"', 'split.enclave="simulated"',
+                        f'train.out_dir="{tmp_path / "s"}"'],
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
+    files = {p.name for p in (tmp_path / "s" / "checkpoints" / "step_2").iterdir()}
+    assert files == {"manifest.json", "stage_0.safetensors", "stage_1.sealed"}
 
     def losses(d: Path) -> list[float]:
         return [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]

@@ -43,7 +43,8 @@ from phalanx.wire import Frame, FrameError, Kind
 
 log = logging.getLogger(__name__)
 
-NONCE, REPORT, CLIENT_KEY = 0, 1, 2  # the micro field of the three ATTEST frames
+ATTEST_PARTS = {"nonce": 0, "report": 1, "key": 2}  # the micro field of the ATTEST frames
+NONCE, REPORT, CLIENT_KEY = ATTEST_PARTS.values()
 OVERHEAD = 1024  # bytes a session message adds to a tensor (prefix, JSON header, nonce, tag)
 _FIELDS = ("kind", "step", "micro", "src", "dst", "flags")
 

@@ -15,6 +15,8 @@ attention module. A backbone linear that trains (``method=full``) cannot be outs
 host would need its updated weight): it is left in the enclave and listed in
 :attr:`Outsourced.kept`. Add the trainable parts first (:func:`~phalanx.split.trainable.
 apply_trainable`), then outsource; do not merge LoRA into an outsourced base afterwards.
+Parameter and buffer names do not change (an outsourced weight becomes a buffer of the same
+name); a GPT-2 ``Conv1D``'s ``weight`` is then its transpose, (out, in).
 """
 
 from __future__ import annotations
@@ -36,7 +38,11 @@ themselves move, so the hooks' removable handles keep working)."""
 
 @dataclass
 class EnclaveBytes:
-    """Parameter bytes kept in the enclave vs frozen weights outsourced to the host."""
+    """Parameter bytes kept in the enclave vs frozen weights outsourced to the host.
+
+    ``outsourced`` is what the host holds and computes with. :class:`MaskedLinear` still keeps
+    its weight as a buffer, for the offline mask images r W^T and the Freivalds keys; an enclave
+    short of memory would stream it in for that offline work."""
 
     trainable: int  # trainable parameters (LoRA, prefixes, SPF deltas; the backbone if full)
     frozen: int  # frozen parameters kept inside: norms, anything not outsourced
