@@ -74,7 +74,7 @@ def train_decoder(decoder: InversionDecoder, feats: torch.Tensor, targets: torch
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     decoder.eval()
     return losses
 

@@ -35,6 +35,8 @@ class SplitConfig:
     # is made under train.out_dir for a one-host run. The client reads only vendor_public.pem
     measurement: str = ""  # hex SHA-256 the client pins; "": computed from its own copy of the
     # public weights and the run's seed (what an honest server loads)
+    masked: bool = False  # paper 2's method 1: the server's frozen linear layers run on its host
+    # on one-time-pad-masked inputs, Freivalds-checked (masking.*); the rest stays inside
 
     @property
     def active(self) -> bool:
@@ -56,8 +58,9 @@ class SplitConfig:
         if self.enclave not in ENCLAVES:
             raise ConfigError(f"split.enclave={self.enclave!r} is unknown; use one of "
                               f"{', '.join(ENCLAVES)}")
-        if self.enclave != "none" and not self.active:
-            raise ConfigError("split.enclave needs a split: set split.mode=layers or u")
+        if (self.enclave != "none" or self.masked) and not self.active:
+            key = "split.enclave" if self.enclave != "none" else "split.masked"
+            raise ConfigError(f"{key} needs a split: set split.mode=layers or u")
         m = self.measurement
         if m and (len(m) != 64 or any(c not in "0123456789abcdefABCDEF" for c in m)):
             raise ConfigError(f"split.measurement={m!r} must be 64 hex digits (a SHA-256)")

@@ -27,8 +27,11 @@ import phalanx.pipeline.optim
 import phalanx.pipeline.worker
 import phalanx.split.enclave
 import phalanx.split.envelope
+import phalanx.split.freivalds
 import phalanx.split.link
 import phalanx.split.lora
+import phalanx.split.masking
+import phalanx.split.outsource
 import phalanx.split.parts
 import phalanx.split.ptuning
 import phalanx.split.spf
@@ -43,7 +46,8 @@ from phalanx.split.platform import ensure_platform, load_platform, load_vendor_p
 ENCLAVE_CODE: tuple[CodePart, ...] = (
     phalanx.models.stages, phalanx.pipeline.worker, phalanx.pipeline.optim, phalanx.split.link,
     phalanx.split.enclave, phalanx.split.envelope, phalanx.split.parts, phalanx.split.lora,
-    phalanx.split.ptuning, phalanx.split.spf,
+    phalanx.split.ptuning, phalanx.split.spf, phalanx.split.masking, phalanx.split.outsource,
+    phalanx.split.freivalds,
 )
 """The code the enclave runs, as measured: what computes the stage, trains it, and guards it."""
 

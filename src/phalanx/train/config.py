@@ -12,6 +12,7 @@ from phalanx.models import ModelConfig
 from phalanx.pipeline import OptimConfig, PipelineConfig
 from phalanx.secure.config import SecureConfig
 from phalanx.split.config import SplitConfig
+from phalanx.split.masking import MaskingConfig
 from phalanx.split.trainable import TrainableConfig
 from phalanx.threats import AttackConfig
 
@@ -46,6 +47,7 @@ class Config:
     faults: FaultConfig = field(default_factory=FaultConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     trainable: TrainableConfig = field(default_factory=lambda: TrainableConfig(method="full"))
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
 
     def validate(self) -> None:
         """Check every component and the settings that involve several of them."""
@@ -57,6 +59,11 @@ class Config:
         self.faults.parsed(self.pipeline.stages)
         self.split.validate()
         self.trainable.validate()
+        self.masking.validate()
+        if self.split.masked and self.pipeline.precision != "fp32":
+            raise ConfigError(f"split.masked needs pipeline.precision=fp32, not "
+                              f"{self.pipeline.precision}: a mask costs log2(masking.mask_scale) "
+                              "mantissa bits")
         if self.split.active:
             if self.pipeline.boundaries:
                 raise ConfigError("split.mode sets the cut: leave pipeline.boundaries empty "

@@ -26,6 +26,8 @@ from phalanx.pipeline.limits import run_limits
 from phalanx.secure.signing import LocalKeys
 from phalanx.split.config import SERVER
 from phalanx.split.link import OVERHEAD
+from phalanx.split.masking import LocalHost
+from phalanx.split.outsource import Outsourced, outsource
 from phalanx.split.prepare import cuts as split_cuts
 from phalanx.split.prepare import prepare
 from phalanx.split.wiring import EnclaveWiring, platform_dir, sealed_stages
@@ -48,6 +50,7 @@ class Pipeline:
     enclave: EnclaveWiring | None = None
     stores: dict[int, StageStore] = field(default_factory=dict)  # stage -> its file's format
     suffixes: dict[int, str] = field(default_factory=dict)  # every stage's file, if not plain
+    masked: Outsourced | None = None  # the server's layers outsourced to its host (here)
 
 
 def wrapper(attack: AttackPlan, defense: Duplicate | None, faults: list[Fault] = (),
@@ -129,6 +132,16 @@ def limits_of(cfg: Config, loaded: LoadedModel, defense: Duplicate | None = None
                       overhead=OVERHEAD if cfg.split.enclave != "none" else 0)
 
 
+def masked_server(cfg: Config, stages: dict[int, StageModule]) -> Outsourced | None:
+    """Under ``split.masked``, the server's frozen linear layers (where this process runs the
+    server) outsourced to an honest host on the stage's device."""
+    stage = stages.get(SERVER)
+    if not cfg.split.masked or stage is None:
+        return None
+    device = stage_devices(cfg.pipeline.device, cfg.pipeline.stages)[SERVER]
+    return outsource(stage.blocks, LocalHost(device), cfg.masking, prefix="server.")
+
+
 def enclave_wiring(cfg: Config, loaded: LoadedModel, stages: dict[int, StageModule]
                    ) -> EnclaveWiring | None:
     """The enclave of a split run (``None`` without one), from this process's ``stages``
@@ -166,6 +179,7 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
         rank, _, device = init_distributed(p)
         loaded, stage, tied = _one_stage(cfg, load, rank, defense)
         enclave = enclave_wiring(cfg, loaded, {rank: stage})
+        masked = masked_server(cfg, {rank: stage})
         wrap = wrapper(attack, defense, faults, cfg.faults.seed, enclave)
         runtime: Runtime = DistributedRuntime(stage, p, cfg.optim, total_steps, device, tied=tied,
                                               wrap=wrap, attach=attacher(defense),
@@ -180,6 +194,7 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
         device = stage_devices(p.device, p.stages)[rank]
         loaded, stage, tied = _one_stage(cfg, load, rank, defense)
         enclave = enclave_wiring(cfg, loaded, {rank: stage})
+        masked = masked_server(cfg, {rank: stage})
         wrap = wrapper(attack, defense, faults, cfg.faults.seed, enclave)
         links, mesh = secure_links(cfg.secure, rank, p.stages, p.timeout_s,
                                    limits_of(cfg, loaded, defense))
@@ -191,6 +206,7 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
         loaded = load_prepared(cfg, load)
         stages = partition(loaded.model, loaded.family, p.stages, bounds_of(cfg, loaded))
         enclave = enclave_wiring(cfg, loaded, dict(enumerate(stages)))
+        masked = masked_server(cfg, dict(enumerate(stages)))
         wrap = wrapper(attack, defense, faults, cfg.faults.seed, enclave)
         if defense is not None:  # (a replica copies its original without the original's own)
             for stage in stages:
@@ -204,7 +220,8 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
                                limits=limits_of(cfg, loaded, defense),
                                sealer=keys.sealer if keys is not None else None)
     if enclave is None:
-        return Pipeline(runtime=runtime, loaded=loaded, attack=attack, defense=defense)
+        return Pipeline(runtime=runtime, loaded=loaded, attack=attack, defense=defense,
+                        masked=masked)
     try:
         enclave.open(p.timeout_s)
     except BaseException:
@@ -212,4 +229,4 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
         raise
     return Pipeline(runtime=runtime, loaded=loaded, attack=attack, defense=defense,
                     enclave=enclave, stores=dict(enclave.stores()),
-                    suffixes={i: ".sealed" for i in sealed_stages(cfg.split)})
+                    suffixes={i: ".sealed" for i in sealed_stages(cfg.split)}, masked=masked)
