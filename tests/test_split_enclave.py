@@ -267,3 +267,65 @@ def test_bad_enclave_settings_are_one_line_exit_2(tmp_path, capsys, args, messag
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def _cli(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "phalanx.cli", *args]
+
+
+def _two_parties(tmp_path: Path, server_extra: tuple[str, ...] = ()):  # noqa: ANN202
+    """``phalanx split server`` and ``phalanx split client`` as two processes with their own
+    identities; the client holds only the vendor's public key. Returns both results."""
+    import shutil
+    import subprocess
+
+    from phalanx.launch.supervisor import free_port
+
+    for who in ("c", "s"):
+        subprocess.run(_cli("keys", "new", "--out", str(tmp_path / who)), check=True,
+                       capture_output=True)
+    subprocess.run(_cli("keys", "roster", "--out", str(tmp_path / "roster.json"),
+                        str(tmp_path / "c"), str(tmp_path / "s")), check=True, capture_output=True)
+    subprocess.run(_cli("split", "platform", "--out", str(tmp_path / "plat")), check=True,
+                   capture_output=True)
+    (tmp_path / "pins").mkdir()
+    shutil.copy(tmp_path / "plat" / "vendor_public.pem", tmp_path / "pins")
+    common = [*TINY, 'split.mode="layers"', "split.cut=1", 'trainable.method="lora"',
+              "train.steps=2", "pipeline.timeout_s=30", f'secure.roster="{tmp_path}/roster.json"',
+              f'secure.coordinator="127.0.0.1:{free_port()}"']
+    server = subprocess.Popen(_cli("split", "server", *common, *server_extra,
+                                   f'secure.key="{tmp_path}/s"', f'split.platform="{tmp_path}/plat"',
+                                   f'train.out_dir="{tmp_path}/server"'),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client = subprocess.run(_cli("split", "client", *common, f'secure.key="{tmp_path}/c"',
+                                     f'split.platform="{tmp_path}/pins"',
+                                     f'train.out_dir="{tmp_path}/client"'),
+                                capture_output=True, text=True, timeout=180)
+        server.wait(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    return client, server
+
+
+def test_split_server_and_client_as_two_parties_train_as_one_process(tmp_path):
+    client, server = _two_parties(tmp_path)
+    assert client.returncode == 0 and server.returncode == 0, client.stderr[-2000:]
+    alone, *_ = _run(tmp_path / "alone", 'split.mode="layers"', "split.cut=1",
+                     'trainable.method="lora"', "train.steps=2")
+    together = [json.loads(r)["loss"]
+                for r in (tmp_path / "client" / "metrics.jsonl").read_text().splitlines()]
+    assert together == pytest.approx(alone, rel=1e-6)
+    assert {p.name for p in (tmp_path / "server" / "checkpoints" / "step_2").iterdir()} == \
+        {"stage_1.sealed"}  # the server's host keeps only the sealed file
+
+
+def test_a_client_refuses_a_server_that_loaded_other_code_or_weights(tmp_path):
+    client, _ = _two_parties(tmp_path, server_extra=("trainable.lora_rank=4",))
+    assert client.returncode == 2, client.stderr[-2000:]
+    assert "is not the expected" in client.stderr
+    assert not (tmp_path / "client" / "metrics.jsonl").exists()

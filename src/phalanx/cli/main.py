@@ -1,5 +1,5 @@
-"""``phalanx`` — demo, train, calibrate, experiment, launch, check, report, bench. User errors:
-one line, exit code 2."""
+"""``phalanx`` — demo, train, calibrate, experiment, split, launch, check, report, bench.
+User errors: one line, exit code 2."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from phalanx.cli.split import add_parser as add_split_parser
+from phalanx.cli.split import cmd_split
 from phalanx.errors import PhalanxError
 
 EXIT_USAGE = 2
@@ -23,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
         "training of real models over real processes, attacks and defenses.",
     )
     sub = ap.add_subparsers(dest="command", required=True,
-                            metavar="{demo,train,calibrate,experiment,launch,check,keys,report,bench}")
+                            metavar="{demo,train,calibrate,experiment,split,launch,check,keys,report,"
+                            "bench}")
 
     d = sub.add_parser("demo", help="SmolLM2-135M, 4 pipeline processes: clean vs attacked vs "
                        "defended")
@@ -81,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tactics", help="adaptive: comma-separated subset of the tactics (default: "
                    "all)")
     e.add_argument("overrides", nargs="*", help="config overrides for every run, key=value")
+
+    add_split_parser(sub)
 
     la = sub.add_parser("launch", help="run a phalanx command as one local process per stage")
     la.add_argument("--nproc", type=int, required=True, help="number of processes (= stages)")
@@ -477,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "train":
             return cmd_train(a, argv)
         handlers = {"demo": cmd_demo, "calibrate": cmd_calibrate, "experiment": cmd_experiment,
-                    "launch": cmd_launch,
+                    "launch": cmd_launch, "split": cmd_split,
                     "keys": cmd_keys,
                     "check": cmd_check,
                     "bench": cmd_bench, "report": cmd_report, "worker": cmd_worker}
