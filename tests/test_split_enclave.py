@@ -296,9 +296,10 @@ def _two_parties(tmp_path: Path, server_extra: tuple[str, ...] = ()):  # noqa: A
               "train.steps=2", "pipeline.timeout_s=30", f'secure.roster="{tmp_path}/roster.json"',
               f'secure.coordinator="127.0.0.1:{free_port()}"']
     server = subprocess.Popen(_cli("split", "server", *common, *server_extra,
-                                   f'secure.key="{tmp_path}/s"', f'split.platform="{tmp_path}/plat"',
+                                   f'secure.key="{tmp_path}/s"',
+                                   f'split.platform="{tmp_path}/plat"',
                                    f'train.out_dir="{tmp_path}/server"'),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         client = subprocess.run(_cli("split", "client", *common, f'secure.key="{tmp_path}/c"',
                                      f'split.platform="{tmp_path}/pins"',
