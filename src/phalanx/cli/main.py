@@ -65,8 +65,11 @@ def _parser() -> argparse.ArgumentParser:
         "Gaussian} × {p=0.3, 0.7} × {no defense, restart, duplicated block + skip layer}; "
         "finished cells are reused unless --fresh. detection: every attack, the forged pair "
         "included, against the duplicated block. adaptive: every adaptive attacker (one that "
-        "uses every field it sends) x {skip, repair, restart}.")
-    e.add_argument("name", choices=["robustness", "detection", "adaptive"])
+        "uses every field it sends) x {skip, repair, restart}. split: paper 2's methods (full "
+        "and LoRA centralized; split LoRA, LoRA+SPF, P-tuning v2 with the server in its "
+        "enclave; the masked method; split LoRA without the enclave): validation perplexity, "
+        "trainable parameters, tokens/s, wire bytes, enclave bytes, the security's cost.")
+    e.add_argument("name", choices=["robustness", "detection", "adaptive", "split"])
     e.add_argument("--out", help="output directory (default results/NAME)")
     e.add_argument("--quick", action="store_true",
                    help="tiny model, few steps (minutes): a smoke run of the whole grid")
@@ -290,6 +293,8 @@ def cmd_experiment(a: argparse.Namespace) -> int:
         return _detection(a)
     if a.name == "adaptive":
         return _adaptive(a)
+    if a.name == "split":
+        return _split(a)
     if a.quick and a.preset:
         raise PhalanxError("--quick and --preset are alternatives: choose one")
     spec = rb.Spec.quick() if a.quick else rb.Spec.paper() if a.preset else rb.Spec()
@@ -351,6 +356,24 @@ def _detection(a: argparse.Namespace) -> int:
     print((Path(a.out) / "table.md").read_text())
     missed = sum(r["attacked_iterations"] - r["detected_iterations"] for r in rows)
     return 0 if missed == 0 else 1
+
+
+def _split(a: argparse.Namespace) -> int:
+    from phalanx.experiments import split as sp
+
+    spec = sp.SplitSpec.quick() if a.quick else sp.SplitSpec()
+    if a.steps is not None:
+        if a.steps < 1:
+            raise PhalanxError("--steps must be at least 1")
+        spec.steps = a.steps
+    spec.extra = list(a.overrides)
+    out = Path(a.out)
+    for method in spec.methods:  # bad overrides: one line before anything loads
+        _config(None, sp.settings(spec, method, out / "check"))
+    sp.run(spec, out)
+    print((out / "table.md").read_text())
+    print(f"results: {out}/summary.json, {out}/table.md, {out}/split.png", file=sys.stderr)
+    return 0
 
 
 def _adaptive(a: argparse.Namespace) -> int:
