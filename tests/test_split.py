@@ -112,3 +112,40 @@ def test_bad_split_settings_are_one_line_exit_2(tmp_path, capsys, args, message)
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_no_gradient_goes_back_to_the_clients_frozen_layers(tmp_path):
+    """The client's front layers train nothing: it runs no backward and the server sends it no
+    gradient (nothing computed from the server's model flows back), only the step's control
+    frames; the split step still equals the centralized one (the parametrized test above)."""
+    from phalanx.pipeline.schedule import Op, train_actions
+    from phalanx.train.setup import build_pipeline
+
+    cfg = _cfg('split.mode="layers"', "split.cut=1", 'trainable.method="lora"',
+               f'train.out_dir="{tmp_path}"')
+    assert cfg.pipeline.frozen_front == 1
+    assert not any(a.op is Op.BACKWARD for a in train_actions("1f1b", 0, 2, 2, False,
+                                                              frozen_front=1))
+    pipe = build_pipeline(cfg, 1)
+    try:
+        loaded = pipe.loaded
+        batch = torch.randint(0, loaded.tokenizer.vocab_size, (4, 16))
+        pipe.runtime.train_step(0, batch)
+        server, client = pipe.runtime.workers[1], pipe.runtime.workers[0]
+        activation = 2 * 16 * int(loaded.model.config.hidden_size) * 4  # one micro-batch's
+        assert client.channels[1].bytes_sent > 2 * activation  # activations and labels
+        assert server.channels[0].bytes_sent < activation  # norm and report frames only
+    finally:
+        pipe.runtime.close()
+
+
+def test_a_frozen_front_stage_with_something_to_train_is_refused():
+    from phalanx.errors import ConfigError
+    from phalanx.models import partition
+    from phalanx.pipeline.worker import StageWorker
+
+    cfg = _cfg('trainable.method="lora"')
+    loaded = load_prepared(cfg)
+    stage = partition(loaded.model, loaded.family, 2)[0]  # LoRA on its layers
+    with pytest.raises(ConfigError, match="frozen front"):
+        StageWorker(stage, {}, frozen_front=1)

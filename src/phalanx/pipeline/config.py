@@ -28,6 +28,7 @@ class PipelineConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer state stay fp32)
     timeout_s: float = 300.0  # longest wait for a frame from a peer
     threads: int = 0  # torch threads per stage process; 0 = cores / stages
+    frozen_front: int = 0  # derived (split): front stages that train nothing get no gradient
 
     def validate(self) -> None:
         if self.stages < 1:

@@ -40,7 +40,8 @@ class ProcessRuntime(Runtime):
         channels = wrap(stage, on_device(links, device))
         opt = StageOptimizer(stage, optim, total_steps, exclude=stage.replicas())
         self._worker = StageWorker(stage, channels, opt,
-                                   timeout=cfg.timeout_s, dtype=next(stage.parameters()).dtype)
+                                   timeout=cfg.timeout_s, dtype=next(stage.parameters()).dtype,
+                                   frozen_front=cfg.frozen_front)
         attach(self._worker)
         self._tag = 0
         self._on_close = on_close  # what else the transport releases after the links

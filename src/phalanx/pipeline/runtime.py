@@ -63,7 +63,7 @@ class Runtime(ABC):
     def plan(self, stage: int, step: bool = True) -> list[Action]:
         """Actions of one training iteration of ``stage``."""
         return train_actions(self.cfg.schedule, stage, self.num_stages, self.cfg.micro_batches,
-                             self.tied, step=step)
+                             self.tied, step=step, frozen_front=self.cfg.frozen_front)
 
     def _sync_first(self, stage: int) -> list[Action]:
         """The replica update a plan starts with, if the last step left the replica behind."""
@@ -162,7 +162,7 @@ class LocalRuntime(Runtime):
         self._workers = [
             StageWorker(s, wrap(s, on_device(fabric.channels(s.index), _device_of(s))),
                         StageOptimizer(s, optim, total_steps, exclude=s.replicas()),
-                        timeout=None, dtype=_dtype_of(s))
+                        timeout=None, dtype=_dtype_of(s), frozen_front=cfg.frozen_front)
             for s in stages
         ]
         for w in self._workers:

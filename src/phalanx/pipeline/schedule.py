@@ -105,13 +105,18 @@ def report_action(stage: int) -> Action:
 
 
 def train_actions(
-    name: str, stage: int, num_stages: int, micro: int, tied: bool, step: bool = True
+    name: str, stage: int, num_stages: int, micro: int, tied: bool, step: bool = True,
+    frozen_front: int = 0,
 ) -> list[Action]:
     """One training iteration of ``stage``; ``step=False`` stops before the optimizer step.
+    The first ``frozen_front`` stages train nothing: they run no backward.
 
     Stages > 0 report before their step, so stage 0 never waits for another stage's optimizer.
     """
-    acts = compute_order(name, stage, num_stages, micro) + reduce_actions(stage, num_stages, tied)
+    order = compute_order(name, stage, num_stages, micro)
+    if stage < frozen_front:
+        order = [a for a in order if a.op is not Op.BACKWARD]
+    acts = order + reduce_actions(stage, num_stages, tied)
     if stage > 0:
         return acts + [report_action(stage)] + ([Action(Op.STEP)] if step else [])
     if step:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from phalanx.comm import Channel, ChannelTimeout
+from phalanx.errors import ConfigError
 from phalanx.models.stages import StageModule, lm_loss
 from phalanx.pipeline.gate import VerdictGate
 from phalanx.pipeline.optim import StageOptimizer
@@ -33,9 +34,14 @@ class StageWorker:
         self, stage: StageModule, channels: dict[int, Channel],
         optimizer: StageOptimizer | None = None, *, timeout: float | None = 300.0,
         hidden_size: int | None = None, dtype: torch.dtype = torch.float32,
+        frozen_front: int = 0,
     ) -> None:
         self.stage = stage
         self.me = stage.index
+        if self.me < frozen_front and any(p.requires_grad for p in stage.parameters()):
+            raise ConfigError(f"stage {self.me} is one of the {frozen_front} frozen front stages "
+                              "but has parameters to train")
+        self.frozen_front = frozen_front  # stages before it train nothing: no gradient to them
         self.n = stage.num_stages
         self.last = self.n - 1
         self.channels = channels
@@ -158,7 +164,7 @@ class StageWorker:
             x = self.inputs[m]
         else:
             x = self._check_activation(self._take(self.me - 1, Kind.ACTIVATION, m).tensor)
-            if self.train:
+            if self.train and self.me > self.frozen_front:  # its input gradient is sent back
                 x.requires_grad_()
         if self.me == 0 and self.me != self.last:
             self._send(self.last, Kind.LABELS, m, self.inputs[m])
@@ -178,7 +184,7 @@ class StageWorker:
         self.stats.compute_s += time.perf_counter() - t0
         if self.me != self.last:
             self._send(self.me + 1, Kind.ACTIVATION, m, out.detach())
-        if self.train:
+        if self.train and self.me >= self.frozen_front:
             self._saved[m] = (x, out)
 
     def _do_backward(self, m: int) -> None:
@@ -200,7 +206,7 @@ class StageWorker:
         if out.requires_grad:  # else nothing before it trains (a data owner's frozen layers)
             torch.autograd.backward(out, grad)
         self.stats.compute_s += time.perf_counter() - t0
-        if self.me != 0:
+        if self.me > self.frozen_front:
             self._send(self.me - 1, Kind.GRADIENT, m, x.grad)
 
     def _do_send_tied(self, _: int) -> None:

@@ -69,6 +69,9 @@ class Config:
                 raise ConfigError("split.mode sets the cut: leave pipeline.boundaries empty "
                                   "(split.cut, split.tail)")
             self.pipeline.stages = self.split.stages  # client, server (, client)
+        # the client's front layers are frozen: no gradient goes back to them (nothing of the
+        # server's model flows to the client); the duplicated block keeps its own plans
+        self.pipeline.frozen_front = int(self.split.active and self.defense.verify == "none")
         if self.split.enclave != "none" and self.defense.verify != "none":
             raise ConfigError("split.enclave keeps the server's layers to the enclave; the "
                               "duplicated block would replicate them at the client: set "
