@@ -8,6 +8,7 @@ import threading
 
 import psutil
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -20,6 +21,16 @@ def _kill_leftover_processes():
             child.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: on a loaded 2-core machine intra-op threads cost up to 400x; one thread
+    for the tests of a module that asks (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture()

@@ -10,6 +10,7 @@ import pytest
 
 from phalanx.cli.main import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 FIELDS = ("method", "val_metric", "trainable_params", "tokens_per_s", "wire_bytes_per_step")
 
 

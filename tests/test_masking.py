@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -92,13 +92,7 @@ def row_error(a: Tensor, b: Tensor) -> float:
     return float(((a - b).norm(dim=-1) / b.norm(dim=-1)).max().detach())
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These products are tiny: on a loaded 2-core machine intra-op threads cost 400x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -28,13 +28,7 @@ parameters <= 4.6e-5 (LoRA, LoRA+SPF, P-tuning, GPT-2 LoRA)."""
 LINEARS = {"llama": 7, "gpt2": 4}  # backbone linears per block: q/k/v/o + gate/up/down; c_*
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: more threads only cost time on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SpyHost(LocalHost):

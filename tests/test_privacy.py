@@ -18,6 +18,7 @@ from phalanx.privacy import (
     ExactSearch,
     NoisyCut,
     Prefix,
+    TableRanker,
     add_noise,
     cut_hidden,
     exact_sequence_match,
@@ -166,6 +167,17 @@ def test_exact_search_stops_early_on_a_good_ranking(tiny, held_out) -> None:
     result = ExactSearch(Prefix(tiny.model, tiny.family, 1), chunk=16)(hidden)[0]
     assert result.tokens == held_out[0].tolist()
     assert sum(result.evaluated) < held_out.shape[1] * 257 / 4  # far from the whole vocabulary
+
+
+def test_table_ranker_puts_the_true_token_first_and_budget_caps_the_scan(tiny, held_out) -> None:
+    hidden = cut_hidden(tiny.model, tiny.family, held_out[:1], 2)
+    search = ExactSearch(Prefix(tiny.model, tiny.family, 2), chunk=8)
+    search.rank = TableRanker(search, anchor=tiny.tokenizer.eos_id)
+    result = search(hidden)[0]
+    assert result.tokens == held_out[0].tolist()
+    assert sum(result.evaluated) <= held_out.shape[1] * 8 * 2
+    capped = ExactSearch(Prefix(tiny.model, tiny.family, 2), budget=3)(hidden)[0]
+    assert capped.evaluated == [3] * held_out.shape[1]
 
 
 def test_exact_search_degrades_when_victim_weights_are_perturbed(tiny, held_out) -> None:

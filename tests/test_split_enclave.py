@@ -25,6 +25,7 @@ from phalanx.split.wiring import ENCLAVE_CODE, SealedStore, measure_stage
 from phalanx.train import Config, Trainer
 from phalanx.wire import Frame, FrameError, Kind
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ['model.name="tiny"', "data.seq_len=16", "train.batch_size=4", "pipeline.micro_batches=2",
         "train.eval_batches=1", "train.progress=false", "optim.lr=1e-2", "optim.warmup_steps=0"]
 

@@ -33,13 +33,7 @@ from phalanx.split.trainable import (
 B, T = 2, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: more threads only cost time on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(name: str = "tiny", attn: str = "sdpa", seed: int = 0):  # noqa: ANN201

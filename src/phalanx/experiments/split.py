@@ -22,11 +22,12 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from phalanx.experiments.spec import ShortRuns
 from phalanx.split.config import SERVER
 
 METHODS: dict[str, dict] = {
@@ -45,19 +46,16 @@ LR = {"full": 2e-4, "ptuning": 1e-2}  # else 2e-3: the usual rates of each kind 
 
 
 @dataclass(kw_only=True)
-class SplitSpec:
-    """The scale of the comparison (simulator: every party in one process)."""
+class SplitSpec(ShortRuns):
+    """The scale of the comparison (simulator: every party in one process; ``stages`` is set
+    by each method's split)."""
 
-    model: str = "smollm2"
     steps: int = 30
     batch_size: int = 4
-    micro_batches: int = 2
     seq_len: int = 128
     eval_batches: int = 4
     cut: int = 2
-    seed: int = 0
     methods: tuple[str, ...] = tuple(METHODS)
-    extra: list[str] = field(default_factory=list)
 
     @classmethod
     def quick(cls) -> SplitSpec:

@@ -2,7 +2,8 @@
 leakage metrics.
 
 Attacks (each states its attacker model): :func:`nearest_embedding`, :class:`ExactSearch`
-(SipIt-style exact layer-wise search), :class:`InversionDecoder` (learned on public text),
+(SipIt-style exact layer-wise search, ranked by
+:class:`TableRanker`), :class:`InversionDecoder` (learned on public text),
 and gradient inversion (:mod:`phalanx.privacy.gradients`). Defenses: :func:`add_noise`,
 :class:`DPForward` (with Opacus accounting), :class:`NoisyCut`. Metrics: :func:`leakage`.
 """
@@ -27,7 +28,7 @@ from phalanx.privacy.metrics import (
     token_recovery,
 )
 from phalanx.privacy.noise import DPForward, NoisyCut, add_noise, clip_tokens, gaussian_cut
-from phalanx.privacy.search import ExactSearch, SearchResult
+from phalanx.privacy.search import ExactSearch, SearchResult, TableRanker
 from phalanx.privacy.victim import finetuned_copy, perturbed_copy
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "NoisyCut",
     "Prefix",
     "SearchResult",
+    "TableRanker",
     "add_noise",
     "clip_tokens",
     "cut_hidden",

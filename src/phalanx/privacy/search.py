@@ -7,9 +7,11 @@ t depends only on tokens ``0..t``: given the tokens already recovered, the attac
 public prefix on ``recovered + candidate`` for vocabulary tokens and keeps the one whose
 hidden state at t matches the observed one. Candidates are evaluated in chunks packed into one
 sequence (the recovered prefix once, then each candidate at position t seeing the prefix and
-itself), in the order of a cheap guess (nearest embedding by default), stopping at the first
-match within ``tol``. Without a match (the victim's weights differ from the public ones) the
-whole vocabulary is scanned and the nearest candidate kept, so errors grow with the drift.
+itself), in the order of a cheap guess, stopping at the first match within ``tol``: nearest
+embedding by default, or :class:`TableRanker` (each token's hidden state without context, far
+better past the first layer). Without a match (the victim's weights differ from the public
+ones) the whole vocabulary (or ``budget`` candidates) is scanned and the nearest candidate
+kept, so errors grow with the drift.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from phalanx.errors import ConfigError
 from phalanx.privacy.cut import Prefix
 from phalanx.privacy.embedding import embedding_scores
 
-Ranker = Callable[[torch.Tensor], torch.Tensor]
-"""Hidden state (C,) -> a score per vocabulary token (V,); higher is tried first."""
+Ranker = Callable[[torch.Tensor, int], torch.Tensor]
+"""Hidden state (C,) at position t, t -> a score per vocabulary token (V,); higher first."""
 
 
 @dataclass
@@ -57,14 +60,14 @@ class ExactSearch:
     """Recover tokens one position at a time by matching hidden states of the public prefix."""
 
     def __init__(self, prefix: Prefix, *, tol: float = 1e-3, chunk: int = 512,
-                 rank: Ranker | None = None) -> None:
-        if not tol > 0 or chunk < 1:
-            raise ConfigError(f"privacy search needs tol > 0 and chunk >= 1 (got tol={tol}, "
-                              f"chunk={chunk})")
+                 rank: Ranker | None = None, budget: int | None = None) -> None:
+        if not tol > 0 or chunk < 1 or (budget is not None and budget < 1):
+            raise ConfigError(f"privacy search needs tol > 0, chunk >= 1 and budget >= 1 "
+                              f"(got tol={tol}, chunk={chunk}, budget={budget})")
         self.prefix = prefix.eval()
-        self.tol, self.chunk = tol, chunk
+        self.tol, self.chunk, self.budget = tol, chunk, budget
         weight = prefix.embed.weight
-        self.rank = rank or (lambda h: embedding_scores(h, weight))
+        self.rank = rank or (lambda h, t: embedding_scores(h, weight))
 
     @torch.no_grad()
     def candidates(self, recovered: list[int], cands: torch.Tensor) -> torch.Tensor:
@@ -79,8 +82,8 @@ class ExactSearch:
         """Tokens (T,) of one sequence from its hidden states at the cut (T, C)."""
         start = time.perf_counter()
         out = SearchResult()
-        for target in hidden.detach().float():
-            order = self.rank(target).argsort(descending=True)
+        for t, target in enumerate(hidden.detach().float()):
+            order = self.rank(target, t).argsort(descending=True)[:self.budget]
             scale = target.norm().clamp_min(1e-12)
             best_d, best_id, seen = float("inf"), -1, 0
             for cands in order.split(self.chunk):
@@ -101,3 +104,26 @@ class ExactSearch:
         """One result per sequence of hidden states (B, T, C) or (T, C)."""
         batch = hidden if hidden.dim() == 3 else hidden[None]
         return [self.invert(h) for h in batch]
+
+
+class TableRanker:
+    """Ranks candidates by the cosine of the observed hidden state to each token's hidden state
+    at the cut without its real context: alone at position 0 (for t = 0), and for t > 0 the
+    better of that and after one public ``anchor`` token (e.g. end-of-text) at position 1.
+
+    Attacker model: the public weights only. Building it costs two passes of the whole
+    vocabulary through the prefix, once per cut; it then puts the true token first for most
+    positions of SmolLM2 at cuts 1-2, where the raw embedding is no guide at all.
+    """
+
+    def __init__(self, search: ExactSearch, anchor: int, chunk: int = 2048) -> None:
+        vocab = torch.arange(search.prefix.vocab_size)
+        self.alone = F.normalize(torch.cat(
+            [search.candidates([], c) for c in vocab.split(chunk)]), dim=-1)  # (V, C)
+        self.after = F.normalize(torch.cat(
+            [search.candidates([anchor], c) for c in vocab.split(chunk)]), dim=-1)  # (V, C)
+
+    def __call__(self, hidden: torch.Tensor, t: int) -> torch.Tensor:
+        h = F.normalize(hidden.float(), dim=-1)
+        alone = self.alone @ h
+        return alone if t == 0 else torch.maximum(alone, self.after @ h)
