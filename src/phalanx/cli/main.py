@@ -370,7 +370,7 @@ def _split(a: argparse.Namespace) -> int:
     out = Path(a.out)
     for method in spec.methods:  # bad overrides: one line before anything loads
         _config(None, sp.settings(spec, method, out / "check"))
-    sp.run(spec, out)
+    sp.run(spec, out, fresh=a.fresh)
     print((out / "table.md").read_text())
     print(f"results: {out}/summary.json, {out}/table.md, {out}/split.png", file=sys.stderr)
     return 0

@@ -227,13 +227,22 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run(spec: SplitSpec, out: Path) -> dict:
-    """Every method of ``spec``; writes ``summary.json``, ``table.md`` and ``split.png``."""
+def run(spec: SplitSpec, out: Path, fresh: bool = False) -> dict:
+    """Every method of ``spec`` (a method whose record was written with the same settings is
+    reused unless ``fresh``); writes ``summary.json``, ``table.md`` and ``split.png``."""
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for k, method in enumerate(spec.methods, 1):
+        run_dir = out / "runs" / method
+        record, wanted = run_dir / "record.json", settings(spec, method, run_dir)
+        old = json.loads(record.read_text()) if record.is_file() and not fresh else None
+        if old is not None and old.get("settings") == wanted:
+            rows.append(old)
+            print(f"[{k}/{len(spec.methods)}] {method}: reused", file=sys.stderr, flush=True)
+            continue
         print(f"[{k}/{len(spec.methods)}] {method} ...", file=sys.stderr, flush=True)
-        rows.append(measure(spec, method, out / "runs" / method))
+        rows.append({**measure(spec, method, run_dir), "settings": wanted})
+        record.write_text(json.dumps(rows[-1], indent=2) + "\n")
         print(f"    val ppl {rows[-1]['val_metric']:.3f}, {rows[-1]['tokens_per_s']:.0f} tok/s",
               file=sys.stderr, flush=True)
     extra = derived({r["method"]: r for r in rows})

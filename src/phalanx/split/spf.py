@@ -43,6 +43,13 @@ def check_fraction(fraction: float) -> None:
                           "and MLP channels to train in each layer")
 
 
+def check_scale(scale: float) -> None:
+    """Raise :class:`ConfigError` unless ``0 < scale <= 1``."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (
+            math.isfinite(scale) and 0.0 < scale <= 1.0):
+        raise ConfigError(f"trainable.spf_scale={scale!r} must be in (0, 1]")
+
+
 def check_parts(parts: Sequence[str]) -> None:
     """Raise :class:`ConfigError` unless ``parts`` is a non-empty subset of ``SPF_PARTS``."""
     if not parts or not set(parts) <= set(SPF_PARTS):
@@ -80,13 +87,16 @@ def head_slices(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 class SparseDelta(TrainablePart):
     """A trainable delta on the rows (``dim=0``) or columns (``dim=1``) ``index`` of a frozen
-    linear weight (out, in), stored compactly: (k, in) or (out, k), zero at the start."""
+    linear weight (out, in), stored compactly: (k, in) or (out, k), zero at the start, and
+    applied times ``scale``: under Adam a step moves the base entries by about lr x scale (base
+    weights want smaller steps than adapters)."""
 
     state_buffers = ("index",)
 
-    def __init__(self, weight: torch.Tensor, index: torch.Tensor, dim: int) -> None:
+    def __init__(self, weight: torch.Tensor, index: torch.Tensor, dim: int,
+                 scale: float = 1.0) -> None:
         super().__init__()
-        self.dim = dim
+        self.dim, self.scale = dim, scale
         self.register_buffer("index", index.to(device=weight.device, dtype=torch.long))
         shape = (len(index), weight.shape[1]) if dim == 0 else (weight.shape[0], len(index))
         self.delta = nn.Parameter(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
@@ -94,14 +104,15 @@ class SparseDelta(TrainablePart):
     def dense(self, shape: torch.Size) -> torch.Tensor:
         """The delta as a full (out, in) matrix."""
         full = torch.zeros(shape, dtype=self.delta.dtype, device=self.delta.device)
-        return full.index_add(self.dim, self.index, self.delta)
+        return full.index_add(self.dim, self.index, self.delta * self.scale)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The layer's output ``y`` (..., out) for input ``x`` (..., in), plus the delta's."""
+        delta = self.delta * self.scale
         if self.dim == 0:
-            extra = F.linear(x, self.delta)  # (..., k): the selected outputs
+            extra = F.linear(x, delta)  # (..., k): the selected outputs
             return y.index_add(-1, self.index, extra.to(y.dtype))
-        extra = F.linear(x.index_select(-1, self.index), self.delta)  # (..., out)
+        extra = F.linear(x.index_select(-1, self.index), delta)  # (..., out)
         return y + extra.to(y.dtype)
 
 
@@ -115,11 +126,11 @@ def _base(linear: nn.Module) -> nn.Linear:
     return getattr(linear, "base_layer", linear)
 
 
-def _attach(linear: nn.Module, index: torch.Tensor, dim: int) -> SparseDelta:
+def _attach(linear: nn.Module, index: torch.Tensor, dim: int, scale: float) -> SparseDelta:
     base = _base(linear)
     if hasattr(base, "spf"):
         raise ConfigError("this layer already has SPF deltas")
-    delta = SparseDelta(base.weight, index, dim)
+    delta = SparseDelta(base.weight, index, dim, scale)
     base.add_module("spf", delta)
     base.register_forward_hook(_add_delta)
     return delta
@@ -136,12 +147,13 @@ def _units(module: nn.Module, parts: Sequence[str]) -> list[tuple[nn.Module, str
     return found
 
 
-def add_spf(module: nn.Module, *, fraction: float,
-            parts: Sequence[str] = SPF_PARTS) -> list[SparseDelta]:
+def add_spf(module: nn.Module, *, fraction: float, parts: Sequence[str] = SPF_PARTS,
+            scale: float = 1.0) -> list[SparseDelta]:
     """Select the top ``fraction`` of heads and/or MLP channels (``parts``) of every decoder
-    layer of ``module`` by L1 norm, give their weights trainable deltas, and freeze every base
-    parameter; returns the deltas."""
+    layer of ``module`` by L1 norm, give their weights trainable deltas (applied times
+    ``scale``), and freeze every base parameter; returns the deltas."""
     check_fraction(fraction)
+    check_scale(scale)
     check_parts(parts)
     units = _units(module, parts)
     if not units:
@@ -153,11 +165,11 @@ def add_spf(module: nn.Module, *, fraction: float,
             q, o = _base(m.q_proj).weight, _base(m.o_proj).weight
             heads = top_fraction(head_scores(q, o, m.config.num_attention_heads), fraction)
             idx = head_slices(heads, m.head_dim)
-            deltas += [_attach(m.q_proj, idx, 0), _attach(m.o_proj, idx, 1)]
+            deltas += [_attach(m.q_proj, idx, 0, scale), _attach(m.o_proj, idx, 1, scale)]
         else:
             g, u, d = (_base(getattr(m, n)).weight for n in ("gate_proj", "up_proj", "down_proj"))
             idx = top_fraction(channel_scores(g, u, d), fraction)
-            deltas += [_attach(m.gate_proj, idx, 0), _attach(m.up_proj, idx, 0),
-                       _attach(m.down_proj, idx, 1)]
+            deltas += [_attach(m.gate_proj, idx, 0, scale), _attach(m.up_proj, idx, 0, scale),
+                       _attach(m.down_proj, idx, 1, scale)]
     freeze_base(module)
     return deltas

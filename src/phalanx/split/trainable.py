@@ -23,7 +23,7 @@ from phalanx.split.parts import (
     trainable_state,
 )
 from phalanx.split.ptuning import add_prefixes
-from phalanx.split.spf import SPF_PARTS, add_spf, check_fraction, check_parts
+from phalanx.split.spf import SPF_PARTS, add_spf, check_fraction, check_parts, check_scale
 
 METHOD_PARTS = ("lora", "ptuning", "spf")
 
@@ -47,6 +47,7 @@ class TrainableConfig:
     prefix_hidden: int = 0  # > 0: reparameterise prefixes through an MLP this wide
     spf_fraction: float = 0.5  # share of heads / MLP channels per layer whose weights train
     spf_parts: list[str] = field(default_factory=lambda: list(SPF_PARTS))  # heads, mlp
+    spf_scale: float = 0.1  # deltas applied times this: base entries step ~ optim.lr x scale
 
     def parts(self) -> list[str]:
         """The parts of ``method`` in the order they are applied (empty for ``full``)."""
@@ -81,6 +82,7 @@ class TrainableConfig:
                               "(0: no reparameterisation)")
         check_fraction(self.spf_fraction)
         check_parts(self.spf_parts)
+        check_scale(self.spf_scale)
 
 
 @dataclass
@@ -106,7 +108,8 @@ def apply_trainable(module: nn.Module, cfg: TrainableConfig) -> TrainableSummary
         "lora": lambda: add_lora(module, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                                  dropout=cfg.lora_dropout, targets=cfg.lora_targets),
         "ptuning": lambda: add_prefixes(module, length=cfg.prefix_len, hidden=cfg.prefix_hidden),
-        "spf": lambda: add_spf(module, fraction=cfg.spf_fraction, parts=cfg.spf_parts),
+        "spf": lambda: add_spf(module, fraction=cfg.spf_fraction, parts=cfg.spf_parts,
+                               scale=cfg.spf_scale),
     }
     for part in cfg.parts():
         before = count_trainable(module) if by_part else 0  # the first part freezes the base
