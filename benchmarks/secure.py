@@ -42,20 +42,25 @@ def log(msg: str) -> None:
     print(f"[bench secure] {msg}", file=sys.stderr, flush=True)
 
 
-def run(a: argparse.Namespace, system: str, out: Path) -> float:
-    """One ``phalanx train`` run of ``system``; its tokens/s."""
+def tokens_per_s(a: argparse.Namespace, overrides: list[str], out: Path, name: str) -> float:
+    """One ``phalanx train`` run at ``a``'s scale with ``overrides``; its tokens/s over the
+    steps after the first."""
     cmd = [sys.executable, "-m", "phalanx.cli", "train", f"model.name={json.dumps(a.model)}",
-           f"pipeline.stages={a.stages}", f"pipeline.micro_batches={a.micro_batches}",
+           f"pipeline.micro_batches={a.micro_batches}",
            f"train.batch_size={a.batch_size}", f"data.seq_len={a.seq_len}",
            f"train.steps={a.steps + 1}", "train.save=false", "train.progress=false",
            "train.eval_batches=1", "optim.warmup_steps=0", f"train.out_dir={json.dumps(str(out))}",
-           *SYSTEMS[system]]
+           *overrides]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
     if r.returncode:
-        raise SystemExit(f"bench secure: {system} failed (exit {r.returncode}):\n"
-                         f"{r.stderr[-2000:]}")
+        raise SystemExit(f"bench: {name} failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
     return a.batch_size * a.seq_len / statistics.median(s["step_s"] for s in steps)
+
+
+def run(a: argparse.Namespace, system: str, out: Path) -> float:
+    """One ``phalanx train`` run of ``system``; its tokens/s."""
+    return tokens_per_s(a, [f"pipeline.stages={a.stages}", *SYSTEMS[system]], out, system)
 
 
 def main(argv: list[str] | None = None) -> int:

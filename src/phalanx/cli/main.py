@@ -136,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", help="a train.out_dir")
 
     b = sub.add_parser("bench", help="benchmarks (code in benchmarks/)")
-    b.add_argument("name", choices=["pipeline", "defense", "secure", "tolerance"])
+    b.add_argument("name", choices=["pipeline", "defense", "secure", "split", "tolerance"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
 
     w = sub.add_parser("worker")  # one rank of a spawned job; no help: not listed

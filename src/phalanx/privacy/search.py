@@ -73,16 +73,19 @@ class ExactSearch:
     def candidates(self, recovered: list[int], cands: torch.Tensor) -> torch.Tensor:
         """Hidden states (n, C) at position ``len(recovered)`` of each candidate token (n,)."""
         t, n = len(recovered), len(cands)
-        ids = torch.cat([torch.tensor(recovered, dtype=torch.long), cands])[None]
+        dev = self.prefix.embed.weight.device
+        ids = torch.cat([torch.tensor(recovered, dtype=torch.long), cands.cpu()])[None]
         pos = torch.cat([torch.arange(t), torch.full((n,), t)])[None]
-        return self.prefix.packed(ids, pos, packed_mask(t, n))[0, t:].float()
+        out = self.prefix.packed(ids.to(dev), pos.to(dev), packed_mask(t, n).to(dev))
+        return out[0, t:].float()
 
     @torch.no_grad()
     def invert(self, hidden: torch.Tensor) -> SearchResult:
         """Tokens (T,) of one sequence from its hidden states at the cut (T, C)."""
         start = time.perf_counter()
         out = SearchResult()
-        for t, target in enumerate(hidden.detach().float()):
+        dev = self.prefix.embed.weight.device
+        for t, target in enumerate(hidden.detach().float().to(dev)):
             order = self.rank(target, t).argsort(descending=True)[:self.budget]
             scale = target.norm().clamp_min(1e-12)
             best_d, best_id, seen = float("inf"), -1, 0
