@@ -52,6 +52,8 @@ def test_the_masked_method_keeps_less_in_the_enclave_and_reports_both_costs(summ
     assert masked["masking_pool_misses"] == 0  # the measured step used precomputed masks
     assert masked["masking_offline_s_per_step"] > 0 and masked["masking_online_s_per_step"] > 0
     assert "security_cost_tokens_per_s" in summary and "spf_vs_central_lora" in summary
+    assert lora["sealed_checkpoint_bytes"] > 0
+    assert lora["seal_checkpoint_s"] > 0 and "seal_checkpoint_s" not in rows["split_lora_plain"]
 
 
 def test_a_bad_step_count_is_one_line_exit_2(tmp_path, capsys):

@@ -123,6 +123,20 @@ def _inside(trainer, spec: SplitSpec) -> dict:  # noqa: ANN001
             "enclave_activation_bytes": _saved_bytes(worker.stage, x)}
 
 
+def _sealing(trainer) -> dict:  # noqa: ANN001
+    """Seconds and bytes of sealing the server's checkpoint (parameters and optimizer state),
+    as every checkpoint of the run does."""
+    from phalanx.train.checkpoint import stage_tensors
+
+    store = trainer.pipe.stores.get(SERVER)
+    worker = next((w for w in trainer.runtime.workers if w.me == SERVER), None)
+    if store is None or worker is None:
+        return {}
+    t0 = time.perf_counter()
+    blob = store.dump(stage_tensors(worker))
+    return {"seal_checkpoint_s": time.perf_counter() - t0, "sealed_checkpoint_bytes": len(blob)}
+
+
 def measure(spec: SplitSpec, method: str, out: Path) -> dict:
     """Train one method, then measure one more step; its record."""
     from phalanx.config import load_config
@@ -160,6 +174,7 @@ def measure(spec: SplitSpec, method: str, out: Path) -> dict:
             "wall_s": summary["wall_s"], **_inside(trainer, spec),
         }
         if pipe.enclave is not None:
+            rec.update(_sealing(trainer))
             rec["enclave_s"] = pipe.enclave.cost()
         if masked is not None:
             rec.update(masking)
