@@ -204,10 +204,10 @@ def test_finetuned_victim_leaves_no_exact_match(tiny, held_out) -> None:
 
 def test_decoder_trained_on_stdlib_text_inverts_held_out_pydoc_text(
         tiny, held_out, public_blocks) -> None:
-    decoder = fit_decoder(Prefix(tiny.model, tiny.family, 2), public_blocks, steps=150)
+    decoder = fit_decoder(Prefix(tiny.model, tiny.family, 2), public_blocks, steps=100)
     hidden = cut_hidden(tiny.model, tiny.family, held_out, 2)
     assert leakage(list(decoder.decode(hidden)), list(held_out))["token_recovery"] >= 0.95
-    mlp = fit_decoder(Prefix(tiny.model, tiny.family, 1), public_blocks, hidden=64, steps=150)
+    mlp = fit_decoder(Prefix(tiny.model, tiny.family, 1), public_blocks, hidden=64, steps=100)
     hidden = cut_hidden(tiny.model, tiny.family, held_out, 1)
     assert leakage(list(mlp.decode(hidden)), list(held_out))["token_recovery"] >= 0.9
 
