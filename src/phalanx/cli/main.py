@@ -68,8 +68,10 @@ def _parser() -> argparse.ArgumentParser:
         "uses every field it sends) x {skip, repair, restart}. split: paper 2's methods (full "
         "and LoRA centralized; split LoRA, LoRA+SPF, P-tuning v2 with the server in its "
         "enclave; the masked method; split LoRA without the enclave): validation perplexity, "
-        "trainable parameters, tokens/s, wire bytes, enclave bytes, the security's cost.")
-    e.add_argument("name", choices=["robustness", "detection", "adaptive", "split"])
+        "trainable parameters, tokens/s, wire bytes, enclave bytes, the security's cost. "
+        "privacy: inversion of what the stage after each cut receives (exact search, nearest "
+        "embedding), and noise at the cut against its perplexity cost.")
+    e.add_argument("name", choices=["robustness", "detection", "adaptive", "split", "privacy"])
     e.add_argument("--out", help="output directory (default results/NAME)")
     e.add_argument("--quick", action="store_true",
                    help="tiny model, few steps (minutes): a smoke run of the whole grid")
@@ -86,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                    "none,restart,skip,repair (default: all)")
     e.add_argument("--tactics", help="adaptive: comma-separated subset of the tactics (default: "
                    "all)")
+    e.add_argument("--cuts", help="privacy: comma-separated cut depths (default 1,2,4,8,16)")
+    e.add_argument("--sigmas", help="privacy: comma-separated noise levels (x token RMS)")
     e.add_argument("overrides", nargs="*", help="config overrides for every run, key=value")
 
     add_split_parser(sub)
@@ -295,6 +299,8 @@ def cmd_experiment(a: argparse.Namespace) -> int:
         return _adaptive(a)
     if a.name == "split":
         return _split(a)
+    if a.name == "privacy":
+        return _privacy(a)
     if a.quick and a.preset:
         raise PhalanxError("--quick and --preset are alternatives: choose one")
     spec = rb.Spec.quick() if a.quick else rb.Spec.paper() if a.preset else rb.Spec()
@@ -356,6 +362,28 @@ def _detection(a: argparse.Namespace) -> int:
     print((Path(a.out) / "table.md").read_text())
     missed = sum(r["attacked_iterations"] - r["detected_iterations"] for r in rows)
     return 0 if missed == 0 else 1
+
+
+def _numbers(text: str, kind: type, what: str) -> tuple:
+    try:
+        return tuple(kind(x) for x in text.split(","))
+    except ValueError:
+        raise PhalanxError(f"{what}={text!r}: give comma-separated numbers") from None
+
+
+def _privacy(a: argparse.Namespace) -> int:
+    from phalanx.experiments import privacy as pv
+
+    spec = pv.PrivacySpec.quick() if a.quick else pv.PrivacySpec()
+    if a.cuts:
+        spec.cuts = _numbers(a.cuts, int, "--cuts")
+    if a.sigmas:
+        spec.sigmas = _numbers(a.sigmas, float, "--sigmas")
+    out = Path(a.out)
+    pv.run(spec, out)
+    print((out / "table.md").read_text())
+    print(f"results: {out}/summary.json, {out}/table.md, {out}/recovery.png", file=sys.stderr)
+    return 0
 
 
 def _split(a: argparse.Namespace) -> int:

@@ -1,0 +1,34 @@
+"""``phalanx experiment privacy --quick``: recovery at each cut and under noise, with the
+noise's utility cost; bad settings are one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from phalanx.cli.main import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_the_quick_privacy_experiment_measures_recovery_and_the_price_of_noise(tmp_path):
+    assert main(["experiment", "privacy", "--quick", "--out", str(tmp_path)]) == 0
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert (tmp_path / "table.md").is_file() and (tmp_path / "recovery.png").stat().st_size > 0
+    assert [r["cut"] for r in s["cuts"]] == [1, 2]
+    assert all(r["exact_search"]["token_recovery"] == 1.0 for r in s["cuts"])  # undefended
+    noise = {r["sigma"]: r for r in s["noise"]}
+    assert noise[64.0]["exact_search"]["token_recovery"] < 0.1  # heavy noise hides the text
+    assert noise[64.0]["val_ppl"] > s["val_ppl"]  # ... at a price in perplexity
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--cuts", "1,9"], "cut"), (["--sigmas", "-1"], "sigma"), (["--sigmas", "nan"], "sigma"),
+    (["--cuts", "one"], "comma-separated numbers"),
+])
+def test_bad_privacy_settings_are_one_line_exit_2(tmp_path, capsys, args, message):
+    code = main(["experiment", "privacy", "--quick", "--out", str(tmp_path), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
