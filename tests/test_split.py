@@ -106,7 +106,7 @@ def test_a_split_run_over_tls_trains_as_the_simulator(tmp_path):
     (['trainable.method="lora+spf"', "trainable.spf_fraction=0"], "spf_fraction"),
     (['trainable.method="lora+spf"', "trainable.spf_fraction=1.5"], "spf_fraction"),
     (['trainable.method="adapters"'], "trainable.method='adapters' is unknown"),
-    (['trainable.method="lora+spf"', "trainable.spf_scale=0"], "spf_scale=0 must be in (0, 1]"),
+    (['trainable.method="lora+spf"', "trainable.spf_scale=0"], "spf_scale=0.0 must be in (0, 1]"),
 ])
 def test_bad_split_settings_are_one_line_exit_2(tmp_path, capsys, args, message):
     code = main(["train", *TINY, "train.steps=1", f'train.out_dir="{tmp_path}"', *args])
