@@ -276,7 +276,7 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "phalanx.cli", *args]
 
 
-def _two_parties(tmp_path: Path, server_extra: tuple[str, ...] = ()):  # noqa: ANN202
+def _two_parties(tmp_path: Path):  # noqa: ANN202
     """``phalanx split server`` and ``phalanx split client`` as two processes with their own
     identities; the client holds only the vendor's public key. Returns both results."""
     import shutil
@@ -296,7 +296,7 @@ def _two_parties(tmp_path: Path, server_extra: tuple[str, ...] = ()):  # noqa: A
     common = [*TINY, 'split.mode="layers"', "split.cut=1", 'trainable.method="lora"',
               "train.steps=2", "pipeline.timeout_s=30", f'secure.roster="{tmp_path}/roster.json"',
               f'secure.coordinator="127.0.0.1:{free_port()}"']
-    server = subprocess.Popen(_cli("split", "server", *common, *server_extra,
+    server = subprocess.Popen(_cli("split", "server", *common,
                                    f'secure.key="{tmp_path}/s"',
                                    f'split.platform="{tmp_path}/plat"',
                                    f'train.out_dir="{tmp_path}/server"'),
@@ -315,6 +315,8 @@ def _two_parties(tmp_path: Path, server_extra: tuple[str, ...] = ()):  # noqa: A
 
 
 def test_split_server_and_client_as_two_parties_train_as_one_process(tmp_path):
+    """Over TLS, the server attested and sealed: the losses of the one-process run without an
+    enclave (a server with other weights is refused: the in-process tests above)."""
     client, server = _two_parties(tmp_path)
     assert client.returncode == 0 and server.returncode == 0, client.stderr[-2000:]
     alone, *_ = _run(tmp_path / "alone", 'split.mode="layers"', "split.cut=1",
@@ -324,10 +326,3 @@ def test_split_server_and_client_as_two_parties_train_as_one_process(tmp_path):
     assert together == pytest.approx(alone, rel=1e-6)
     assert {p.name for p in (tmp_path / "server" / "checkpoints" / "step_2").iterdir()} == \
         {"stage_1.sealed"}  # the server's host keeps only the sealed file
-
-
-def test_a_client_refuses_a_server_that_loaded_other_code_or_weights(tmp_path):
-    client, _ = _two_parties(tmp_path, server_extra=("trainable.lora_rank=4",))
-    assert client.returncode == 2, client.stderr[-2000:]
-    assert "is not the expected" in client.stderr
-    assert not (tmp_path / "client" / "metrics.jsonl").exists()
