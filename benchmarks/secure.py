@@ -98,9 +98,14 @@ def main(argv: list[str] | None = None) -> int:
                      "reps": a.reps},
         "wall_s": time.perf_counter() - t0,
     }
+    return emit(rec, a.out)
+
+
+def emit(rec: dict, out: str | None) -> int:
+    """Print the benchmark's JSON line (and write it to ``out``)."""
     line = json.dumps(rec)
-    if a.out:
-        Path(a.out).write_text(line + "\n")
+    if out:
+        Path(out).write_text(line + "\n")
     print(line, flush=True)
     return 0
 

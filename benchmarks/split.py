@@ -20,7 +20,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from secure import tokens_per_s  # noqa: E402
+from secure import emit, tokens_per_s  # noqa: E402
 
 SPLIT = ['pipeline.runtime="secure"', 'split.mode="layers"', 'trainable.method="lora"',
          "optim.lr=2e-3"]
@@ -74,11 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     rec.update(reps=tps, settings={k: getattr(a, k) for k in (
         "model", "cut", "micro_batches", "batch_size", "seq_len", "steps", "reps")},
         wall_s=time.perf_counter() - t0)
-    line = json.dumps(rec)
-    if a.out:
-        Path(a.out).write_text(line + "\n")
-    print(line, flush=True)
-    return 0
+    return emit(rec, a.out)
 
 
 if __name__ == "__main__":

@@ -381,8 +381,13 @@ def _privacy(a: argparse.Namespace) -> int:
         spec.sigmas = _numbers(a.sigmas, float, "--sigmas")
     out = Path(a.out)
     pv.run(spec, out)
+    return _show(out, "recovery.png")
+
+
+def _show(out: Path, plot: str) -> int:
+    """Print an experiment's table and say where its results are."""
     print((out / "table.md").read_text())
-    print(f"results: {out}/summary.json, {out}/table.md, {out}/recovery.png", file=sys.stderr)
+    print(f"results: {out}/summary.json, {out}/table.md, {out}/{plot}", file=sys.stderr)
     return 0
 
 
@@ -399,9 +404,7 @@ def _split(a: argparse.Namespace) -> int:
     for method in spec.methods:  # bad overrides: one line before anything loads
         _config(None, sp.settings(spec, method, out / "check"))
     sp.run(spec, out, fresh=a.fresh)
-    print((out / "table.md").read_text())
-    print(f"results: {out}/summary.json, {out}/table.md, {out}/split.png", file=sys.stderr)
-    return 0
+    return _show(out, "split.png")
 
 
 def _adaptive(a: argparse.Namespace) -> int:

@@ -78,21 +78,28 @@ class StageModule(nn.Module):
         pos = torch.arange(T, device=x.device).unsqueeze(0)  # (1, T)
         if self.is_first and self.pos_embed is not None:
             x = self.drop(x + self.pos_embed(pos))
-        mask = _causal_mask(self.config, x, pos)
-        if self.family == "llama":
-            rope = self.rotary(x, position_ids=pos) if len(self.blocks) else None
-            for block in self.blocks:
-                x = _first(block(x, attention_mask=mask, position_embeddings=rope,
-                                 position_ids=pos))
-        else:
-            for block in self.blocks:
-                x = _first(block(x, None, mask, None, position_ids=pos))
+        x = run_blocks(self.family, self.blocks, self.rotary, x, pos,
+                       _causal_mask(self.config, x, pos))
         if self.is_last:
             x = self.head(self.norm(x))  # (B, T, V)
         return x
 
 
 @functools.cache
+def run_blocks(family: str, blocks: Sequence[nn.Module], rotary: nn.Module | None,
+               x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Hidden states (B, T, C) through ``blocks`` at positions ``pos`` (1, T) under ``mask``."""
+    if family == "llama":
+        rope = rotary(x, position_ids=pos) if len(blocks) else None
+        for block in blocks:
+            x = _first(block(x, attention_mask=mask, position_embeddings=rope,
+                             position_ids=pos))
+    else:
+        for block in blocks:
+            x = _first(block(x, None, mask, None, position_ids=pos))
+    return x
+
+
 def _no_cache_kwarg() -> str:
     """The name transformers gives the (absent) KV cache of ``create_causal_mask``: ``cache``
     from 5.24 on, ``past_key_values`` before (deprecated since)."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from phalanx.errors import ConfigError
-from phalanx.models.stages import StageModule, blocks_of, embedding_of
+from phalanx.models.stages import StageModule, blocks_of, embedding_of, run_blocks
 
 
 def validate_cut(cut: int, num_layers: int) -> int:
@@ -73,19 +73,7 @@ class Prefix(nn.Module):
         x = self.embed(ids)  # (1, S, C)
         if self.pos_embed is not None:
             x = x + self.pos_embed(pos)
-        if self.family == "llama":
-            rope = self.rotary(x, position_ids=pos) if len(self.blocks) else None
-            for block in self.blocks:
-                x = _first(block(x, attention_mask=mask, position_embeddings=rope,
-                                 position_ids=pos))
-        else:
-            for block in self.blocks:
-                x = _first(block(x, None, mask, None, position_ids=pos))
-        return x
-
-
-def _first(out: torch.Tensor | tuple) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
+        return run_blocks(self.family, self.blocks, self.rotary, x, pos, mask)
 
 
 @torch.no_grad()
