@@ -113,9 +113,32 @@ def test_a_report_replayed_from_an_earlier_session_is_refused():
         open_links([client, server], timeout=5)
 
 
-@pytest.mark.parametrize("attack", ["flip a byte", "relabel the micro-batch", "replay",
-                                    "drop one", "plain tensor", "attest again"])
-def test_what_the_servers_host_changes_on_an_open_link_is_refused(attack):
+def _flip(f: Frame) -> Frame:
+    t = f.tensor.clone()
+    t[-20] ^= 1
+    return replace(f, tensor=t)
+
+
+REWRITES = {  # what a host on the link may do to every field of a data frame it carries
+    "flip a byte": _flip,
+    "relabel the micro-batch": lambda f: replace(f, micro=f.micro + 1),
+    "move it to another step": lambda f: replace(f, step=f.step + 1),
+    "change its flags": lambda f: replace(f, flags=f.flags ^ 1),
+    "change its kind": lambda f: replace(f, kind=Kind.LABELS if f.kind is not Kind.LABELS
+                                         else Kind.ACTIVATION),
+    "truncate it": lambda f: replace(f, tensor=f.tensor[:-1]),
+    "reshape it": lambda f: replace(f, tensor=f.tensor[:-(f.tensor.numel() % 2) or None]
+                                    .reshape(2, -1)),
+    "plain tensor": lambda f: replace(f, tensor=torch.zeros(2, 4, 8)),
+    "attest again": lambda f: replace(f, kind=Kind.ATTEST),
+}
+
+
+@pytest.mark.parametrize("direction", ["client to enclave", "enclave to client"])
+@pytest.mark.parametrize("attack", [*REWRITES, "replay", "drop one"])
+def test_what_the_servers_host_changes_on_an_open_link_is_refused(attack, direction):
+    """Every field of a frame the host carries (contents, micro-batch, step, flags, kind,
+    size, shape, dtype, order, presence), both ways: the frame is refused, never delivered."""
     platform = SimulatedPlatform()
     state = {"n": 0, "first": None}
 
@@ -124,33 +147,54 @@ def test_what_the_servers_host_changes_on_an_open_link_is_refused(attack):
             return f
         state["n"] += 1
         state["first"] = state["first"] or f
-        if attack == "flip a byte":
-            t = f.tensor.clone()
-            t[-20] ^= 1
-            return replace(f, tensor=t)
-        if attack == "relabel the micro-batch":
-            return replace(f, micro=f.micro + 1)
-        if attack == "replay" and state["n"] == 2:
-            return replace(state["first"])
-        if attack == "drop one" and state["n"] == 1:
-            return None
-        if attack == "plain tensor":
-            return replace(f, tensor=torch.zeros(2, 4, 8))
-        if attack == "attest again":
-            return replace(f, kind=Kind.ATTEST)
-        return f
+        if attack == "replay":
+            return replace(state["first"]) if state["n"] == 2 else f
+        if attack == "drop one":
+            return None if state["n"] == 1 else f
+        return REWRITES[attack](f)
 
-    client, server, *_ = _pair(platform, client_host=host)
+    upstream = direction == "client to enclave"
+    client, server, *_ = _pair(platform, **{"client_host" if upstream else "server_host": host})
     open_links([client, server], timeout=5)
-    client.send(_activation(micro=0))
-    client.send(_activation(micro=1))
-    outcomes = []
-    for _ in range(2 if attack in ("replay",) else 1):
-        try:
-            outcomes.append(server.recv(timeout=1))
-        except FrameError as exc:
-            outcomes.append(exc)
-    assert any(isinstance(o, FrameError) for o in outcomes), outcomes
+    sender, receiver = (client, server) if upstream else (server, client)
+    for m in (0, 1):
+        sender.send(_activation(micro=m))
+    first = receiver.recv(timeout=1) if attack == "replay" else None
+    with pytest.raises(FrameError):
+        receiver.recv(timeout=1)
+    assert first is None or torch.equal(first.tensor, _activation().tensor)
+
+
+@pytest.mark.parametrize(("side", "rewrite", "message"), [
+    ("server", lambda f: replace(f, micro=0), "not an attestation report"),
+    ("server", lambda f: replace(f, tensor=f.tensor[:-1]), "must be 166 bytes"),
+    ("server", _flip, "signature"),
+    ("client", lambda f: replace(f, micro=2), "part 2 where part 0 belongs"),
+    ("client", lambda f: replace(f, tensor=f.tensor.to(torch.int32)), "must be 32 bytes"),
+])
+def test_a_host_that_rewrites_a_handshake_frame_is_refused(side, rewrite, message):
+    """The handshake's fields (part number, size, dtype, bytes) as a host may change them:
+    refused with an error naming the check, before any session key exists."""
+    def host(f: Frame) -> Frame:
+        return rewrite(f) if f.kind is Kind.ATTEST and f.micro in (0, 1) else f
+
+    client, server, *_ = _pair(SimulatedPlatform(), **{f"{side}_host": host})
+    with pytest.raises(AttestationError, match=message):
+        open_links([client, server], timeout=5)
+    assert client.session is None
+
+
+def test_a_session_message_holding_something_else_than_a_frame_is_refused():
+    """A client whose encrypted message is not one tensor and its header (a malicious data
+    owner, or a bug): the enclave refuses it rather than guessing."""
+    platform = SimulatedPlatform()
+    client, server, c_spy, *_ = _pair(platform)
+    open_links([client, server], timeout=5)
+    blob = client.session.encrypt({"tensor": torch.zeros(2, 4, 8)})  # no header
+    c_spy.inner.send(Frame(kind=Kind.ACTIVATION, step=0, micro=0, src=0, dst=1,
+                           tensor=torch.frombuffer(bytearray(blob), dtype=torch.uint8)))
+    with pytest.raises(FrameError, match="holds"):
+        server.recv(timeout=1)
 
 
 def test_a_data_frame_before_the_handshake_stops_the_run_with_a_clear_error():
