@@ -95,8 +95,9 @@ def perplexity(model: nn.Module, batches: list[torch.Tensor]) -> float:
 
 
 def attack(lm, ids: torch.Tensor, cut: int, spec: PrivacySpec,  # noqa: ANN001
-           hidden: torch.Tensor | None = None, ranker=None) -> dict:  # noqa: ANN001
-    """Both attacks on what the stage after ``cut`` receives (``hidden``, default clean)."""
+           hidden: torch.Tensor | None = None, ranker=None) -> tuple[dict, object]:  # noqa: ANN001
+    """Both attacks on what the stage after ``cut`` receives (``hidden``, default clean): their
+    record, and the search's ranking table (to reuse at the same cut)."""
     from phalanx.privacy import (
         ExactSearch,
         Prefix,
@@ -119,7 +120,7 @@ def attack(lm, ids: torch.Tensor, cut: int, spec: PrivacySpec,  # noqa: ANN001
             "exact_search": leakage([r.tokens for r in found], list(ids)),
             "matched": sum(r.matched(1e-3) for r in found) / len(found),
             "table_s": table_s, "search_s_per_token": (time.perf_counter() - t0) / ids.numel(),
-            "ranker": search.rank}
+            }, search.rank
 
 
 def run(spec: PrivacySpec, out: Path) -> dict:
@@ -143,9 +144,9 @@ def run(spec: PrivacySpec, out: Path) -> dict:
     for k, cut in enumerate(spec.cuts, 1):
         print(f"[cut {k}/{len(spec.cuts)}] {cut} layers at the data owner ...", file=sys.stderr,
               flush=True)
-        row = attack(lm, ids, cut, spec)
-        first_ranker = first_ranker or row["ranker"]
-        rows.append({k2: v for k2, v in row.items() if k2 != "ranker"})
+        row, ranker = attack(lm, ids, cut, spec)
+        first_ranker = first_ranker or ranker
+        rows.append(row)
     base = perplexity(lm.model, val)
     noise = []
     cut = spec.cuts[0]
@@ -153,12 +154,12 @@ def run(spec: PrivacySpec, out: Path) -> dict:
         print(f"[noise] sigma {sigma} at cut {cut} ...", file=sys.stderr, flush=True)
         gen = torch.Generator().manual_seed(spec.seed)
         h = cut_hidden(lm.model, lm.family, ids, cut)
-        row = attack(lm, ids, cut, spec, hidden=add_noise(h, sigma, generator=gen),
-                     ranker=first_ranker)
+        row, _ = attack(lm, ids, cut, spec, hidden=add_noise(h, sigma, generator=gen),
+                        ranker=first_ranker)
         with noisy_cut(lm.model, lm.family, cut, sigma, spec.seed):
             ppl = perplexity(lm.model, val)
         noise.append({"sigma": sigma, "val_ppl": ppl, "ppl_cost": ppl / base - 1,
-                      **{k2: v for k2, v in row.items() if k2 != "ranker"}})
+                      **row})
     summary = {"spec": {k: v for k, v in vars(spec).items()}, "model": lm.source,
                "layers": layers, "val_ppl": base, "cuts": rows, "noise": noise}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=list) + "\n")

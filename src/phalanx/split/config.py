@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from phalanx.errors import ConfigError
+from phalanx.errors import ConfigError, check_choice
 
 MODES = {"none": 0, "layers": 2, "u": 3}
 """Split modes and the pipeline stages each makes (``none``: no split, the pipeline as set)."""
@@ -52,12 +52,8 @@ class SplitConfig:
         return (0, 2) if self.mode == "u" else (0,) if self.active else ()
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"split.mode={self.mode!r} is unknown; use one of "
-                              f"{', '.join(MODES)}")
-        if self.enclave not in ENCLAVES:
-            raise ConfigError(f"split.enclave={self.enclave!r} is unknown; use one of "
-                              f"{', '.join(ENCLAVES)}")
+        check_choice("split.mode", self.mode, MODES)
+        check_choice("split.enclave", self.enclave, ENCLAVES)
         if (self.enclave != "none" or self.masked) and not self.active:
             key = "split.enclave" if self.enclave != "none" else "split.masked"
             raise ConfigError(f"{key} needs a split: set split.mode=layers or u")

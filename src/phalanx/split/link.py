@@ -72,10 +72,6 @@ class SessionLink(ChannelWrapper):
         self.session: Session | None = None
         self.crypto_s = 0.0  # seconds spent encrypting and decrypting frames
 
-    @property
-    def is_open(self) -> bool:
-        return self.session is not None
-
     @abstractmethod
     def _handshake(self, frame: Frame) -> None:
         """Take the next ``ATTEST`` frame of the handshake."""

@@ -87,25 +87,17 @@ class EnclaveWiring:
                  reference: nn.Module | None) -> None:
         """``server``: the server's stage when this process runs it (loaded into the enclave
         now, before anything changes its weights); ``reference``: the client's own copy of
-        the server's initial stage, measured when ``split.measurement`` is empty."""
+        the server's initial stage, measured now when ``split.measurement`` is empty (a
+        process without client stages needs neither)."""
         self.clients = split.clients
         self.enclave: SimulatedEnclave | None = None
-        self.measurement = bytes.fromhex(split.measurement) if split.measurement else None
+        self.measurement = (bytes.fromhex(split.measurement) if split.measurement
+                            else measure_stage(reference) if reference is not None else None)
         if server is not None:
             self.enclave = SimulatedEnclave(load_platform(platform))
             self.enclave.load(server, code=ENCLAVE_CODE)
         self._platform = platform
-        self._reference = reference
         self.links: list[SessionLink] = []
-
-    def _expected(self) -> bytes:
-        if self.measurement is None:
-            if self._reference is None:
-                raise ValueError("a client stage needs split.measurement or the server's "
-                                 "initial stage to measure")
-            self.measurement = measure_stage(self._reference)
-            self._reference = None
-        return self.measurement
 
     def wrap(self, stage: StageModule, channels: dict[int, Channel]) -> dict[int, Channel]:
         """Session links on the client-server links of ``stage``."""
@@ -117,9 +109,12 @@ class EnclaveWiring:
             for peer in self.clients:
                 out[peer] = self._keep(EnclaveLink(channels[peer], self.enclave, device))
         elif stage.index in self.clients and SERVER in channels:
+            if self.measurement is None:
+                raise ValueError("a client stage needs split.measurement or the server's "
+                                 "initial stage to measure")
             vendor = load_vendor_public(self._platform)
             out[SERVER] = self._keep(ClientLink(channels[SERVER], vendor_key=vendor,
-                                                measurement=self._expected(), device=device))
+                                                measurement=self.measurement, device=device))
         return out
 
     def _keep(self, link: SessionLink) -> SessionLink:
@@ -143,7 +138,7 @@ class EnclaveWiring:
         return out
 
 
-def sealed_stages(split: SplitConfig) -> frozenset[int]:
-    """The stages whose checkpoint files are sealed."""
-    return frozenset({SERVER}) if split.enclave != "none" else frozenset()
+def sealed_suffixes(split: SplitConfig) -> dict[int, str]:
+    """The checkpoint file suffix of every stage whose file is sealed."""
+    return {SERVER: SealedStore.suffix} if split.enclave != "none" else {}
 

@@ -30,7 +30,7 @@ from phalanx.split.masking import LocalHost
 from phalanx.split.outsource import Outsourced, outsource
 from phalanx.split.prepare import cuts as split_cuts
 from phalanx.split.prepare import prepare
-from phalanx.split.wiring import EnclaveWiring, platform_dir, sealed_stages
+from phalanx.split.wiring import EnclaveWiring, platform_dir, sealed_suffixes
 from phalanx.threats import AttackPlan
 from phalanx.threats.adaptive import adaptive
 from phalanx.threats.channel import poison
@@ -149,10 +149,12 @@ def enclave_wiring(cfg: Config, loaded: LoadedModel, stages: dict[int, StageModu
     split = cfg.split
     if split.enclave == "none":
         return None
-    reference = stages.get(SERVER)
-    if reference is None and not split.measurement and set(stages) & set(split.clients):
-        (reference,) = partition(loaded.model, loaded.family, cfg.pipeline.stages,
-                                 bounds_of(cfg, loaded), only=SERVER)
+    reference = None  # the client's own copy of the server's initial stage, to measure
+    if not split.measurement and set(stages) & set(split.clients):
+        reference = stages.get(SERVER)
+        if reference is None:
+            (reference,) = partition(loaded.model, loaded.family, cfg.pipeline.stages,
+                                     bounds_of(cfg, loaded), only=SERVER)
     return EnclaveWiring(split, platform_dir(split, cfg.train.out_dir),
                          server=stages.get(SERVER), reference=reference)
 
@@ -229,4 +231,4 @@ def build_pipeline(cfg: Config, total_steps: int, load: Loader = load_model) -> 
         raise
     return Pipeline(runtime=runtime, loaded=loaded, attack=attack, defense=defense,
                     enclave=enclave, stores=dict(enclave.stores()),
-                    suffixes={i: ".sealed" for i in sealed_stages(cfg.split)}, masked=masked)
+                    suffixes=sealed_suffixes(cfg.split), masked=masked)
