@@ -421,6 +421,7 @@ def _adaptive(a: argparse.Namespace) -> int:
                                f"{', '.join(sorted(ad.TACTICS))}")
         spec.tactics = chosen
         spec.second = tuple(t for t in spec.second if t in chosen)
+        spec.secure = tuple(t for t in spec.secure if t in chosen)
     spec.extra = list(a.overrides)
     out = Path(a.out)
     _preflight(_config(None, ad.settings(spec, out / "check", "drift", "skip")))

@@ -6,16 +6,23 @@ as the distributed runtime); all of them run as one session, the model loaded on
 attacked and detected iterations, whether the blame named the attacker, the attempts in which an
 honest stage was blamed, whether the final weights are bitwise those of an undefended clean run,
 and the validation perplexity against that run's. Writes ``summary.json`` and ``table.md``.
+
+The tactics of ``secure`` run once more under repair in the secure runtime: one process per
+stage, TLS links pinned to throwaway identities, every frame signed (``phalanx train
+pipeline.runtime=secure``, a process start per cell). Such a cell is also compared with its
+simulator twin: the same blame in every attempt, and the same losses.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from phalanx.errors import PhalanxError
 from phalanx.experiments.report import read_run
 from phalanx.experiments.scoring import Cell, score
 from phalanx.experiments.session import SessionRun, run_session, stamp_path, write_plan
@@ -44,12 +51,15 @@ class AdaptiveSpec(ShortRuns):
     tactics: tuple[str, ...] = tuple(sorted(TACTICS))
     recoveries: tuple[str, ...] = RECOVERIES
     second: tuple[str, ...] = ("collude",)  # tactics run again with defense.second=replica
+    secure: tuple[str, ...] = ("equivocate", "flag_forge")  # and in the secure runtime (repair)
+    timeout_s: float = 900  # for a secure cell's processes
 
     @classmethod
     def quick(cls) -> AdaptiveSpec:
         return cls(model="tiny", stages=4, steps=3, seq_len=16, batch_size=4, lr=1e-3,
                    tactics=("flag_forge", "nan_norm", "false_alert", "short", "eval_poison",
-                            "false_evidence"), second=("flag_forge",))
+                            "false_evidence"), second=("flag_forge",),
+                   secure=("equivocate",), timeout_s=120)
 
 
 def settings(spec: AdaptiveSpec, out: Path, tactic: str | None, recovery: str | None,
@@ -73,30 +83,60 @@ def settings(spec: AdaptiveSpec, out: Path, tactic: str | None, recovery: str | 
     return o + spec.extra
 
 
-Cells = list[tuple[str, str | None, str | None, bool]]
+@dataclass(frozen=True)
+class CellSpec:
+    """One run of the grid (``tactic=None``: the clean reference; ``recovery=None``: no
+    defense)."""
+
+    name: str
+    tactic: str | None
+    recovery: str | None
+    second: bool = False  # with the second replica
+    secure: bool = False  # in the secure runtime, one process per stage
 
 
-def cells(spec: AdaptiveSpec) -> Cells:
-    """(name, tactic, recovery, second replica) of every run: the clean reference first."""
-    out: Cells = [("clean", None, None, False)]
-    out += [(f"{t}-{r}", t, r, False) for t in spec.tactics for r in spec.recoveries]
-    out += [(f"{t}-{r}-second", t, r, True) for t in spec.second for r in spec.recoveries]
+SECURE_RECOVERY = "repair"
+
+
+def cells(spec: AdaptiveSpec) -> list[CellSpec]:
+    """Every run: the clean reference first."""
+    out = [CellSpec("clean", None, None)]
+    out += [CellSpec(f"{t}-{r}", t, r) for t in spec.tactics for r in spec.recoveries]
+    out += [CellSpec(f"{t}-{r}-second", t, r, second=True)
+            for t in spec.second for r in spec.recoveries]
+    for t in spec.secure:  # with its simulator twin
+        if t not in spec.tactics or SECURE_RECOVERY not in spec.recoveries:
+            out.append(CellSpec(f"{t}-{SECURE_RECOVERY}", t, SECURE_RECOVERY))
+        out.append(CellSpec(f"{t}-{SECURE_RECOVERY}-secure", t, SECURE_RECOVERY, secure=True))
     return out
+
+
+def _session_run(spec: AdaptiveSpec, out: Path, c: CellSpec) -> SessionRun:
+    o = settings(spec, out / "runs" / c.name, c.tactic, c.recovery, c.second)
+    if c.secure:
+        o += ['pipeline.runtime="secure"', f"pipeline.timeout_s={spec.timeout_s}"]
+    return SessionRun(c.name, o, str(out / "runs" / c.name))
 
 
 def run(spec: AdaptiveSpec, out: Path, fresh: bool = False) -> list[dict]:
     """Run the grid (reusing finished cells unless ``fresh``); write the results."""
-    runs = [SessionRun(name, settings(spec, out / "runs" / name, t, r, two),
-                       str(out / "runs" / name)) for name, t, r, two in cells(spec)]
-    todo = [r for r in runs if fresh or not _finished(r)]
+    grid = cells(spec)
+    runs = [_session_run(spec, out, c) for c in grid]
+    todo = [r for r, c in zip(runs, grid, strict=True)
+            if not c.secure and (fresh or not _finished(r))]
     if todo:
         plan = out / "runs" / "session.json"
         plan.parent.mkdir(parents=True, exist_ok=True)
         write_plan(plan, todo)
         run_session(plan)
+    for r, c in zip(runs, grid, strict=True):
+        if c.secure and (fresh or not _finished(r)):
+            run_secure(r, spec.timeout_s)
     _, clean = read_run(Path(runs[0].out))
+    by_name = dict(zip((c.name for c in grid), runs, strict=True))
     rows = []
-    for (name, tactic, recovery, second), r in zip(cells(spec), runs, strict=True):
+    for c, r in zip(grid, runs, strict=True):
+        tactic, recovery, second = c.tactic, c.recovery, c.second
         if tactic is None:
             continue
         records, summary = read_run(Path(r.out))
@@ -114,11 +154,47 @@ def run(spec: AdaptiveSpec, out: Path, fresh: bool = False) -> list[dict]:
             "ppl_ratio_to_clean": summary["val_ppl_end"] / clean["val_ppl_end"]
             if math.isfinite(summary["val_ppl_end"]) else float("inf"),
             "attributable": tactic not in NOT_ATTRIBUTABLE or (second and tactic == "collude"),
+            "runtime": "secure" if c.secure else "simulator",
+            "same_as_simulator": _same(records, by_name.get(f"{tactic}-{recovery}"))
+            if c.secure else None,
         })
-        print(f"{name}: detected {row['detected_iterations']}/{row['attacked_iterations']}",
+        print(f"{c.name}: detected {row['detected_iterations']}/{row['attacked_iterations']}",
               file=sys.stderr, flush=True)
     write(rows, spec, out)
     return rows
+
+
+def run_secure(r: SessionRun, timeout_s: float) -> None:
+    """One cell in the secure runtime: ``phalanx train`` starts a process per stage, with
+    throwaway identities and roster; the directory is marked finished when it succeeds."""
+    print(f"[secure] {r.name} ...", file=sys.stderr, flush=True)
+    try:
+        done = subprocess.run([sys.executable, "-m", "phalanx.cli", "train", *r.settings],
+                              capture_output=True, text=True, timeout=timeout_s * 2)
+    except subprocess.TimeoutExpired:
+        raise PhalanxError(f"the secure cell {r.name} ran past {2 * timeout_s:.0f} s") from None
+    if done.returncode != 0:
+        raise PhalanxError(f"the secure cell {r.name} failed (exit {done.returncode}): "
+                           f"{done.stderr.strip()[-1500:]}")
+    stamp_path(r.out).write_text(json.dumps(r.settings, indent=1) + "\n")
+
+
+def _blame_trace(records: list[dict]) -> list[tuple]:
+    """Who was blamed in each attempt of each step."""
+    return [(tuple(x.get("blamed", [])), tuple(tuple(t["blamed"]) for t in x.get("redone", [])))
+            for x in records]
+
+
+def _same(records: list[dict], twin: SessionRun | None) -> bool | None:
+    """Whether a secure cell blamed as its simulator twin did, attempt by attempt, with the
+    same losses to float tolerance (``None`` where the twin was not run)."""
+    if twin is None or not _finished(twin):
+        return None
+    theirs = read_run(Path(twin.out))[0]
+    if len(records) != len(theirs) or _blame_trace(records) != _blame_trace(theirs):
+        return False
+    return all(math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
+               for a, b in zip(records, theirs, strict=True))
 
 
 def _n(value: int | None) -> str:
@@ -152,6 +228,10 @@ def write(rows: list[dict], spec: AdaptiveSpec, out: Path) -> None:
         bc = "–" if r["blame_correct"] is None else f"{100 * r['blame_correct']:.0f}%"
         name = r["tactic"] + ("" if r["attributable"] else " †")
         recovery = r["recovery"] + (" + second replica" if r["second_replica"] else "")
+        if r.get("runtime") == "secure":
+            recovery += f" (secure runtime, {spec.stages} processes; same as simulator: " + (
+                "–" if r["same_as_simulator"] is None else
+                "yes" if r["same_as_simulator"] else "no") + ")"
         lines.append(f"| {name} | {recovery} | {_n(r['attacked'])} | {_n(r['detected'])} | "
                      f"{bc} | "
                      f"{r['honest_blamed']} | {r['in_vain']} | {r['dropped']} | "
