@@ -70,3 +70,16 @@ def six_layers(tmp_path_factory) -> str:
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(conf).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture()
+def cli(capsys):
+    """``phalanx ARGS`` in this process (the ``main`` the console script runs): its exit code
+    and its standard error. For refusals: no process start, and an exception other than the
+    CLI's own errors propagates as a traceback, failing the test."""
+    from phalanx.cli.main import main
+
+    def run(*args: str) -> tuple[int, str]:
+        code = main(list(args))
+        return code, capsys.readouterr().err
+    return run

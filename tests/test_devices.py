@@ -63,14 +63,12 @@ def test_nccl_only_where_every_stage_has_its_own_gpu():
         choose_backend("nccl", shared)
 
 
-def test_cli_refuses_a_missing_gpu_in_one_line():
+def test_cli_refuses_a_missing_gpu_in_one_line(cli):
     if torch.cuda.device_count() > 3:
         pytest.skip("this host has a cuda:3")
-    r = subprocess.run([sys.executable, "-m", "phalanx.cli", "train", 'model.name="tiny"',
-                        'pipeline.device="cuda:3"', "pipeline.stages=2"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "pipeline.device=cuda:3" in r.stderr
+    code, err = cli("train", 'model.name="tiny"', 'pipeline.device="cuda:3"', "pipeline.stages=2")
+    assert code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "pipeline.device=cuda:3" in err
 
 
 def test_on_device_leaves_control_values_in_host_memory():
@@ -117,12 +115,12 @@ def test_check_gpu_runs_its_whole_path_on_the_cpu():
     assert rec["train"]["peak_gpu_mb"] == 0.0 and rec["device_name"] == "cpu"
 
 
-def test_check_gpu_without_a_gpu_is_one_line_exit_2():
+def test_check_gpu_without_a_gpu_is_one_line_exit_2(cli):
     if torch.cuda.is_available():
         pytest.skip("this host has a GPU")
-    r = _check()
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-    assert "needs a CUDA GPU" in r.stderr and "--device cpu" in r.stderr
+    code, err = cli("check", "gpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "needs a CUDA GPU" in err and "--device cpu" in err
 
 
 @cuda

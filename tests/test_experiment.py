@@ -132,18 +132,21 @@ def test_model_cache_loads_once_and_hands_out_independent_copies():
 @pytest.mark.slow
 def test_a_session_of_distributed_runs_trains_each_exactly_as_alone(tmp_path):
     """One set of 4 stage processes trains three cells in turn (the model loaded once per
-    process); each equals the same cell trained alone in the simulator."""
+    process); each equals the same cell trained alone in the simulator. Under the GPipe
+    schedule: the distributed equivalence check covers 1F1B, this covers GPipe across
+    processes (the simulator's GPipe equals one process, tests/test_equivalence.py)."""
     from phalanx.experiments.report import read_run
     from phalanx.experiments.robustness import Runner
 
     spec = Spec.quick()
     spec.steps, spec.runtime = 4, "distributed"
+    spec.extra = ['pipeline.schedule="gpipe"']
     cells = [Cell("clean", 0.0, "none"), Cell("sign_flip", 0.7, "skip"),
              Cell("sign_flip", 0.7, "repair")]
     rows = Runner(spec, tmp_path / "d").run(cells)
     assert rows[1]["detected_iterations"] == rows[1]["attacked_iterations"] > 0
     local = Spec.quick()
-    local.steps = 4
+    local.steps, local.extra = 4, spec.extra
     lrun = Runner(local, tmp_path / "l")
     for cell in cells:
         lrun.train_here(lrun.session_run(cell).settings)

@@ -56,11 +56,9 @@ def test_bad_fault_declarations(text, message):
         parse_fault(text, 3)
 
 
-def test_bad_fault_on_the_command_line_is_one_line_exit_2():
-    r = subprocess.run([sys.executable, "-m", "phalanx.cli", "train", *BASE,
-                        'faults.links=["drop 5% 1->9"]'], capture_output=True, text=True,
-                       timeout=60)
-    assert r.returncode == 2 and "no link 1->9" in r.stderr and "Traceback" not in r.stderr
+def test_bad_fault_on_the_command_line_is_one_line_exit_2(cli):
+    code, err = cli("train", *BASE, 'faults.links=["drop 5% 1->9"]')
+    assert code == 2 and "no link 1->9" in err and "Traceback" not in err
 
 
 def test_delays_change_nothing_but_time():

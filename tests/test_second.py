@@ -123,12 +123,10 @@ def test_a_second_check_that_cannot_work_is_a_config_error(extra, message):
         cfg.validate()
 
 
-def test_a_second_replica_with_too_few_stages_is_one_line_exit_2(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "phalanx.cli", "train", *BASE, *SECOND,
-                        "pipeline.stages=3", f'train.out_dir="{tmp_path}"'],
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0
-    assert "defense.second=replica needs at least 4 stages" in p.stderr
+def test_a_second_replica_with_too_few_stages_is_one_line_exit_2(tmp_path, cli):
+    code, err = cli("train", *BASE, *SECOND, "pipeline.stages=3", f'train.out_dir="{tmp_path}"')
+    assert code == 2 and err.strip().count("\n") == 0
+    assert "defense.second=replica needs at least 4 stages" in err
 
 
 def test_six_stages_repair_keeps_every_second_replica_in_lockstep(six_layers):

@@ -5,8 +5,6 @@ leaves measured by the drift attacker; checks that cannot work are one-line erro
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -167,12 +165,10 @@ def test_a_run_longer_than_its_calibration_is_warned_about(tmp_path):
     assert any("covered 4 steps and this run has 40" in w for w in warnings(cfg))
 
 
-def test_a_calibrated_run_without_its_file_is_one_line_exit_2(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "phalanx.cli", "train", *TINY,
-                        'defense.tolerance="calibrated"', f'train.out_dir="{tmp_path}"'],
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2
-    assert p.stderr.strip().count("\n") == 0 and "phalanx calibrate" in p.stderr
+def test_a_calibrated_run_without_its_file_is_one_line_exit_2(tmp_path, cli):
+    code, err = cli("train", *TINY, 'defense.tolerance="calibrated"', f'train.out_dir="{tmp_path}"')
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "phalanx calibrate" in err
 
 
 def test_calibrate_refuses_a_summary_that_did_not_measure(tmp_path, capsys):
