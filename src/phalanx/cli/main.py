@@ -176,6 +176,10 @@ def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
     one_stage = cfg.pipeline.runtime == "secure" and cfg.secure.stage >= 0  # one host's stage
     if not under_launcher():
         _preflight(cfg, a.resume)
+        if cfg.secure.stage <= 0:  # the data owner's: its own batches
+            from phalanx.train.exposure import report_exposure
+
+            report_exposure(cfg)
         if cfg.pipeline.runtime == "distributed":  # started by hand: one process per stage
             from phalanx.launch import spawn
 

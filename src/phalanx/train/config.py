@@ -10,6 +10,7 @@ from phalanx.defense.config import DefenseConfig
 from phalanx.errors import ConfigError
 from phalanx.models import ModelConfig
 from phalanx.pipeline import OptimConfig, PipelineConfig
+from phalanx.privacy.exposure import ExposureConfig
 from phalanx.secure.config import SecureConfig
 from phalanx.split.config import SplitConfig
 from phalanx.split.masking import MaskingConfig
@@ -48,6 +49,7 @@ class Config:
     split: SplitConfig = field(default_factory=SplitConfig)
     trainable: TrainableConfig = field(default_factory=lambda: TrainableConfig(method="full"))
     masking: MaskingConfig = field(default_factory=MaskingConfig)
+    privacy: ExposureConfig = field(default_factory=ExposureConfig)
 
     def validate(self) -> None:
         """Check every component and the settings that involve several of them."""
@@ -60,6 +62,7 @@ class Config:
         self.split.validate()
         self.trainable.validate()
         self.masking.validate()
+        self.privacy.validate()
         if self.split.masked and self.pipeline.precision != "fp32":
             raise ConfigError(f"split.masked needs pipeline.precision=fp32, not "
                               f"{self.pipeline.precision}: a mask costs log2(masking.mask_scale) "
