@@ -240,7 +240,7 @@ TINY = ['model.name="tiny"', "data.seq_len=32", "train.batch_size=4", "pipeline.
 
 
 @pytest.mark.slow
-def test_stages_started_by_hand_with_keys_roster_and_a_join_token(tmp_path):
+def test_stages_started_by_hand_with_keys_roster_and_a_join_token(tmp_path, cli):
     """The several-hosts recipe on one host: `phalanx keys`, a roster with stage 2 left open,
     then one `phalanx train` per stage with secure.stage, stage 2 binding the key it made with
     its join token; a stage whose key is not in the roster is refused."""
@@ -259,10 +259,8 @@ def test_stages_started_by_hand_with_keys_roster_and_a_join_token(tmp_path):
     joiner = [f'secure.token="{tmp_path / "token2"}"',
               f'secure.roster="{tmp_path / "roster_of_2.json"}"']
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    evil = subprocess.run([sys.executable, "-m", "phalanx.cli", "train", *common, *owner,
-                           "secure.stage=1", f'secure.key="{tmp_path / "evil"}"'],
-                          capture_output=True, text=True, timeout=60, env=env)
-    assert evil.returncode == 2 and "is not the roster's stage 1" in evil.stderr
+    code, err = cli("train", *common, *owner, "secure.stage=1", f'secure.key="{tmp_path / "evil"}"')
+    assert code == 2 and "is not the roster's stage 1" in err
     procs = [subprocess.Popen([sys.executable, "-m", "phalanx.cli", "train", *common,
                                *(joiner if i == 2 else owner),
                                f"secure.stage={i}", f'secure.key="{tmp_path / f"k{i}"}"'],
