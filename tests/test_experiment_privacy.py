@@ -1,5 +1,6 @@
-"""``phalanx experiment privacy --quick``: recovery at each cut and under noise, with the
-noise's utility cost; bad settings are one-line errors."""
+"""``phalanx experiment privacy --quick``: recovery at each cut (exact search, decoder), the
+gradient attacks, drifted victims, and noise / DP-Forward with their utility and tokens/s
+cost; bad settings are one-line errors."""
 
 from __future__ import annotations
 
@@ -21,10 +22,23 @@ def test_the_quick_privacy_experiment_measures_recovery_and_the_price_of_noise(t
     noise = {r["sigma"]: r for r in s["noise"]}
     assert noise[64.0]["exact_search"]["token_recovery"] < 0.1  # heavy noise hides the text
     assert noise[64.0]["val_ppl"] > s["val_ppl"]  # ... at a price in perplexity
+    assert all(0 < r["tokens_per_s_ratio"] < 10 for r in s["noise"] + s["dp_forward"])
+    dp = {r["noise_multiplier"]: r for r in s["dp_forward"]}
+    assert dp[10.0]["epsilon"] < dp[0.1]["epsilon"]  # more noise, less epsilon ...
+    assert dp[10.0]["exact_search"]["token_recovery"] < 0.1  # ... and less recovery
+    assert all(0 <= r["decoder"]["token_recovery"] <= 1 for r in s["cuts"])
+    g = s["gradients"]
+    assert g["labels"]["token_recovery"] == 1.0  # the head's input gradient names each label
+    assert g["weights"][0]["cut"] == 0 and g["weights"][0]["token_f1"] == 1.0
+    victims = {v.get("rel_std"): v for v in s["victims"]}
+    assert victims[1e-3]["matched"] == 0.0  # no exact match once stage 0 drifted ...
+    assert victims[1.0]["exact_search"]["token_recovery"] < 1.0  # ... and errors with drift
+    table = (tmp_path / "table.md").read_text()
+    assert "DP-Forward" in table and "decoder" in table and "gradient" in table
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--cuts", "1,9"], "cut"), (["--sigmas", "-1"], "sigma"), (["--sigmas", "nan"], "sigma"),
+    (["--cuts", "1,9"], "cut"), (["--cuts", "0"], "cut"), (["--sigmas", "-1"], "sigma"), (["--sigmas", "nan"], "sigma"),
     (["--cuts", "one"], "comma-separated numbers"),
 ])
 def test_bad_privacy_settings_are_one_line_exit_2(tmp_path, capsys, args, message):

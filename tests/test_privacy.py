@@ -18,8 +18,8 @@ from phalanx.privacy import (
     ExactSearch,
     NoisyCut,
     Prefix,
-    TableRanker,
     add_noise,
+    context_free_tables,
     cut_hidden,
     exact_sequence_match,
     finetuned_copy,
@@ -171,8 +171,9 @@ def test_exact_search_stops_early_on_a_good_ranking(tiny, held_out) -> None:
 
 def test_table_ranker_puts_the_true_token_first_and_budget_caps_the_scan(tiny, held_out) -> None:
     hidden = cut_hidden(tiny.model, tiny.family, held_out[:1], 2)
-    search = ExactSearch(Prefix(tiny.model, tiny.family, 2), chunk=8)
-    search.rank = TableRanker(search, anchor=tiny.tokenizer.eos_id)
+    prefix = Prefix(tiny.model, tiny.family, 2)
+    search = ExactSearch(prefix, chunk=8)
+    search.rank = context_free_tables(prefix, [2], anchor=tiny.tokenizer.eos_id)[2]
     result = search(hidden)[0]
     assert result.tokens == held_out[0].tolist()
     assert sum(result.evaluated) <= held_out.shape[1] * 8 * 2

@@ -8,18 +8,23 @@ cut, noise at the cut (Gaussian, relative to each token's RMS) is measured again
 recovery and its utility cost: the public model's validation perplexity with that noise added
 at the cut (no training: the cost a run would start from).
 
-Writes ``summary.json``, ``table.md`` and ``recovery.png`` (recovery against cut depth, and the
-privacy-utility curve of the noise). This is the start of issue 12's experiment: the learned
-decoder, the gradient attacks, DP-Forward and the defenses' tokens/s are not in it yet.
+The ranking tables of every cut come from one layer-by-layer pass of the vocabulary, cached
+under ``$PHALANX_CACHE/privacy`` (:mod:`phalanx.privacy.table`). A learned decoder per cut is
+trained on standard-library docstrings (disjoint from the pydoc passages attacked). Gradient
+rows: labels from the gradient at the head's input, and the token set from a value-projection
+weight gradient leaving an enclave. Victims whose stage 0 drifted from the public weights, and
+DP-Forward (clip + noise, epsilon from Opacus' RDP accountant) beside the plain noise, at the
+first cut, with each mechanism's tokens/s on the same forward passes.
+
+Writes ``summary.json``, ``table.md`` and ``recovery.png`` (:mod:`.privacy_report`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +32,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from phalanx.errors import ConfigError
+from phalanx.experiments.privacy_rows import perplexity
 from phalanx.models.stages import blocks_of
 
 
 @dataclass(kw_only=True)
 class PrivacySpec:
-    """Which model, cuts, texts and noise levels."""
+    """Which model, cuts, texts, victims and noise levels."""
 
     model: str = "smollm2"
     cuts: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -40,13 +47,20 @@ class PrivacySpec:
     tokens: int = 16  # tokens of each
     budget: int = 512  # candidates the search tries per position
     sigmas: tuple[float, ...] = (0.5, 2.0, 8.0)  # noise std / each token's RMS, at cuts[0]
+    dp_multipliers: tuple[float, ...] = (0.03, 0.3, 3.0)  # DP-Forward noise / clip, at cuts[0]
+    delta: float = 1e-5
+    drifts: tuple[float, ...] = (1e-3, 1e-2, 1e-1)  # victim's stage-0 noise / tensor RMS
+    public_tokens: int = 32768  # stdlib docstring tokens the decoder learns from
+    decoder_steps: int = 300
     val_batches: int = 4  # validation batches (8 x 64 tokens) for the utility cost
+    cache: bool = True  # ranking tables in $PHALANX_CACHE/privacy
     seed: int = 0
 
     @classmethod
     def quick(cls) -> PrivacySpec:
         return cls(model="tiny", cuts=(1, 2), sequences=2, tokens=8, budget=256,
-                   sigmas=(2.0, 64.0), val_batches=1)
+                   sigmas=(2.0, 64.0), dp_multipliers=(0.1, 10.0), drifts=(1e-3, 1.0),
+                   public_tokens=4096, decoder_steps=100, val_batches=1, cache=False)
 
 
 def _texts(tokenizer, spec: PrivacySpec) -> torch.Tensor:  # noqa: ANN001
@@ -64,21 +78,31 @@ def _texts(tokenizer, spec: PrivacySpec) -> torch.Tensor:  # noqa: ANN001
     return torch.tensor(rows, dtype=torch.long)
 
 
+def _public(tokenizer, spec: PrivacySpec) -> torch.Tensor:  # noqa: ANN001
+    """(N, 64) blocks of the attacker's public text: standard-library docstrings."""
+    from phalanx.data.stdlib import stdlib_documents
+
+    ids: list[int] = []
+    for _, text in stdlib_documents():
+        ids += tokenizer.encode(text)
+        if len(ids) >= spec.public_tokens:
+            break
+    n = min(len(ids), spec.public_tokens) // 64
+    return torch.tensor(ids[: n * 64], dtype=torch.long).view(n, 64)
+
+
 def _hidden_of(out: torch.Tensor | tuple) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
 @contextmanager
-def noisy_cut(model: nn.Module, family: str, cut: int, sigma: float,
-              seed: int) -> Iterator[None]:
-    """The model with noise of ``sigma`` x each token's RMS added after its first ``cut``
+def mechanism_at(model: nn.Module, family: str, cut: int,
+                 mechanism: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """The model with ``mechanism`` applied to the hidden states after its first ``cut``
     layers (what the next stage would receive)."""
-    from phalanx.privacy import add_noise
-
-    gen = torch.Generator().manual_seed(seed)
 
     def hook(_m: nn.Module, _a: tuple, out: torch.Tensor | tuple):  # noqa: ANN202
-        h = add_noise(_hidden_of(out), sigma, generator=gen)
+        h = mechanism(_hidden_of(out))
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
     handle = blocks_of(model, family)[cut - 1].register_forward_hook(hook)
@@ -88,128 +112,126 @@ def noisy_cut(model: nn.Module, family: str, cut: int, sigma: float,
         handle.remove()
 
 
-@torch.no_grad()
-def perplexity(model: nn.Module, batches: list[torch.Tensor]) -> float:
-    losses = [float(model(b, labels=b, use_cache=False).loss) for b in batches]
-    return math.exp(sum(losses) / len(losses))
-
-
-def attack(lm, ids: torch.Tensor, cut: int, spec: PrivacySpec,  # noqa: ANN001
-           hidden: torch.Tensor | None = None, ranker=None) -> tuple[dict, object]:  # noqa: ANN001
-    """Both attacks on what the stage after ``cut`` receives (``hidden``, default clean): their
-    record, and the search's ranking table (to reuse at the same cut)."""
-    from phalanx.privacy import (
-        ExactSearch,
-        Prefix,
-        TableRanker,
-        cut_hidden,
-        leakage,
-        nearest_embedding,
-    )
-
-    h = cut_hidden(lm.model, lm.family, ids, cut) if hidden is None else hidden
-    weight = lm.model.get_input_embeddings().weight
-    near = leakage(list(nearest_embedding(h, weight)), list(ids))
-    search = ExactSearch(Prefix(lm.model, lm.family, cut), chunk=256, budget=spec.budget)
+def _cost(lm, val: list[torch.Tensor], cut: int, mechanism, base: tuple[float, float]) -> dict:  # noqa: ANN001
+    """Validation perplexity and tokens/s with ``mechanism`` at ``cut``, against ``base``
+    (perplexity, seconds) without it."""
     t0 = time.perf_counter()
-    search.rank = ranker or TableRanker(search, anchor=int(lm.tokenizer.eos_id or 0))
-    table_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    found = search(h)
-    return {"cut": cut, "nearest_embedding": near,
-            "exact_search": leakage([r.tokens for r in found], list(ids)),
-            "matched": sum(r.matched(1e-3) for r in found) / len(found),
-            "table_s": table_s, "search_s_per_token": (time.perf_counter() - t0) / ids.numel(),
-            }, search.rank
+    with mechanism_at(lm.model, lm.family, cut, mechanism):
+        ppl = perplexity(lm.model, val)
+    seconds = time.perf_counter() - t0
+    return {"val_ppl": ppl, "ppl_cost": ppl / base[0] - 1, "tokens_per_s_ratio": base[1] / seconds}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def run(spec: PrivacySpec, out: Path) -> dict:
-    """Every cut, then every noise level at the first cut; writes the results."""
+    """Every cut, the decoder, the gradient attacks, drifted victims, then every noise level
+    and DP-Forward setting at the first cut; writes the results."""
     from phalanx.data import DataConfig, build_data
+    from phalanx.experiments import privacy_report
+    from phalanx.experiments import privacy_rows as pr
     from phalanx.models import ModelConfig, load_model
-    from phalanx.privacy import add_noise, cut_hidden, validate_cut, validate_sigma
+    from phalanx.models.loading import cache_root
+    from phalanx.privacy import (
+        DPForward,
+        Prefix,
+        add_noise,
+        context_free_tables,
+        cut_hidden,
+        finetuned_copy,
+        fit_decoder,
+        perturbed_copy,
+        validate_cut,
+        validate_sigma,
+    )
 
     torch.manual_seed(spec.seed)
     lm = load_model(ModelConfig(name=spec.model))
     lm.model.eval()
     layers = len(blocks_of(lm.model, lm.family))
     for c in spec.cuts:
-        validate_cut(c, layers)
-    for s in spec.sigmas:
+        validate_cut(c, layers - 1)
+        if c == 0:
+            raise ConfigError("privacy cut=0 sends the embeddings themselves: use cuts >= 1")
+    for s in (*spec.sigmas, *spec.drifts):
         validate_sigma(s)
+    for m in spec.dp_multipliers:
+        validate_sigma(m, "noise_multiplier")
     ids = _texts(lm.tokenizer, spec)
     val = build_data(DataConfig(seq_len=64), lm.tokenizer).val_batches(8, spec.val_batches)
     out.mkdir(parents=True, exist_ok=True)
-    rows, first_ranker = [], None
+    deepest = Prefix(lm.model, lm.family, max(spec.cuts))
+    anchor = int(lm.tokenizer.eos_id or 0)
+    t0 = time.perf_counter()
+    tables = context_free_tables(
+        deepest, [0, *spec.cuts], anchor,
+        cache_dir=cache_root(ModelConfig(name=spec.model)) / "privacy" if spec.cache else None,
+        progress=lambda k, n: _log(f"[tables] layer {k}/{n} of the vocabulary pass"))
+    table_s = time.perf_counter() - t0
+    _log(f"[decoder] hidden states of {spec.public_tokens} public tokens at every cut ...")
+    public = _public(lm.tokenizer, spec)
+    feats = {c: [] for c in spec.cuts}
+    for part in public.split(16):
+        for c, h in deepest.at_cuts(part, list(spec.cuts)).items():
+            feats[c].append(h.reshape(-1, h.shape[-1]).float())
+    rows, decoders = [], {}
     for k, cut in enumerate(spec.cuts, 1):
-        print(f"[cut {k}/{len(spec.cuts)}] {cut} layers at the data owner ...", file=sys.stderr,
-              flush=True)
-        row, ranker = attack(lm, ids, cut, spec)
-        first_ranker = first_ranker or ranker
+        _log(f"[cut {k}/{len(spec.cuts)}] {cut} layers at the data owner ...")
+        row = pr.search_row(lm, ids, cut, tables[cut], spec.budget)
+        t0 = time.perf_counter()
+        decoders[cut] = fit_decoder(deepest, public, feats=torch.cat(feats[cut]),
+                                    seen_only=True, steps=spec.decoder_steps, seed=spec.seed)
+        row["decoder"] = pr.decoder_row(decoders[cut], cut_hidden(lm.model, lm.family, ids, cut),
+                                        ids)
+        row["decoder_fit_s"] = time.perf_counter() - t0
         rows.append(row)
-    base = perplexity(lm.model, val)
-    noise = []
-    cut = spec.cuts[0]
-    for sigma in spec.sigmas:
-        print(f"[noise] sigma {sigma} at cut {cut} ...", file=sys.stderr, flush=True)
+    first = spec.cuts[0]
+    _log("[gradients] labels from the head's input gradient, tokens from weight gradients ...")
+    gradients = {"labels": pr.head_label_row(lm, ids),
+                 "weights": [pr.weight_grad_row(lm, ids, c, tables[c].alone)
+                             for c in sorted({0, first})]}
+    _log(f"[victims] stage 0 drifted from the public weights, cut {first} ...")
+    victims = []
+    for rel in spec.drifts:
+        victim = perturbed_copy(lm.model, lm.family, first, rel, seed=spec.seed)
+        h = cut_hidden(victim, lm.family, ids, first)
+        victims.append({"victim": f"perturbed {rel:g} x RMS", "rel_std": rel,
+                        **pr.search_row(lm, ids, first, tables[first], spec.budget, h),
+                        "decoder": pr.decoder_row(decoders[first], h, ids)})
+    victim = finetuned_copy(lm.model, lm.family, first, ids, steps=5, lr=1e-3)
+    h = cut_hidden(victim, lm.family, ids, first)
+    victims.append({"victim": "fine-tuned (5 SGD steps, lr 1e-3, on its own text)",
+                    **pr.search_row(lm, ids, first, tables[first], spec.budget, h),
+                    "decoder": pr.decoder_row(decoders[first], h, ids)})
+    del victim
+    t0 = time.perf_counter()
+    base_ppl = perplexity(lm.model, val)
+    base = (base_ppl, time.perf_counter() - t0)
+    clip = float(torch.cat(feats[first]).norm(dim=-1).median())  # from public text only
+    noise, dp = [], []
+    settings = [("noise", s, lambda h, g=None, s=s: add_noise(h, s, generator=g))
+                for s in spec.sigmas]
+    settings += [("dp", m, DPForward(clip=clip, noise_multiplier=m)) for m in spec.dp_multipliers]
+    for kind, level, mech in settings:
+        _log(f"[{kind}] {level:g} at cut {first} ...")
         gen = torch.Generator().manual_seed(spec.seed)
-        h = cut_hidden(lm.model, lm.family, ids, cut)
-        row, _ = attack(lm, ids, cut, spec, hidden=add_noise(h, sigma, generator=gen),
-                        ranker=first_ranker)
-        with noisy_cut(lm.model, lm.family, cut, sigma, spec.seed):
-            ppl = perplexity(lm.model, val)
-        noise.append({"sigma": sigma, "val_ppl": ppl, "ppl_cost": ppl / base - 1,
-                      **row})
-    summary = {"spec": {k: v for k, v in vars(spec).items()}, "model": lm.source,
-               "layers": layers, "val_ppl": base, "cuts": rows, "noise": noise}
+        h = mech(cut_hidden(lm.model, lm.family, ids, first), gen)
+        row = {**pr.search_row(lm, ids, first, tables[first], spec.budget, h),
+               "decoder": pr.decoder_row(decoders[first], h, ids),
+               **_cost(lm, val, first, lambda x, mech=mech, g=gen: mech(x, g), base)}
+        if kind == "noise":
+            noise.append({"sigma": level, **row})
+        else:
+            eps = mech.epsilon(steps=1, delta=spec.delta, seq_len=spec.tokens)
+            dp.append({"noise_multiplier": level, "clip": clip, "epsilon": eps,
+                       "delta": spec.delta, **row})
+    summary = {"spec": dict(vars(spec)), "model": lm.source, "layers": layers,
+               "val_ppl": base_ppl, "table_s": table_s, "cuts": rows, "gradients": gradients,
+               "victims": victims, "noise": noise, "dp_forward": dp}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=list) + "\n")
-    (out / "table.md").write_text(table(summary))
-    plot(summary, out / "recovery.png")
+    (out / "table.md").write_text(privacy_report.table(summary))
+    privacy_report.plot(summary, out / "recovery.png")
     return summary
 
-
-def table(summary: dict) -> str:
-    lines = ["| cut (layers at the data owner) | exact search: tokens recovered | exact "
-             "sequences | nearest embedding | search s/token |", "|---|---|---|---|---|"]
-    for r in summary["cuts"]:
-        lines.append(f"| {r['cut']} | {r['exact_search']['token_recovery']:.1%} | "
-                     f"{r['exact_search']['exact_match']:.0%} | "
-                     f"{r['nearest_embedding']['token_recovery']:.1%} | "
-                     f"{r['search_s_per_token']:.2f} |")
-    lines += ["", f"Noise at cut {summary['cuts'][0]['cut']} (validation perplexity without: "
-              f"{summary['val_ppl']:.2f}):", "",
-              "| sigma (x token RMS) | tokens recovered | ROUGE-L | val ppl | ppl cost |",
-              "|---|---|---|---|---|"]
-    for r in summary["noise"]:
-        lines.append(f"| {r['sigma']:g} | {r['exact_search']['token_recovery']:.1%} | "
-                     f"{r['exact_search']['rouge_l']:.2f} | {r['val_ppl']:.2f} | "
-                     f"{r['ppl_cost']:+.1%} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
-    cuts = [r["cut"] for r in summary["cuts"]]
-    a.plot(cuts, [r["exact_search"]["token_recovery"] for r in summary["cuts"]], "o-",
-           label="exact search")
-    a.plot(cuts, [r["nearest_embedding"]["token_recovery"] for r in summary["cuts"]], "s--",
-           label="nearest embedding")
-    a.set_xlabel("layers kept by the data owner")
-    a.set_ylabel("tokens recovered")
-    a.legend()
-    b.plot([r["ppl_cost"] for r in summary["noise"]],
-           [r["exact_search"]["token_recovery"] for r in summary["noise"]], "o-")
-    for r in summary["noise"]:
-        b.annotate(f"σ={r['sigma']:g}", (r["ppl_cost"], r["exact_search"]["token_recovery"]))
-    b.set_xlabel("validation perplexity cost")
-    b.set_ylabel("tokens recovered")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

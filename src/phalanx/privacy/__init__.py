@@ -29,6 +29,7 @@ from phalanx.privacy.metrics import (
 )
 from phalanx.privacy.noise import DPForward, NoisyCut, add_noise, clip_tokens, gaussian_cut
 from phalanx.privacy.search import ExactSearch, SearchResult, TableRanker
+from phalanx.privacy.table import context_free_tables
 from phalanx.privacy.victim import finetuned_copy, perturbed_copy
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "TableRanker",
     "add_noise",
     "clip_tokens",
+    "context_free_tables",
     "cut_hidden",
     "decoder_pairs",
     "embedding_scores",

@@ -70,10 +70,34 @@ class Prefix(nn.Module):
     def packed(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Hidden states at the cut of one packed sequence: ids and positions (1, S), a boolean
         attention mask (1, 1, S, S) where True lets a query (row) see a key (column)."""
-        x = self.embed(ids)  # (1, S, C)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(pos)
-        return run_blocks(self.family, self.blocks, self.rotary, x, pos, mask)
+        return self.layers(self.embedded(ids, pos), pos, mask)
+
+    def embedded(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The input of layer 0 (B, S, C): token (+ position) embeddings of ids (B, S)."""
+        x = self.embed(ids)  # (B, S, C)
+        return x + self.pos_embed(pos) if self.pos_embed is not None else x
+
+    def layers(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
+               start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Hidden states (B, S, C) ``x`` at the input of layer ``start`` through layers
+        ``[start, stop)`` (default: to the cut), at positions ``pos`` (1, S) under ``mask``."""
+        blocks = self.blocks[start:self.cut if stop is None else stop]
+        return run_blocks(self.family, blocks, self.rotary, x, pos, mask)
+
+    @torch.no_grad()
+    def at_cuts(self, ids: torch.Tensor, cuts: list[int]) -> dict[int, torch.Tensor]:
+        """Hidden states (B, T, C) of ids (B, T) at each cut in ``cuts`` (each <= this
+        prefix's cut), from one causal pass through the layers."""
+        wanted = {validate_cut(c, self.cut) for c in cuts}
+        T = ids.shape[1]
+        pos = torch.arange(T, device=ids.device)[None]
+        mask = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()[None, None]
+        x, out = self.embedded(ids, pos), {}
+        for layer in range(max(wanted, default=-1) + 1):
+            if layer in wanted:
+                out[layer] = x
+            x = self.layers(x, pos, mask, layer, layer + 1)
+        return out
 
 
 @torch.no_grad()

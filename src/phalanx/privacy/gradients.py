@@ -123,13 +123,20 @@ def rowspace_scores(grad: torch.Tensor, candidates: torch.Tensor,
 
 
 def tokens_from_weight_grad(grad: torch.Tensor, candidates: torch.Tensor, *,
-                            threshold: float = 0.999, rtol: float = 1e-4) -> list[int]:
-    """Sorted ids of the vocabulary tokens whose inputs lie in the gradient's row space.
+                            threshold: float = 0.999, rtol: float = 1e-4,
+                            top_rank: bool = False) -> list[int]:
+    """Sorted ids of the vocabulary tokens whose inputs lie in the gradient's row space: those
+    scoring at least ``threshold``, or with ``top_rank`` the k best-scoring ones, k the
+    gradient's numerical rank (one per distinct input; for approximate candidates, deeper
+    than cut 0, where no candidate lies exactly in the span).
 
     A token whose output gradient g_t is zero leaves no trace: the last position (no label),
     and for a query projection also position 0 (its attention is to itself alone, whatever
     its query); use a value or MLP projection to see position 0."""
     scores = rowspace_scores(grad, candidates, rtol)
+    if top_rank:
+        k = len(rowspace_basis(grad, rtol))
+        return sorted(scores.argsort(descending=True)[:k].tolist())
     return torch.nonzero(scores >= threshold).flatten().tolist()
 
 

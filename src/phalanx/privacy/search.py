@@ -114,17 +114,14 @@ class TableRanker:
     at the cut without its real context: alone at position 0 (for t = 0), and for t > 0 the
     better of that and after one public ``anchor`` token (e.g. end-of-text) at position 1.
 
-    Attacker model: the public weights only. Building it costs two passes of the whole
-    vocabulary through the prefix, once per cut; it then puts the true token first for most
-    positions of SmolLM2 at cuts 1-2, where the raw embedding is no guide at all.
+    Attacker model: the public weights only. ``alone`` and ``after`` are unit rows (V, C),
+    built by :func:`phalanx.privacy.table.context_free_tables` (one pass of the vocabulary for
+    all cuts, cached); the table puts the true token first for most positions of SmolLM2 at
+    shallow cuts, where the raw embedding is no guide at all.
     """
 
-    def __init__(self, search: ExactSearch, anchor: int, chunk: int = 2048) -> None:
-        vocab = torch.arange(search.prefix.vocab_size)
-        self.alone = F.normalize(torch.cat(
-            [search.candidates([], c) for c in vocab.split(chunk)]), dim=-1)  # (V, C)
-        self.after = F.normalize(torch.cat(
-            [search.candidates([anchor], c) for c in vocab.split(chunk)]), dim=-1)  # (V, C)
+    def __init__(self, alone: torch.Tensor, after: torch.Tensor) -> None:
+        self.alone, self.after = alone, after  # (V, C) each
 
     def __call__(self, hidden: torch.Tensor, t: int) -> torch.Tensor:
         h = F.normalize(hidden.float(), dim=-1)
