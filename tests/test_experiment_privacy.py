@@ -38,7 +38,8 @@ def test_the_quick_privacy_experiment_measures_recovery_and_the_price_of_noise(t
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--cuts", "1,9"], "cut"), (["--cuts", "0"], "cut"), (["--sigmas", "-1"], "sigma"), (["--sigmas", "nan"], "sigma"),
+    (["--cuts", "1,9"], "cut"), (["--cuts", "0"], "cut"), (["--sigmas", "-1"], "sigma"),
+    (["--sigmas", "nan"], "sigma"),
     (["--cuts", "one"], "comma-separated numbers"),
 ])
 def test_bad_privacy_settings_are_one_line_exit_2(tmp_path, capsys, args, message):
