@@ -69,8 +69,10 @@ def _parser() -> argparse.ArgumentParser:
         "and LoRA centralized; split LoRA, LoRA+SPF, P-tuning v2 with the server in its "
         "enclave; the masked method; split LoRA without the enclave): validation perplexity, "
         "trainable parameters, tokens/s, wire bytes, enclave bytes, the security's cost. "
-        "privacy: inversion of what the stage after each cut receives (exact search, nearest "
-        "embedding), and noise at the cut against its perplexity cost.")
+        "privacy: inversion of what the stage after each cut receives (exact search, learned "
+        "decoder, nearest embedding), label and weight-gradient leakage, victims drifted from "
+        "the public weights, and Gaussian noise / DP-Forward at the cut against their "
+        "perplexity and tokens/s cost.")
     e.add_argument("name", choices=["robustness", "detection", "adaptive", "split", "privacy"])
     e.add_argument("--out", help="output directory (default results/NAME)")
     e.add_argument("--quick", action="store_true",
