@@ -33,6 +33,8 @@ def test_the_quick_privacy_experiment_measures_recovery_and_the_price_of_noise(t
     victims = {v.get("rel_std"): v for v in s["victims"]}
     assert victims[1e-3]["matched"] == 0.0  # no exact match once stage 0 drifted ...
     assert victims[1.0]["exact_search"]["token_recovery"] < 1.0  # ... and errors with drift
+    assert s["encryption"]["exact_search"]["token_recovery"] <= 0.25  # ciphertext: ~chance
+    assert 0 < s["encryption"]["tokens_per_s_ratio"] <= 1
     table = (tmp_path / "table.md").read_text()
     assert "DP-Forward" in table and "decoder" in table and "gradient" in table
 

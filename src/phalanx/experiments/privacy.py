@@ -227,9 +227,15 @@ def run(spec: PrivacySpec, out: Path) -> dict:
             eps = mech.epsilon(steps=1, delta=spec.delta, seq_len=spec.tokens)
             dp.append({"noise_multiplier": level, "clip": clip, "epsilon": eps,
                        "delta": spec.delta, **row})
+    _log(f"[encryption] attacks on the AES-GCM ciphertext of cut {first} ...")
+    h = pr.ciphertext_view(cut_hidden(lm.model, lm.family, ids, first))
+    crypt = pr.crypto_seconds([cut_hidden(lm.model, lm.family, b, first) for b in val])
+    encryption = {**pr.search_row(lm, ids, first, tables[first], spec.budget, h),
+                  "decoder": pr.decoder_row(decoders[first], h, ids),
+                  "tokens_per_s_ratio": base[1] / (base[1] + crypt)}
     summary = {"spec": dict(vars(spec)), "model": lm.source, "layers": layers,
                "val_ppl": base_ppl, "table_s": table_s, "cuts": rows, "gradients": gradients,
-               "victims": victims, "noise": noise, "dp_forward": dp}
+               "victims": victims, "noise": noise, "dp_forward": dp, "encryption": encryption}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=list) + "\n")
     (out / "table.md").write_text(privacy_report.table(summary))
     privacy_report.plot(summary, out / "recovery.png")

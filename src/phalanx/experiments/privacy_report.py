@@ -53,6 +53,19 @@ def table(summary: dict) -> str:
         lines.append(f"| {name} | {_pct(r['exact_search']['token_recovery'])} | "
                      f"{_pct(r['decoder']['token_recovery'])} | {rouge:.2f} | "
                      f"{r['val_ppl']:.4g} | {r['ppl_cost']:+.1%} | {r['tokens_per_s_ratio']:.2f} |")
+    if "encryption" in summary:
+        e, c = summary["encryption"], summary["cuts"][0]
+        lines += ["", f"Encryption of cut {first} (AES-256-GCM session, as split fine-tuning's "
+                  "enclave link): the attacks on the ciphertext read as the tensor, and on what "
+                  "the receiving stage decrypts:", "",
+                  "| who | exact search: tokens | decoder: tokens | tokens/s ratio |",
+                  "|---|---|---|---|",
+                  f"| eavesdropper, or the host around an enclave (ciphertext only) | "
+                  f"{_pct(e['exact_search']['token_recovery'])} | "
+                  f"{_pct(e['decoder']['token_recovery'])} | {e['tokens_per_s_ratio']:.2f} |",
+                  f"| the receiving stage outside an enclave (decrypts: encryption in transit "
+                  f"does not stop it) | {_pct(c['exact_search']['token_recovery'])} | "
+                  f"{_pct(c['decoder']['token_recovery'])} | {e['tokens_per_s_ratio']:.2f} |"]
     return "\n".join(lines) + "\n"
 
 

@@ -97,3 +97,32 @@ def perplexity(model: nn.Module, batches: list[torch.Tensor]) -> float:
     with torch.no_grad():
         losses = [float(model(b, labels=b, use_cache=False).loss) for b in batches]
     return math.exp(sum(losses) / len(losses))
+
+
+def ciphertext_view(hidden: torch.Tensor) -> torch.Tensor:
+    """What a host (or an eavesdropper) holds when ``hidden`` (B, T, C) crosses an AES-256-GCM
+    session (:class:`phalanx.split.envelope.Session`): the ciphertext bytes read as float32 of
+    the same shape (non-finite values zeroed), the best it can feed an attack without the key."""
+    import os
+
+    from phalanx.split.envelope import NONCE_SIZE, Session
+
+    blob = Session(os.urandom(32), role="client").encrypt({"h": hidden.float().contiguous()})
+    raw = torch.frombuffer(bytearray(blob[NONCE_SIZE:]), dtype=torch.uint8)
+    n = hidden.numel() * 4
+    view = raw[-n - 16:-16].clone().view(torch.float32).reshape(hidden.shape)  # its bytes
+    return torch.nan_to_num(view, nan=0.0, posinf=0.0, neginf=0.0).clamp(-1e4, 1e4)
+
+
+def crypto_seconds(hidden: list[torch.Tensor]) -> float:
+    """Seconds to encrypt and decrypt each tensor once over an AES-256-GCM session."""
+    import os
+
+    from phalanx.split.envelope import Session
+
+    key = os.urandom(32)
+    send, recv = Session(key, role="client"), Session(key, role="enclave")
+    t0 = time.perf_counter()
+    for h in hidden:
+        recv.decrypt(send.encrypt({"h": h.float().contiguous()}))
+    return time.perf_counter() - t0
