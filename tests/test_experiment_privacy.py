@@ -30,6 +30,13 @@ def test_the_quick_privacy_experiment_measures_recovery_and_the_price_of_noise(t
     g = s["gradients"]
     assert g["labels"]["token_recovery"] == 1.0  # the head's input gradient names each label
     assert g["weights"][0]["cut"] == 0 and g["weights"][0]["token_f1"] == 1.0
+    lora = {(r["cut"], r["gradient"], tuple(r["targets"]), r["lora_steps"]): r for r in g["lora"]}
+    qkv = ("q_proj", "k_proj", "v_proj")
+    assert {c for c, *_ in lora} == {0, 1} and all(r["rank"] == 3 for r in g["lora"])
+    assert all(0 <= r["token_f1"] <= 1 for r in g["lora"])
+    assert lora[0, "A", qkv, 0]["token_f1"] == 0.0 and lora[0, "A", qkv, 0]["lora_b_norm"] == 0
+    assert lora[0, "A", qkv, 5]["token_f1"] == 1.0 and lora[0, "A", qkv, 5]["lora_b_norm"] > 0
+    assert (0, "B", ("v_proj",), 5) in lora and (1, "A", ("v_proj",), 5) in lora
     victims = {v.get("rel_std"): v for v in s["victims"]}
     assert victims[1e-3]["matched"] == 0.0  # no exact match once stage 0 drifted ...
     assert victims[1.0]["exact_search"]["token_recovery"] < 1.0  # ... and errors with drift
@@ -37,6 +44,7 @@ def test_the_quick_privacy_experiment_measures_recovery_and_the_price_of_noise(t
     assert 0 < s["encryption"]["tokens_per_s_ratio"] <= 1
     table = (tmp_path / "table.md").read_text()
     assert "DP-Forward" in table and "decoder" in table and "gradient" in table
+    assert "LoRA grad A of q, k, v" in table and "LoRA grad B of v" in table
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -350,6 +350,63 @@ def test_lora_a_gradient_reveals_tokens_once_b_is_nonzero(tiny) -> None:
     assert found["trained"] == sorted(set(tiny.tokenizer.encode("abc")))
 
 
+def _lora_grads(tiny, public_blocks, *, rank: int, steps: int) -> dict:  # noqa: ANN001
+    from phalanx.privacy.lora_leak import lora_copy, lora_gradients
+
+    model = lora_copy(tiny.model, tiny.family, 0, rank=rank, public=public_blocks, steps=steps)
+    return lora_gradients(model, tiny.family, 0, torch.tensor(tiny.tokenizer.encode("abcabcabx")))
+
+
+def test_stacked_q_k_v_lora_a_gradients_find_the_tokens_one_adapters_rank_misses(
+        tiny, public_blocks) -> None:
+    from phalanx.privacy.lora_leak import QKV, tokens_from_lora_a
+
+    true = sorted(set(tiny.tokenizer.encode("abc")))  # 3 distinct inputs > rank 2
+    cands = layer_input_candidates(tiny.model, tiny.family, 0)
+    g = _lora_grads(tiny, public_blocks, rank=2, steps=3)
+    assert tokens_from_lora_a([g[n].grad_a for n in QKV], cands) == true  # 3 x 2 >= 3
+    assert tokens_from_lora_a([g["v_proj"].grad_a], cands) != true
+    v_best = tokens_from_lora_a([g["v_proj"].grad_a], cands, top_rank=True)
+    assert len(v_best) == 2 and token_f1(v_best, true) < 1.0
+
+
+def test_lora_a_gradient_is_zero_at_initialisation_but_b_gradient_is_not(
+        tiny, public_blocks) -> None:
+    from phalanx.privacy.lora_leak import QKV, tokens_from_lora_a
+
+    g = _lora_grads(tiny, public_blocks, rank=8, steps=0)
+    cands = layer_input_candidates(tiny.model, tiny.family, 0)
+    assert all(float(g[n].grad_a.abs().max()) == 0 for n in QKV)
+    assert tokens_from_lora_a([g[n].grad_a for n in QKV], cands, top_rank=True) == []
+    assert float(g["v_proj"].grad_b.abs().max()) > 0  # B's gradient does not need B
+
+
+@pytest.mark.parametrize(("rank", "leaks"), [(8, True), (2, False)])
+def test_lora_b_gradient_names_the_tokens_through_a_only_below_its_rank(
+        tiny, public_blocks, rank, leaks) -> None:
+    from phalanx.privacy.lora_leak import tokens_from_lora_b
+
+    g = _lora_grads(tiny, public_blocks, rank=rank, steps=0)["v_proj"]
+    found = tokens_from_lora_b(g.grad_b, g.a, layer_input_candidates(tiny.model, tiny.family, 0))
+    true = sorted(set(tiny.tokenizer.encode("abc")))
+    assert (found == true) is leaks  # rank 2 < 3 inputs: the projections fill R^2
+
+
+def test_lora_copy_trains_b_and_leaves_the_public_model_alone(tiny, public_blocks) -> None:
+    from phalanx.privacy.lora_leak import lora_copy
+    from phalanx.split.lora import lora_layers
+
+    before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
+    model = lora_copy(tiny.model, tiny.family, 1, rank=4, public=public_blocks, steps=2)
+    attn = blocks_of(model, tiny.family)[1].self_attn
+    assert float(attn.v_proj.lora_B["default"].weight.detach().abs().max()) > 0
+    assert lora_layers(model) and all(".layers.1." in n for n in lora_layers(model))
+    assert lora_layers(tiny.model) == []
+    assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())
+    with pytest.raises(ConfigError, match="public text"):
+        lora_copy(tiny.model, tiny.family, 0, steps=1)
+
+
 # --- bad input ----------------------------------------------------------------------------
 
 

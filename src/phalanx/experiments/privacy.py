@@ -12,7 +12,9 @@ The ranking tables of every cut come from one layer-by-layer pass of the vocabul
 under ``$PHALANX_CACHE/privacy`` (:mod:`phalanx.privacy.table`). A learned decoder per cut is
 trained on standard-library docstrings (disjoint from the pydoc passages attacked). Gradient
 rows: labels from the gradient at the head's input, and the token set from a value-projection
-weight gradient leaving an enclave. Victims whose stage 0 drifted from the public weights, and
+weight gradient, and from the LoRA gradients of the first server layer's attention
+(:mod:`phalanx.privacy.lora_leak`: at initialisation and after a few steps on public text),
+leaving an enclave. Victims whose stage 0 drifted from the public weights, and
 DP-Forward (clip + noise, epsilon from Opacus' RDP accountant) beside the plain noise, at the
 first cut, with each mechanism's tokens/s on the same forward passes.
 
@@ -53,6 +55,8 @@ class PrivacySpec:
     public_tokens: int = 32768  # stdlib docstring tokens the decoder learns from
     decoder_steps: int = 300
     val_batches: int = 4  # validation batches (8 x 64 tokens) for the utility cost
+    lora_rank: int = 8  # LoRA adapters of the gradient rows (attention of the first server layer)
+    lora_steps: int = 5  # AdamW steps (lr 1e-3, 8 public blocks each) before the attack
     cache: bool = True  # ranking tables in $PHALANX_CACHE/privacy
     seed: int = 0
 
@@ -60,7 +64,8 @@ class PrivacySpec:
     def quick(cls) -> PrivacySpec:
         return cls(model="tiny", cuts=(1, 2), sequences=2, tokens=8, budget=256,
                    sigmas=(2.0, 64.0), dp_multipliers=(0.1, 10.0), drifts=(1e-3, 1.0),
-                   public_tokens=4096, decoder_steps=100, val_batches=1, cache=False)
+                   public_tokens=4096, decoder_steps=100, val_batches=1, lora_rank=3,
+                   cache=False)
 
 
 def _texts(tokenizer, spec: PrivacySpec) -> torch.Tensor:  # noqa: ANN001
@@ -157,6 +162,9 @@ def run(spec: PrivacySpec, out: Path) -> dict:
             raise ConfigError("privacy cut=0 sends the embeddings themselves: use cuts >= 1")
     for s in (*spec.sigmas, *spec.drifts):
         validate_sigma(s)
+    if not (isinstance(spec.lora_rank, int) and spec.lora_rank >= 1 and spec.lora_steps >= 0):
+        raise ConfigError(f"privacy lora_rank={spec.lora_rank!r} must be a positive integer and "
+                          f"lora_steps={spec.lora_steps!r} at least 0")
     for m in spec.dp_multipliers:
         validate_sigma(m, "noise_multiplier")
     ids = _texts(lm.tokenizer, spec)
@@ -192,6 +200,13 @@ def run(spec: PrivacySpec, out: Path) -> dict:
     gradients = {"labels": pr.head_label_row(lm, ids),
                  "weights": [pr.weight_grad_row(lm, ids, c, tables[c].alone)
                              for c in sorted({0, first})]}
+    if lm.family == "llama":  # separate q, k, v projections
+        _log(f"[gradients] LoRA (rank {spec.lora_rank}) gradients of layers 0 and {first} ...")
+        gradients["lora"] = [
+            row for c in sorted({0, first})
+            for row in pr.lora_grad_rows(lm, ids, c, tables[c].alone, public,
+                                         rank=spec.lora_rank, steps=spec.lora_steps,
+                                         seed=spec.seed)]
     _log(f"[victims] stage 0 drifted from the public weights, cut {first} ...")
     victims = []
     for rel in spec.drifts:

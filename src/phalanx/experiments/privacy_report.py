@@ -32,6 +32,10 @@ def table(summary: dict) -> str:
               f"{_pct(g['labels']['token_recovery'])} of the labels (the text shifted by one) |"]
     for w in g["weights"]:
         lines.append(f"| {w['attack']} (leaving an enclave) | token-set F1 {w['token_f1']:.2f} |")
+    for w in g.get("lora", []):
+        lines.append(f"| {w['attack']} (leaving an enclave; attacker needs "
+                     f"{w['attacker_needs']}) | token-set F1 {w['token_f1']:.2f} "
+                     f"({w['distinct_tokens']:.1f} distinct tokens a sequence) |")
     first = summary["cuts"][0]["cut"]
     lines += ["", f"Victim's stage 0 drifted from the public weights (cut {first}):", "",
               "| victim | exact search: tokens | exact matches | decoder: tokens |",

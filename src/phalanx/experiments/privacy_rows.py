@@ -67,16 +67,29 @@ def head_label_row(lm, ids: torch.Tensor) -> dict:  # noqa: ANN001
             "seconds": time.perf_counter() - t0}
 
 
+def layer_inputs(lm, cut: int, alone: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """Each token's context-free input (V, C) of layer ``cut``'s attention projections, from a
+    table's unit rows ``alone`` (V, C): the layer's first norm of them at RMS 1."""
+    block = blocks_of(lm.model, lm.family)[cut]
+    norm = block.input_layernorm if lm.family == "llama" else block.ln_1
+    with torch.no_grad():
+        return norm(alone * alone.shape[1] ** 0.5).float()  # RMS 1: as the layer sees it
+
+
+def _traced(seq: torch.Tensor) -> list[int]:
+    """The distinct tokens of ``seq`` (T,) whose inputs reach a weight gradient (not the last,
+    which has no label)."""
+    return sorted(set(seq[:-1].tolist()))
+
+
 def weight_grad_row(lm, ids: torch.Tensor, cut: int, alone: torch.Tensor) -> dict:  # noqa: ANN001
     """The token set of each sequence from the gradient of the value projection of layer
     ``cut`` (the first layer past the data owner, trained in an enclave) if it left the
     enclave; candidates are each token's context-free input of that layer (``alone`` (V, C),
     a table's unit rows: exact at cut 0, approximate deeper), the k best by row-space share."""
     block = blocks_of(lm.model, lm.family)[cut]
-    norm = block.input_layernorm if lm.family == "llama" else block.ln_1
     v_proj = block.self_attn.v_proj if lm.family == "llama" else block.attn.c_attn
-    with torch.no_grad():
-        cands = norm(alone * alone.shape[1] ** 0.5).float()  # RMS 1: as the layer sees it
+    cands = layer_inputs(lm, cut, alone)
     scores = []
     for seq in ids:
         lm.model.zero_grad(set_to_none=True)
@@ -84,10 +97,68 @@ def weight_grad_row(lm, ids: torch.Tensor, cut: int, alone: torch.Tensor) -> dic
         grad = v_proj.weight.grad.clone()
         found = tokens_from_weight_grad(grad if lm.family == "llama" else grad.T, cands,
                                         top_rank=True)
-        scores.append(token_f1(found, sorted(set(seq[:-1].tolist()))))
+        scores.append(token_f1(found, _traced(seq)))
     lm.model.zero_grad(set_to_none=True)
     return {"attack": f"token set from the layer-{cut} value-projection weight gradient",
             "cut": cut, "token_f1": sum(scores) / len(scores)}
+
+
+def lora_grad_rows(lm, ids: torch.Tensor, cut: int, alone: torch.Tensor,  # noqa: ANN001
+                   public: torch.Tensor, *, rank: int, steps: int, seed: int = 0) -> list[dict]:
+    """The token set of each sequence from the per-sequence gradients of peft LoRA adapters
+    (``rank``) on the attention projections of layer ``cut`` (what the enclave trains), on a
+    copy of the model: right after initialisation (B = 0) and after ``steps`` AdamW steps on
+    the ``public`` text blocks; candidates as :func:`weight_grad_row` (the k best).
+    ``setup_s``: the copy, its training and the gradients; ``attack_s``: the attack alone."""
+    from phalanx.privacy.lora_leak import (
+        QKV,
+        lora_copy,
+        lora_gradients,
+        tokens_from_lora_a,
+        tokens_from_lora_b,
+    )
+
+    cands = layer_inputs(lm, cut, alone)
+    attacks = [
+        (0, "A", QKV, "grad A alone (the public weights)"),
+        (steps, "A", ("v_proj",), "grad A alone (the public weights)"),
+        (steps, "A", QKV, "grad A alone (the public weights)"),
+        (steps, "B", ("v_proj",), "grad B and the adapter's A (the public weights)")]
+    rows = []
+    for n_steps in sorted({0, steps}):
+        t0 = time.perf_counter()
+        model = lora_copy(lm.model, lm.family, cut, rank=rank, public=public, steps=n_steps,
+                          seed=seed)
+        grads = [lora_gradients(model, lm.family, cut, seq) for seq in ids]
+        b_norm = float(blocks_of(model, lm.family)[cut].self_attn.v_proj
+                       .lora_B["default"].weight.detach().norm())
+        del model
+        setup_s = time.perf_counter() - t0
+        for at, kind, targets, needs in attacks:
+            if at != n_steps:
+                continue
+            t1 = time.perf_counter()
+            scores = []
+            for seq, g in zip(ids, grads, strict=True):
+                if kind == "A":
+                    found = tokens_from_lora_a([g[t].grad_a for t in targets], cands,
+                                               top_rank=True)
+                else:
+                    found = tokens_from_lora_b(g["v_proj"].grad_b, g["v_proj"].a, cands,
+                                               top_rank=True)
+                scores.append(token_f1(found, _traced(seq)))
+            when = "at initialisation (B = 0)" if at == 0 else f"after {at} AdamW steps"
+            rows.append({
+                "attack": f"token set from the layer-{cut} LoRA grad {kind} of "
+                          f"{', '.join(t.removesuffix('_proj') for t in targets)} "
+                          f"(rank {rank}, {when})",
+                "cut": cut, "rank": rank, "gradient": kind, "targets": list(targets),
+                "lora_steps": at, "lora_b_norm": b_norm, "attacker_needs": needs,
+                "distinct_tokens": sum(len(_traced(s)) for s in ids) / len(ids),
+                "token_f1": sum(scores) / len(scores),
+                "setup_s": setup_s, "attack_s": time.perf_counter() - t1})
+    lm.model.zero_grad(set_to_none=True)
+    return rows
 
 
 def perplexity(model: nn.Module, batches: list[torch.Tensor]) -> float:
