@@ -430,13 +430,71 @@ def test_in_six_stages_a_message_that_differs_by_receiver_is_pinned_on_its_sende
         assert runs[-1][0].loss == clean.runtime.train_step(step, BATCH).loss
 
 
-@pytest.mark.parametrize(("tactic", "attacker", "framed"),
-                         [("frame_predecessor", 2, 1), ("frame_successor", 1, 2)])
-def test_a_checker_that_frames_the_stage_it_checks_gets_it_blamed_a_limit_of_one_replica(
-        tactic, attacker, framed):
-    """A stage accuses its predecessor (its forward check) or its successor (its backward
-    check) of mismatches that never happened: one replica cannot tell an accuser from the
-    accused, so the honest stage is named (README: what is not covered), the accuser is not."""
-    pipe = _pipe(['defense.recovery="none"', f'attack.adaptive="{tactic}"', "attack.rate=1.0",
-                  f"attack.stages=[{attacker}]"])
-    assert _blamed(pipe.runtime.train_step(0, BATCH)) == {framed}
+def test_a_checker_that_frames_the_stage_it_checks_forward_gets_it_blamed_a_limit_of_one_replica():
+    """Stage 2 accuses its predecessor (its forward check) of a mismatch that never happened:
+    one replica cannot tell an accuser from the accused, so the honest stage 1 is named
+    (README: what is not covered), the accuser is not."""
+    pipe = _pipe(['defense.recovery="none"', 'attack.adaptive="frame_predecessor"',
+                  "attack.rate=1.0", "attack.stages=[2]"])
+    assert _blamed(pipe.runtime.train_step(0, BATCH)) == {1}
+
+
+@pytest.mark.parametrize("recovery", ["none", "skip", "repair", "restart"])
+def test_a_backward_checker_that_frames_its_successor_has_no_signed_pair_and_names_itself(
+        recovery):
+    """Stage 1 accuses stage 2's gradients: 2's signed gradient and 3's signed evidence are the
+    same bytes, so the accusation has no proof and names stage 1 alone; without the gradient
+    receipts, the honest stage 2 would be blamed."""
+    extra = [f'defense.recovery="{recovery}"', 'attack.adaptive="frame_successor"',
+             "attack.rate=1.0", "attack.stages=[1]"]
+    pipe, clean = _pipe(extra), _pipe(['defense.verify="none"'])
+    for step in range(STEPS):
+        runs = attempts(pipe.runtime, pipe.attack, step, BATCH, max_retries=3)
+        assert [_blamed(r) for r, _ in runs][0] == {1}
+        assert all(_blamed(r) <= {1} for r, _ in runs)
+        if recovery == "repair":  # the accuser's own messages were honest: repaired, the same
+            assert runs[-1][0].loss == clean.runtime.train_step(step, BATCH).loss
+    blind = _pipe(extra)
+    blind.defense.coordinator.back_slots = 0  # what the coordinator concluded before
+    assert 2 in _blamed(blind.runtime.train_step(0, BATCH))
+
+
+def test_a_real_gradient_poisoner_is_still_blamed_with_the_pair_as_proof():
+    """Stage 2 flips the gradient it sends stage 1: 1 holds 2's signed gradient and 3's
+    signed evidence, different, so its accusation stands."""
+    pipe = _pipe(['defense.recovery="skip"', 'attack.backward="sign_flip"',
+                  "attack.rate=1.0", "attack.stages=[2]"])
+    assert _blamed(pipe.runtime.train_step(0, BATCH)) == {2}
+
+
+def test_a_framer_that_doctors_the_evidence_receipt_into_a_dispute_is_named_alone(monkeypatch):
+    """Stage 1 accuses stage 2 and changes the digest of 3's evidence receipt so that the pair
+    seems to disagree: 3's signature no longer verifies, which names stage 1, and nobody else."""
+    from phalanx.defense.receipts import WORDS, Receipt
+    from phalanx.wire import decode_header
+
+    doctored = []
+
+    def doctor(step, w):  # noqa: ANN001
+        for slot in w:
+            r = Receipt.from_words(slot)
+            if r is not None and decode_header(r.header).kind is Kind.JUMP_GRAD:
+                slot[1 + 32] = (slot[1 + 32] + 1) % 2 ** 32  # the digest's first word
+                doctored.append(step)
+
+    receipts = _receipt_words(doctor)
+
+    def fn(link, f):  # noqa: ANN001
+        if f.kind is Kind.NORM:
+            t = f.tensor.clone()
+            t[5 + 2] = 2.0  # two alerts against stage 2
+            f = replace(f, tensor=t)
+        receipts(link, f)
+
+    assert WORDS > 33
+    pipe = _hostile(monkeypatch, 1, fn)
+    for step in range(2):
+        runs = attempts(pipe.runtime, pipe.attack, step, BATCH, max_retries=3)
+        assert _blamed(runs[0][0]) == {1}
+        assert all(_blamed(r) <= {1} for r, _ in runs)
+    assert doctored  # (its report did hold 3's evidence receipt to doctor)

@@ -204,3 +204,47 @@ def test_a_full_window_of_early_and_junk_frames_leaves_room_for_every_current_re
         for src in range(4):
             book.record(_signed(Kind.JUMP, src, 4, X, micro=micro))
     assert len(book.drain(0, 0)) == 8
+
+
+# -- gradient receipts: the proof behind a backward accusation ------------------------------
+
+def _disputes(*frames: Frame, reporter: int = 1, step: int = 0, tag: int = 0):  # noqa: ANN202
+    from phalanx.defense.backproof import disputes
+
+    return disputes(_report(*frames), reporter, step, tag, NOTARY)
+
+
+def test_a_gradient_and_evidence_that_differ_are_the_pair_that_backs_an_accusation():
+    from phalanx.defense.backproof import backed
+    from phalanx.defense.plan import Plan
+
+    found = _disputes(_signed(Kind.GRADIENT, 2, 1, -X), _signed(Kind.JUMP_GRAD, 3, 1, X))
+    assert found.pairs == {(2, 3)} and not found.forged
+    # 1 checks 2's gradient against 3's evidence: both its accusations are backed
+    assert backed(1, 2, Plan(), {1: found}) and backed(1, 3, Plan(), {1: found})
+    assert not backed(1, 2, Plan(), {1: _disputes(_signed(Kind.GRADIENT, 2, 1, X),
+                                                  _signed(Kind.JUMP_GRAD, 3, 1, X))})
+
+
+@pytest.mark.parametrize("second", [
+    lambda: _signed(Kind.JUMP_GRAD, 3, 1, X),  # the same bytes: nothing disagreed
+    lambda: _signed(Kind.JUMP_GRAD, 3, 1, -X, micro=1),  # of another micro-batch
+    lambda: _signed(Kind.JUMP_GRAD, 3, 1, -X, step=1),  # of another step
+    lambda: _signed(Kind.JUMP_GRAD, 3, 1, -X, tag=1),  # of another attempt
+    lambda: _signed(Kind.GRADIENT, 2, 1, -X)])  # the same sender twice
+def test_receipts_that_do_not_show_two_senders_disagreeing_now_prove_no_dispute(second):
+    assert not _disputes(_signed(Kind.GRADIENT, 2, 1, X), second()).pairs
+
+
+@pytest.mark.parametrize("forged", [
+    lambda: _signed(Kind.JUMP_GRAD, 3, 2, -X),  # addressed to another stage
+    lambda: _signed(Kind.ACTIVATION, 0, 1, -X),  # no gradient
+    lambda: replace_signature(_signed(Kind.JUMP_GRAD, 3, 1, -X))])  # nobody signed it
+def test_a_gradient_receipt_the_reporter_cannot_hold_names_it(forged):
+    found = _disputes(_signed(Kind.GRADIENT, 2, 1, X), forged())
+    assert found.forged and not found.pairs
+
+
+def replace_signature(frame: Frame) -> Frame:
+    frame.signature = bytes(len(frame.signature))
+    return frame

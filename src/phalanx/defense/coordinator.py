@@ -27,6 +27,9 @@ squared gradient norm. Everything a middle stage reports is the attacker's to ch
   before it. Only self-evident lies (reports and norms that are not numbers) are named beside
   it; the attempt is discarded, and its redo, without it, is judged in full. A receipt no key
   signed, or one its reporter cannot have received, names its reporter.
+- With signed links, a backward accusation (a stage against the gradient it checks, or its
+  evidence) counts only with the proof that the two signed messages disagreed
+  (:mod:`phalanx.defense.backproof`); without it, it names the accuser.
 
 The alert of one honest verifier names the culprit; a verifier that lies can name its honest
 neighbour instead (one replica cannot tell who lied): see the README's threat model.
@@ -45,6 +48,7 @@ from collections import deque
 
 import torch
 
+from phalanx.defense import backproof
 from phalanx.defense import second as second_replicas
 from phalanx.defense.compare import Checks
 from phalanx.defense.config import DefenseConfig
@@ -96,6 +100,7 @@ class Coordinator:
         self.recovery = strategy(cfg.recovery)
         self.notary: Notary | None = None  # with signed links: what checks receipts
         self.receipt_slots = 0  # receipts per report
+        self.back_slots = 0  # and receipts of gradients
         self.checks = Checks(cfg.tolerances(num_stages))  # the norm cross-checks' tally
         self.reputation = [1.0] * num_stages  # EMA of "not blamed" per attempt
         self.blame_count = [0] * num_stages
@@ -113,8 +118,9 @@ class Coordinator:
         middle = set(range(1, n - 1))
         named |= (seen.invalid & middle) - plan.out  # (out of the path, its norm is not used)
         alerts, replica_norm = seen.reports[:, :n], seen.reports[:, n]
-        proof = self.receipts(seen)
+        proof, disputes = self.receipts(seen), self.disputes(seen)
         named |= ((proof.equivocators | proof.forgers) & middle) - plan.out
+        named |= {r for r, d in disputes.items() if d.forged} & middle - plan.out
         judged = not proof.equivocators - plan.out  # else every check was fed by a liar
         for r in range(n):
             row = alerts[r]
@@ -123,10 +129,12 @@ class Coordinator:
                 continue
             self.alerts_seen += int(row.sum())
             for x in torch.nonzero(row > 0).reshape(-1).tolist() if judged else ():
-                if designated(r, x, plan, n, self.cfg.second == "replica"):
+                if not designated(r, x, plan, n, self.cfg.second == "replica"):
+                    named |= ({r} & middle) - plan.out
+                elif r < x and r in disputes and not backproof.backed(r, x, plan, disputes):
+                    named.add(r)  # a backward accusation without its proof
+                else:
                     named.add(x)
-                elif r not in plan.out:
-                    named |= {r} & middle
         for s in middle - plan.out if judged else ():
             v = s + 1
             if (v in plan.out and v not in plan.heard) or s in seen.invalid:
@@ -146,6 +154,15 @@ class Coordinator:
         words = seen.reports[:, start:start + self.receipt_slots * WORDS]
         return equivocators({r: words[r] for r in range(self.n)}, seen.step, seen.tag,
                             self.notary)
+
+    def disputes(self, seen: Oversight) -> dict[int, backproof.Disputes]:
+        """What each middle stage's gradient receipts prove (none without signed links)."""
+        if self.notary is None or not self.back_slots:
+            return {}
+        start = self.n + 1 + self.receipt_slots * WORDS
+        words = seen.reports[:, start:start + self.back_slots * WORDS]
+        return {r: backproof.disputes(words[r], r, seen.step, seen.tag, self.notary)
+                for r in range(1, self.n - 1)}
 
     def norms_agree(self, seen: Oversight, s: int, theirs: float) -> bool:
         """Whether stage s's squared norm agrees with its replica's."""

@@ -90,10 +90,11 @@ class Book:
     ``slots``."""
 
     def __init__(self, max_micro: int,
-                 now: Callable[[], tuple[int, int] | None] = lambda: None) -> None:
-        self.max_micro = max_micro
+                 now: Callable[[], tuple[int, int] | None] = lambda: None,
+                 per_micro: int = PER_MICRO) -> None:
+        self.max_micro, self.per_micro = max_micro, per_micro
         self.now = now  # the receiving stage's (step, attempt); None before its first
-        self.slots = PER_MICRO * max_micro + 2
+        self.slots = per_micro * max_micro + 2
         self.kept: dict[tuple[int, int, int, int], tuple[Receipt, tuple]] = {}
         self.pairs: dict[tuple[int, int], list[Receipt]] = {}  # (step, attempt): a conflict
 
@@ -110,7 +111,7 @@ class Book:
             if seen != content and attempt not in self.pairs:
                 self.pairs[attempt] = [first, receipt]
             return
-        if len(self.kept) >= 3 * PER_MICRO * self.max_micro:  # (never: 3 attempts, 4 links)
+        if len(self.kept) >= 3 * self.per_micro * self.max_micro:  # (never: 3 attempts)
             log.warning("stage %d kept no receipt of a %s frame from stage %d: %d are kept",
                         frame.dst, frame.kind.name, frame.src, len(self.kept))
             return
@@ -142,17 +143,22 @@ def _following(step: int, tag: int) -> set[tuple[int, int]]:
 
 
 
-class Receipted(ChannelWrapper):
-    """A raw link from a stage whose output this stage receives: the frames of the one
-    ``kind`` that carries it on this link are entered in the stage's :class:`Book`."""
+def output_of(kind: Kind) -> Callable[[Frame], bool]:
+    """Frames of ``kind`` that carry their sender's output (what a link's receipts are of)."""
+    return lambda f: f.kind is kind and carries_output(f.kind, f.src, f.dst)
 
-    def __init__(self, inner: Channel, book: Book, kind: Kind) -> None:
+
+class Receipted(ChannelWrapper):
+    """A raw link whose received frames that ``keeps`` are entered in the stage's
+    :class:`Book`: the frame that carries its sender's output (:func:`output_of`), or the
+    gradients checked against each other (:mod:`phalanx.defense.backproof`)."""
+
+    def __init__(self, inner: Channel, book: Book, keeps: Callable[[Frame], bool]) -> None:
         super().__init__(inner)
-        self.book, self.kind = book, kind
+        self.book, self.keeps = book, keeps
 
     def _seen(self, frame: Frame | None) -> Frame | None:
-        if frame is not None and frame.kind is self.kind and carries_output(
-                frame.kind, frame.src, frame.dst):
+        if frame is not None and self.keeps(frame):
             self.book.record(frame)
         return frame
 

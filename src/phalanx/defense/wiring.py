@@ -14,7 +14,9 @@ For every stage s of a run with a duplicated block (checked stages are the middl
   those second replicas too;
 - with signed links (the secure transport; the simulator's throwaway keys), a
   :class:`~phalanx.defense.receipts.Receipted` on the links from s - 1 to s - 4 (the output of
-  s - 1, the jumps of the others), whose receipts go in the stage's report.
+  s - 1, the jumps of the others), and on those from s + 1 to s + 3 (the gradients it checks
+  against each other, :mod:`~phalanx.defense.backproof`), whose receipts go in the stage's
+  report.
 
 :meth:`Duplicate.attach` plugs the stage's report (alerts, the replica's norm), the freezing of
 its weights and replica, and the verdict's plan into the worker; stage 0 runs the coordinator.
@@ -25,14 +27,14 @@ from __future__ import annotations
 import torch
 
 from phalanx.comm.channel import Channel
-from phalanx.defense import second
+from phalanx.defense import backproof, second
 from phalanx.defense.compare import Checks
 from phalanx.defense.config import DefenseConfig
 from phalanx.defense.coordinator import Coordinator, counts, report_size
 from phalanx.defense.gradcheck import GradCheck
 from phalanx.defense.links import Inbox, Outbound
 from phalanx.defense.plan import Decision, Plan
-from phalanx.defense.receipts import WORDS, Book, Notary, Receipted, pack
+from phalanx.defense.receipts import WORDS, Book, Notary, Receipted, output_of, pack
 from phalanx.defense.replica import SECOND, checked, replicated, shadow_params, squared_norm
 from phalanx.defense.tolerance import CHECKS
 from phalanx.defense.verifier import Guard, Verifier, well_formed
@@ -68,7 +70,8 @@ class Duplicate:
         self.cfg, self.n, self.timeout = cfg, num_stages, timeout
         self.max_micro = max_micro  # the most micro-batches a pass has (an evaluation's)
         self.books: dict[int, Book] = {}  # each stage's receipts, once links are signed
-        self.receipt_slots = 0
+        self.backbooks: dict[int, Book] = {}  # and of the gradients it receives
+        self.receipt_slots = self.back_slots = 0
         self.tolerances = cfg.tolerances(num_stages)
         self.second = cfg.second == "replica"
         self.checks: dict[int, Checks] = {}
@@ -82,13 +85,19 @@ class Duplicate:
     def notarize(self, notary: Notary) -> None:
         """The links are signed: stages report receipts, which the coordinator checks with
         ``notary`` (before :meth:`wrap`)."""
-        self.receipt_slots = Book(self.max_micro).slots
+        self.receipt_slots, self.back_slots = self.slots()
         self.coordinator.notary, self.coordinator.receipt_slots = notary, self.receipt_slots
+        self.coordinator.back_slots = self.back_slots
+
+    def slots(self) -> tuple[int, int]:
+        """Receipt slots of a report: of outputs, and of gradients."""
+        return (Book(self.max_micro).slots,
+                Book(self.max_micro, per_micro=backproof.PER_MICRO).slots)
 
     def norm_bytes(self) -> int:
         """The most bytes a stage's norm frame holds: its norm, refusals and report, with
         receipts."""
-        return 8 * (1 + self.n + report_size(self.n) + Book(self.max_micro).slots * WORDS)
+        return 8 * (1 + self.n + report_size(self.n) + sum(self.slots()) * WORDS)
 
     def _checks(self, stage: int) -> Checks:
         return self.checks.setdefault(stage, Checks(self.tolerances))
@@ -122,12 +131,18 @@ class Duplicate:
     def wrap(self, stage: StageModule, channels: dict[int, Channel]) -> dict[int, Channel]:
         s, mid, n = stage.index, checked(self.n), self.n
         if self.receipt_slots:
-            book = self.books.setdefault(s, Book(self.max_micro, lambda: self.attempt(s)))
+            now = lambda: self.attempt(s)  # noqa: E731
+            book = self.books.setdefault(s, Book(self.max_micro, now))
+            back = self.backbooks.setdefault(
+                s, Book(self.max_micro, now, per_micro=backproof.PER_MICRO))
             channels = dict(channels)
             for k in (s - 1, s - 2, s - 3, s - 4):
                 if k >= 0:
                     kind = Kind.ACTIVATION if k == s - 1 else Kind.JUMP
-                    channels[k] = Receipted(channels[k], book, kind)
+                    channels[k] = Receipted(channels[k], book, output_of(kind))
+            for k in (s + 1, s + 2, s + 3):
+                if k < n:
+                    channels[k] = Receipted(channels[k], back, backproof.backward)
         out = dict(channels)
         checks = self._checks(s)
         tag = lambda: self.tag(s)  # noqa: E731
@@ -184,8 +199,9 @@ class Duplicate:
             checks.blind = False
             parts = [checks.counts(self.n), torch.tensor([replica], dtype=torch.float64)]
             if self.receipt_slots:
-                book = self.books[me]
-                parts.append(pack(book.drain(worker.step, worker.tag), self.receipt_slots))
+                for book, slots in ((self.books[me], self.receipt_slots),
+                                    (self.backbooks[me], self.back_slots)):
+                    parts.append(pack(book.drain(worker.step, worker.tag), slots))
             return torch.cat(parts)
 
         def frozen(verdict: Verdict) -> list[torch.nn.Parameter]:
@@ -195,7 +211,7 @@ class Duplicate:
 
         self.workers[me] = worker
         worker.report = report
-        worker.report_size = report_size(self.n) + self.receipt_slots * WORDS
+        worker.report_size = report_size(self.n) + (self.receipt_slots + self.back_slots) * WORDS
         if worker.gate is not None:
             worker.gate.frozen = frozen
         worker.norm_excluded = held

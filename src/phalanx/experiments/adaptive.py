@@ -30,11 +30,12 @@ from phalanx.experiments.spec import ShortRuns
 from phalanx.threats.adaptive import TACTICS
 
 RECOVERIES = ("skip", "repair", "restart")
-NOT_ATTRIBUTABLE = {"false_evidence", "frame_predecessor", "frame_successor", "collude"}
+NOT_ATTRIBUTABLE = {"false_evidence", "frame_predecessor", "collude"}
 """Tactics one replica cannot pin on the right stage (README: what is not covered). The cells
 run in the simulator, whose links sign: a message that differs by receiver (``equivocate``,
 and ``short`` where the verifier's true input comes from another middle stage) is pinned on
-its sender by its own signed receipts."""
+its sender by its own signed receipts, and a backward accusation without the signed pair of
+gradients that disagreed (``frame_successor``) names its accuser."""
 NORM_LIARS = {"nan_norm", "negative_norm", "huge_norm"}
 """Repaired, such a liar keeps its weights (its norm and its replica's disagree)."""
 
