@@ -175,20 +175,25 @@ def test_bad_adaptive_settings_are_one_clear_error(cfg, match):
 
 @pytest.mark.slow
 def test_the_adaptive_experiment_writes_its_grid_and_the_covered_tactics_hold(tmp_path):
-    """The quick grid, with its one cell in the secure runtime: four processes over TLS
-    (throwaway identities and roster made by `phalanx train`), stage 1 equivocating under
-    repair; the coordinator checks the receipts against the roster's keys and blames as the
-    simulator does, attempt by attempt, with the same losses."""
+    """The quick grid, with two cells in the secure runtime: four processes over TLS
+    (throwaway identities and roster made by `phalanx train`), stage 2 equivocating, or
+    flipping activations and gradients (its gradient to stage 1 is an accusation that stands
+    only with the signed pair of gradients), under repair; the coordinator checks the receipts
+    against the roster's keys and blames as the simulator does, attempt by attempt, with the
+    same losses."""
     from phalanx.cli.main import main
 
     out = tmp_path / "ad"
     assert main(["experiment", "adaptive", "--quick", "--out", str(out)]) == 0
     rows = json.loads((out / "summary.json").read_text())["runs"]
-    assert len(rows) == 23 and (out / "table.md").read_text().count("\n| ") == 24
+    assert len(rows) == 24 and (out / "table.md").read_text().count("\n| ") == 25
     assert sum(r["second_replica"] for r in rows) == 3  # flag_forge again, with a second replica
     secure = [r for r in rows if r["runtime"] == "secure"]
-    assert [(r["tactic"], r["recovery"]) for r in secure] == [("equivocate", "repair")]
-    assert secure[0]["same_as_simulator"] is True and secure[0]["blame_correct"] == 1.0
+    assert sorted((r["tactic"], r["recovery"]) for r in secure) == [("equivocate", "repair"),
+                                                                   ("flag_forge", "repair")]
+    for r in secure:
+        assert r["same_as_simulator"] is True and r["blame_correct"] == 1.0
+        assert r["honest_blamed"] == 0
     summary = (out / "runs" / "equivocate-repair-secure" / "summary.json").read_text()
     assert '"runtime": "secure"' in summary
     assert "PRIVATE KEY" not in summary and "phalanx-keys-" in summary  # paths, never keys

@@ -52,7 +52,8 @@ class AdaptiveSpec(ShortRuns):
     tactics: tuple[str, ...] = tuple(sorted(TACTICS))
     recoveries: tuple[str, ...] = RECOVERIES
     second: tuple[str, ...] = ("collude",)  # tactics run again with defense.second=replica
-    secure: tuple[str, ...] = ("equivocate", "flag_forge")  # and in the secure runtime (repair)
+    # tactics run again under repair in the secure runtime (one process per stage, TLS)
+    secure: tuple[str, ...] = ("equivocate", "flag_forge", "frame_successor")
     timeout_s: float = 900  # for a secure cell's processes
 
     @classmethod
@@ -60,7 +61,7 @@ class AdaptiveSpec(ShortRuns):
         return cls(model="tiny", stages=4, steps=3, seq_len=16, batch_size=4, lr=1e-3,
                    tactics=("flag_forge", "nan_norm", "false_alert", "short", "eval_poison",
                             "false_evidence"), second=("flag_forge",),
-                   secure=("equivocate",), timeout_s=120)
+                   secure=("equivocate", "flag_forge"), timeout_s=120)
 
 
 def settings(spec: AdaptiveSpec, out: Path, tactic: str | None, recovery: str | None,
