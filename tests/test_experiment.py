@@ -186,3 +186,16 @@ def test_paper_preset_refuses_a_cpu_host_with_its_estimate(tmp_path, monkeypatch
     # 26.4 clean-run equivalents x 800 steps x 10 s x 1.1
     assert code == 2 and "estimated 64.5 h" in err and "add --force" in err
     assert not (tmp_path / "runs").exists()  # nothing started
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["detection", "--steps", "0"], "--steps must be at least 1"),
+    (["adaptive", "--cuts", "1"], "experiment adaptive does not use --cuts"),
+    (["split", "--preset", "paper"], "experiment split does not use --preset"),
+])
+def test_an_option_another_experiment_reads_is_refused_not_ignored(tmp_path, capsys, args,
+                                                                  message):
+    code = main(["experiment", args[0], "--quick", "--out", str(tmp_path), *args[1:]])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())  # refused before anything ran

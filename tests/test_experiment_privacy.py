@@ -51,9 +51,11 @@ def test_the_quick_privacy_experiment_measures_recovery_and_the_price_of_noise(t
     (["--cuts", "1,9"], "cut"), (["--cuts", "0"], "cut"), (["--sigmas", "-1"], "sigma"),
     (["--sigmas", "nan"], "sigma"),
     (["--cuts", "one"], "comma-separated numbers"),
+    (["--tactics", "drift", "--fresh"], "does not use --tactics, --fresh"),  # not ignored
+    (["pipeline.stages=3"], "does not use config overrides"),
 ])
 def test_bad_privacy_settings_are_one_line_exit_2(tmp_path, capsys, args, message):
-    code = main(["experiment", "privacy", "--quick", "--out", str(tmp_path), *args])
+    code = main(["experiment", "privacy", *args, "--quick", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

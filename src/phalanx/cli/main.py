@@ -295,9 +295,30 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a.out, a.overrides)
 
 
+# which experiments read each option; given to any other, it is refused rather than ignored
+_APPLIES = {"preset": {"robustness"}, "force": {"robustness"}, "device": {"robustness"},
+            "runtime": {"robustness"}, "defenses": {"robustness"}, "tactics": {"adaptive"},
+            "cuts": {"privacy"}, "sigmas": {"privacy"},
+            "fresh": {"robustness", "split", "adaptive"},
+            "steps": {"robustness", "detection", "split", "adaptive"},
+            "overrides": {"robustness", "detection", "split", "adaptive"}}
+
+
+def _check_options(a: argparse.Namespace) -> None:
+    """One line naming the options that ``phalanx experiment NAME`` would not read."""
+    given = [k for k in _APPLIES if getattr(a, k) not in (None, False, [])]
+    stray = [k for k in given if a.name not in _APPLIES[k]]
+    if stray:
+        names = ", ".join("config overrides" if k == "overrides" else f"--{k}" for k in stray)
+        raise PhalanxError(f"experiment {a.name} does not use {names}")
+    if a.steps is not None and a.steps < 1:
+        raise PhalanxError("--steps must be at least 1")
+
+
 def cmd_experiment(a: argparse.Namespace) -> int:
     from phalanx.experiments import robustness as rb
 
+    _check_options(a)
     a.out = a.out or f"results/{a.name}"
     if a.name == "detection":
         return _detection(a)
@@ -313,8 +334,6 @@ def cmd_experiment(a: argparse.Namespace) -> int:
     if a.device:
         spec.device = a.device
     if a.steps is not None:
-        if a.steps < 1:
-            raise PhalanxError("--steps must be at least 1")
         spec.steps = a.steps
         spec.eval_every = max(1, min(spec.eval_every, a.steps // 2))
     if a.runtime:
@@ -362,7 +381,7 @@ def _detection(a: argparse.Namespace) -> int:
 
     spec = dt.DetectionSpec.quick() if a.quick else dt.DetectionSpec()
     if a.steps is not None:
-        spec.steps = max(1, a.steps)
+        spec.steps = a.steps
     spec.extra = list(a.overrides)
     rows = dt.run(spec, Path(a.out))
     print((Path(a.out) / "table.md").read_text())
@@ -402,8 +421,6 @@ def _split(a: argparse.Namespace) -> int:
 
     spec = sp.SplitSpec.quick() if a.quick else sp.SplitSpec()
     if a.steps is not None:
-        if a.steps < 1:
-            raise PhalanxError("--steps must be at least 1")
         spec.steps = a.steps
     spec.extra = list(a.overrides)
     out = Path(a.out)
@@ -418,7 +435,7 @@ def _adaptive(a: argparse.Namespace) -> int:
 
     spec = ad.AdaptiveSpec.quick() if a.quick else ad.AdaptiveSpec()
     if a.steps is not None:
-        spec.steps = max(1, a.steps)
+        spec.steps = a.steps
     if a.tactics:
         chosen = tuple(t.strip() for t in a.tactics.split(","))
         unknown = set(chosen) - set(ad.TACTICS)
