@@ -146,3 +146,21 @@ def test_usable_tokenizer_probe_accepts_a_real_tokenizer():
     tok = load_tokenizer(cfg)
     assert usable(tok, tok.vocab_size) is None
     assert tok.vocab_size == 49152
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+def test_a_stage_forward_keeps_nothing_of_its_input_or_its_graph(name):
+    """A forward must not hold on to what it computed once its caller lets go (a cache on the
+    block runner once kept every micro-batch's input, output and autograd graph of a run)."""
+    import gc
+    import weakref
+
+    lm = load_model(ModelConfig(name=name))
+    first, last = partition(lm.model, lm.family, 2, [2])
+    x = first(torch.randint(0, 257, (2, 16)))
+    gone = weakref.ref(x)
+    out = weakref.ref(last(x))
+    lm_loss(last(x), torch.zeros(2, 16, dtype=torch.long)).backward()
+    del x
+    gc.collect()
+    assert gone() is None and out() is None

@@ -85,7 +85,6 @@ class StageModule(nn.Module):
         return x
 
 
-@functools.cache
 def run_blocks(family: str, blocks: Sequence[nn.Module], rotary: nn.Module | None,
                x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Hidden states (B, T, C) through ``blocks`` at positions ``pos`` (1, T) under ``mask``."""
@@ -100,6 +99,7 @@ def run_blocks(family: str, blocks: Sequence[nn.Module], rotary: nn.Module | Non
     return x
 
 
+@functools.cache
 def _no_cache_kwarg() -> str:
     """The name transformers gives the (absent) KV cache of ``create_causal_mask``: ``cache``
     from 5.24 on, ``past_key_values`` before (deprecated since)."""
