@@ -219,7 +219,8 @@ def test_a_gradient_and_evidence_that_differ_are_the_pair_that_backs_an_accusati
     from phalanx.defense.plan import Plan
 
     found = _disputes(_signed(Kind.GRADIENT, 2, 1, -X), _signed(Kind.JUMP_GRAD, 3, 1, X))
-    assert found.pairs == {(2, 3)} and not found.forged
+    assert found.pairs == {frozenset({(2, Kind.GRADIENT), (3, Kind.JUMP_GRAD)})}
+    assert not found.forged and not found.equivocators
     # 1 checks 2's gradient against 3's evidence: both its accusations are backed
     assert backed(1, 2, Plan(), {1: found}) and backed(1, 3, Plan(), {1: found})
     assert not backed(1, 2, Plan(), {1: _disputes(_signed(Kind.GRADIENT, 2, 1, X),
@@ -236,13 +237,43 @@ def test_receipts_that_do_not_show_two_senders_disagreeing_now_prove_no_dispute(
     assert not _disputes(_signed(Kind.GRADIENT, 2, 1, X), second()).pairs
 
 
+def test_a_sender_that_signs_two_gradients_of_one_kind_for_a_micro_batch_is_named():
+    """Honest code sends one; the stage uses the last it got, the book keeps the first: the
+    two signatures are the sender's own proof, and an accusation of it stands on them."""
+    from phalanx.defense.backproof import backed
+    from phalanx.defense.plan import Plan
+
+    found = _disputes(_signed(Kind.GRADIENT, 2, 1, X), _signed(Kind.GRADIENT, 2, 1, -X),
+                      _signed(Kind.JUMP_GRAD, 3, 1, X))
+    assert found.equivocators == {2} and not found.pairs and not found.forged
+    assert backed(1, 2, Plan(), {1: found})
+
+
+def test_a_stray_gradient_of_another_kind_does_not_stand_in_for_the_one_checked():
+    """A sender's honest bytes as a JUMP_GRAD, then the flipped GRADIENT the check used: the
+    pair is the GRADIENT's, whatever came first."""
+    from phalanx.defense.backproof import backed
+    from phalanx.defense.plan import Plan
+
+    found = _disputes(_signed(Kind.JUMP_GRAD, 2, 1, X), _signed(Kind.GRADIENT, 2, 1, -X),
+                      _signed(Kind.JUMP_GRAD, 3, 1, X))
+    assert backed(1, 2, Plan(), {1: found}) and not found.equivocators
+
+
 @pytest.mark.parametrize("forged", [
     lambda: _signed(Kind.JUMP_GRAD, 3, 2, -X),  # addressed to another stage
     lambda: _signed(Kind.ACTIVATION, 0, 1, -X),  # no gradient
+    lambda: _signed(Kind.GRADIENT, 3, 1, -X),  # a GRADIENT comes from the next stage only
     lambda: replace_signature(_signed(Kind.JUMP_GRAD, 3, 1, -X))])  # nobody signed it
 def test_a_gradient_receipt_the_reporter_cannot_hold_names_it(forged):
     found = _disputes(_signed(Kind.GRADIENT, 2, 1, X), forged())
     assert found.forged and not found.pairs
+
+
+def test_a_jump_grad_comes_from_the_three_stages_after_the_reporter_only():
+    near = [_signed(Kind.GRADIENT, 1, 0, X), _signed(Kind.JUMP_GRAD, 3, 0, -X)]
+    assert not _disputes(*near, reporter=0).forged
+    assert _disputes(*near, _signed(Kind.JUMP_GRAD, 4, 0, X), reporter=0).forged
 
 
 def replace_signature(frame: Frame) -> Frame:

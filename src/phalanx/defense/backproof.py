@@ -19,6 +19,13 @@ were sent; and when g and g + 1 really disagree, which of the two lied (``false_
 one replica cannot tell, nor can anyone without g's weights). A malformed gradient or evidence
 always differs from a well-formed other message, so an honest checker's alert on it is backed;
 one that g and g + 1 both send byte for byte alike (a colluding pair) is not.
+
+Receipts are kept and compared by kind: the check compares g's gradient (a ``GRADIENT`` from
+b + 1, a ``JUMP_GRAD`` from b + 2 through a bypass) with g + 1's ``JUMP_GRAD``, and a stray
+frame of another kind from the same sender (filed, never used) must not stand in for the one
+the check used. Two validly signed receipts of one kind from one sender for one micro-batch of
+the attempt (honest code sends one; the stage uses the last) are that sender's own proof:
+it is named, and an accusation against it needs no other.
 """
 
 from __future__ import annotations
@@ -36,12 +43,26 @@ from phalanx.secure.signing import SIGNATURE
 from phalanx.wire import Frame, FrameError, Kind, decode_header
 
 BACKWARD = frozenset({Kind.GRADIENT, Kind.JUMP_GRAD})
-PER_MICRO = 3  # gradients a stage receives of a micro-batch: the gradient, and two JUMP_GRADs
+PER_MICRO = 4  # gradients a stage receives of a micro-batch: b + 1's (either kind), b + 2's
+# and b + 3's JUMP_GRAD
+
+
+def kinds_from(src: int, me: int) -> frozenset[Kind]:
+    """The gradient kinds stage ``me`` can receive from stage ``src``: a ``GRADIENT`` only
+    from the stage after it; ``JUMP_GRAD`` from the three after it."""
+    return BACKWARD if src == me + 1 else frozenset({Kind.JUMP_GRAD}) if 1 < src - me <= 3 \
+        else frozenset()
 
 
 def backward(frame: Frame) -> bool:
     """Whether a received frame is a gradient whose receipt the stage keeps."""
-    return frame.kind in BACKWARD
+    return frame.kind in kinds_from(frame.src, frame.dst)
+
+
+def used_kind(r: int, g: int) -> Kind:
+    """The kind of the gradient from g that checker r compares (through a bypass when g is
+    not r's successor)."""
+    return Kind.GRADIENT if g == r + 1 else Kind.JUMP_GRAD
 
 
 def senders(r: int, x: int, plan: Plan) -> tuple[int, int]:
@@ -51,21 +72,27 @@ def senders(r: int, x: int, plan: Plan) -> tuple[int, int]:
     return (x, x + 1) if r == plan.pred(x) else (x - 1, x)
 
 
+Sent = tuple[int, Kind]  # (sender, kind)
+
+
 @dataclass(frozen=True)
 class Disputes:
-    """What one report's gradient receipts prove: the pairs of senders whose signed messages
-    for one micro-batch of the attempt differ, and whether the report held a receipt its
-    reporter cannot honestly hold (unparsable, not addressed to it, not a gradient, or not
-    signed by its sender)."""
+    """What one report's gradient receipts prove: the pairs of (sender, kind) whose signed
+    messages for one micro-batch of the attempt differ; the senders that signed two contents
+    of one kind for one micro-batch; and whether the report held a receipt its reporter
+    cannot honestly hold (unparsable, not addressed to it, of a kind its sender does not send
+    it, or not signed by its sender)."""
 
-    pairs: frozenset[tuple[int, int]] = frozenset()
+    pairs: frozenset[frozenset[Sent]] = frozenset()
+    equivocators: frozenset[int] = frozenset()
     forged: bool = False
 
 
 def disputes(words: torch.Tensor, reporter: int, step: int, tag: int,
              notary: Notary) -> Disputes:
     """Judge the gradient receipts of ``reporter``'s report for attempt ``tag`` of ``step``."""
-    held: dict[int, dict[int, tuple]] = {}  # micro -> sender -> content
+    held: dict[int, dict[Sent, tuple]] = {}  # micro -> (sender, kind) -> first content
+    twice: set[int] = set()
     try:
         receipts = [Receipt.from_words(w) for w in words.reshape(-1, WORDS)]
     except ValueError:
@@ -77,19 +104,27 @@ def disputes(words: torch.Tensor, reporter: int, step: int, tag: int,
             h = decode_header(r.header)
         except FrameError:
             return Disputes(forged=True)
-        if (h.dst != reporter or h.kind not in BACKWARD or len(r.digest) != DIGEST
-                or len(r.signature) != SIGNATURE or not notary.signed(r, h.src)):
+        if (h.dst != reporter or h.kind not in kinds_from(h.src, reporter)
+                or len(r.digest) != DIGEST or len(r.signature) != SIGNATURE
+                or not notary.signed(r, h.src)):
             return Disputes(forged=True)
         if h.step == step and h.flags % TAGS == tag:
-            held.setdefault(h.micro, {}).setdefault(h.src, (r.digest, h.dtype, h.shape))
+            content = (r.digest, h.dtype, h.shape)
+            first = held.setdefault(h.micro, {}).setdefault((h.src, h.kind), content)
+            if first != content:
+                twice.add(h.src)
     pairs = set()
     for contents in held.values():
-        for a, b in combinations(sorted(contents), 2):
-            if contents[a] != contents[b]:
-                pairs.add((a, b))
-    return Disputes(frozenset(pairs))
+        for a, b in combinations(contents, 2):
+            if a[0] != b[0] and contents[a] != contents[b]:
+                pairs.add(frozenset((a, b)))
+    return Disputes(frozenset(pairs), frozenset(twice))
 
 
 def backed(r: int, x: int, plan: Plan, found: Mapping[int, Disputes]) -> bool:
-    """Whether r's backward accusation of x comes with its proof."""
-    return senders(r, x, plan) in found[r].pairs
+    """Whether r's backward accusation of x comes with its proof: the gradient and the
+    evidence it compared differ, or one of their senders signed two of its message."""
+    g, e = senders(r, x, plan)
+    d = found[r]
+    return bool({g, e} & d.equivocators) or frozenset(
+        ((g, used_kind(r, g)), (e, Kind.JUMP_GRAD))) in d.pairs

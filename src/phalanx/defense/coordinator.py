@@ -85,7 +85,8 @@ def designated(r: int, x: int, plan: Plan, n: int, second: bool = False) -> bool
     if r == plan.pred(x) and (x + 1 not in plan.out or x + 1 in plan.heard):
         return True  # the backward check, with x + 1's evidence
     c = x - 1  # x as the replica holder of c, whose evidence goes to the stage c computes on
-    if 0 < c and c not in plan.out and r == plan.pred(c):
+    # (while c is repaired, x's replica gradient replaces c's there)
+    if 0 < c and (c not in plan.out or c in plan.repaired) and r == plan.pred(c):
         return True
     if second and r in second_replicas.jump_targets(x, plan, n):
         return True

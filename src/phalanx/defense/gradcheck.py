@@ -14,7 +14,8 @@ where b's gradient comes from:
 A gradient is also checked against the activation b sent for the same micro-batch: one of
 another shape or dtype is an alert against its sender, and so is evidence that is not a finite
 tensor of that shape (an alert against the replica holder). A gradient that fails its check is
-replaced by the replica's (``mend``; zeros where there is no valid one), so that the stages
+replaced by the replica's (``mend``; a malformed replacement for a repaired c by c's own; zeros
+where there is no valid one), so that the stages
 before b, whose checks compare with replicas that saw the honest gradient, do not raise alerts
 of their own against honest stages: the attempt is discarded anyway. Without recovery
 (``mend=False``) the poison goes on, as the attack made it.
@@ -112,7 +113,9 @@ class GradCheck(ChannelWrapper):
             used = side[c + 1].tensor
             if not self._fits(used, key):
                 self._alert(key, c + 1, plan)
-                return replace(grad, tensor=zeros)
+                # repaired, c still sends its own: what the replicas before b saw, if honest
+                own = c in plan.repaired and self._fits(grad.tensor, key)
+                return replace(grad, tensor=grad.tensor if own else zeros)
             if c + 2 in side and c + 2 not in plan.out:  # c + 1 computed on b's output
                 if not self._compare(side[c + 2].tensor, used, key, c + 1, plan) and self.mend:
                     ev = side[c + 2].tensor

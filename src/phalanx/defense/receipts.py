@@ -82,8 +82,8 @@ class Receipt:
 
 class Book:
     """The receipts one stage keeps: of this attempt, and of the next (frames of a faster
-    stage arrive early), one per (step, attempt, sender, micro-batch) for micro-batches below
-    ``max_micro`` — and, once per attempt, a second of different content for the same key
+    stage arrive early), one per (step, attempt, sender, micro-batch, kind) for micro-batches
+    below ``max_micro`` — and, once per attempt, a second of different content for the same key
     (the sender equivocated to this stage alone: the pair is the proof). Only frames of the
     attempt ``now()`` and the one after it are kept, so a sender cannot crowd out the receipts
     that matter with frames for attempts ahead. What an attempt can hold fits in its report's
@@ -95,7 +95,7 @@ class Book:
         self.max_micro, self.per_micro = max_micro, per_micro
         self.now = now  # the receiving stage's (step, attempt); None before its first
         self.slots = per_micro * max_micro + 2
-        self.kept: dict[tuple[int, int, int, int], tuple[Receipt, tuple]] = {}
+        self.kept: dict[tuple[int, int, int, int, Kind], tuple[Receipt, tuple]] = {}
         self.pairs: dict[tuple[int, int], list[Receipt]] = {}  # (step, attempt): a conflict
 
     def record(self, frame: Frame) -> None:
@@ -103,7 +103,7 @@ class Book:
         if (not frame.signature or not 0 <= frame.micro < self.max_micro
                 or not self._expected(attempt)):
             return  # (a frame for an attempt far ahead is junk: it must not fill the book)
-        key = (*attempt, frame.src, frame.micro)
+        key = (*attempt, frame.src, frame.micro, frame.kind)
         receipt = Receipt(frame.header, frame.digest, frame.signature)
         content = (frame.digest, frame.tensor.dtype, tuple(frame.tensor.shape))
         if key in self.kept:

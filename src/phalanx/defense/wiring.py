@@ -15,8 +15,8 @@ For every stage s of a run with a duplicated block (checked stages are the middl
 - with signed links (the secure transport; the simulator's throwaway keys), a
   :class:`~phalanx.defense.receipts.Receipted` on the links from s - 1 to s - 4 (the output of
   s - 1, the jumps of the others), and on those from s + 1 to s + 3 (the gradients it checks
-  against each other, :mod:`~phalanx.defense.backproof`), whose receipts go in the stage's
-  report.
+  against each other, of the kinds each sends it, :mod:`~phalanx.defense.backproof`), whose
+  receipts go in the stage's report.
 
 :meth:`Duplicate.attach` plugs the stage's report (alerts, the replica's norm), the freezing of
 its weights and replica, and the verdict's plan into the worker; stage 0 runs the coordinator.
