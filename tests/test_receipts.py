@@ -238,8 +238,8 @@ def test_receipts_that_do_not_show_two_senders_disagreeing_now_prove_no_dispute(
 
 
 def test_a_sender_that_signs_two_gradients_of_one_kind_for_a_micro_batch_is_named():
-    """Honest code sends one; the stage uses the last it got, the book keeps the first: the
-    two signatures are the sender's own proof, and an accusation of it stands on them."""
+    """Honest code sends one (the checked link drops a second): the two signatures are the
+    sender's own proof, and an accusation of it stands on them."""
     from phalanx.defense.backproof import backed
     from phalanx.defense.plan import Plan
 

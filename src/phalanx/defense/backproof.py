@@ -24,7 +24,7 @@ Receipts are kept and compared by kind: the check compares g's gradient (a ``GRA
 b + 1, a ``JUMP_GRAD`` from b + 2 through a bypass) with g + 1's ``JUMP_GRAD``, and a stray
 frame of another kind from the same sender (filed, never used) must not stand in for the one
 the check used. Two validly signed receipts of one kind from one sender for one micro-batch of
-the attempt (honest code sends one; the stage uses the last) are that sender's own proof:
+the attempt (honest code sends one; the checked link drops a second) are its own proof:
 it is named, and an accusation against it needs no other.
 """
 

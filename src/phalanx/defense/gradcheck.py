@@ -23,6 +23,8 @@ of their own against honest stages: the attempt is discarded anyway. Without rec
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -34,7 +36,10 @@ from phalanx.defense.compare import Checks
 from phalanx.defense.config import DefenseConfig
 from phalanx.defense.links import Inbox, Key
 from phalanx.defense.plan import Plan
+from phalanx.pipeline.stash import TAGS
 from phalanx.wire import Frame, Kind
+
+log = logging.getLogger(__name__)
 
 SENT = 4096  # activations whose shape is remembered (a few iterations' worth)
 
@@ -45,14 +50,15 @@ class GradCheck(ChannelWrapper):
 
     def __init__(self, inner: Channel, side: dict[int, Inbox], cfg: DefenseConfig,
                  checks: Checks, plan: Callable[[], Plan], num_stages: int,
-                 timeout: float | None, mend: bool = True,
+                 timeout: float | None, tag: Callable[[], int] = lambda: 0, mend: bool = True,
                  feed: Callable[[Key, torch.Tensor], None] | None = None) -> None:
         super().__init__(inner)
         self.mend, self.feed = mend, feed  # feed: b's shadow, while b is bypassed
         self.b, self.c, self.n = inner.me, inner.me + 1, num_stages
         self.side, self.cfg, self.checks, self.plan = side, cfg, checks, plan
-        self.timeout = timeout
+        self.timeout, self.tag = timeout, tag
         self.sent: dict[Key, tuple[torch.Size, torch.dtype]] = {}
+        self.checked: set[tuple[int, int, int]] = set()  # (step, micro, attempt) let through
         self._waiting: Frame | None = None
 
     def send(self, frame: Frame) -> None:
@@ -71,22 +77,48 @@ class GradCheck(ChannelWrapper):
             return []
         return [c + 1, c + 2] if c in plan.bypassed and c + 1 < self.n - 1 else [c + 1]
 
+    def _checks(self, frame: Frame) -> bool:
+        """Whether ``frame`` is a gradient for an activation b sent (any other is the
+        worker's to refuse)."""
+        return frame.kind is Kind.GRADIENT and (frame.step, frame.micro) in self.sent
+
+    def _stray(self, frame: Frame) -> bool:
+        """A gradient of another attempt than this one (honest c answers this attempt's
+        activation only), or a second one for a micro-batch already let through: dropped,
+        never used unchecked (two signed ones of one content are the sender's proof)."""
+        mark = (frame.step, frame.micro, frame.flags % TAGS)
+        if mark[2] != self.tag() or mark in self.checked:
+            log.warning("stage %d dropped a second or stray gradient of step %d, micro-batch "
+                        "%d, attempt %d from stage %d", self.b, *mark, frame.src)
+            return True
+        if len(self.checked) >= SENT:
+            self.checked = {m for m in self.checked if m[0] >= frame.step}
+        self.checked.add(mark)
+        return False
+
     def recv(self, timeout: float | None = None) -> Frame:
-        frame = self._waiting or self.inner.recv(timeout)
-        self._waiting = None
-        if frame.kind is not Kind.GRADIENT or (frame.step, frame.micro) not in self.sent:
-            return frame  # (a gradient for nothing b sent: the worker refuses it)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        frame, self._waiting = self._waiting, None  # (poll let a waiting one through already)
+        while frame is None:
+            frame = self.inner.recv(
+                None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if not self._checks(frame):
+                return frame  # (a gradient for nothing b sent: the worker refuses it)
+            if self._stray(frame):
+                frame = None
+        if not self._checks(frame):
+            return frame
         key, plan = (frame.step, frame.micro), self.plan()
         side = {k: self.side[k].take(key, timeout) for k in self.sources(plan)}
         return self._check(frame, side, plan)
 
     def poll(self) -> Frame | None:
-        if self._waiting is None:
+        while self._waiting is None:
             frame = self.inner.poll()
-            if (frame is None or frame.kind is not Kind.GRADIENT
-                    or (frame.step, frame.micro) not in self.sent):
+            if frame is None or not self._checks(frame):
                 return frame
-            self._waiting = frame
+            if not self._stray(frame):
+                self._waiting = frame
         key, plan = (self._waiting.step, self._waiting.micro), self.plan()
         srcs = self.sources(plan)
         if any(self.side[k].ready(key, keep=True) is None for k in srcs):

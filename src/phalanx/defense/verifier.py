@@ -176,8 +176,8 @@ class Verifier:
 
 class Guard(ChannelWrapper):
     """Stage v's link from stage s: an activation that is not shaped like its true input (or
-    not of the run's dtype) is replaced by zeros of the true input's shape and raises an alert
-    against s, unless the plan leaves s out (its messages are not used anyway)."""
+    not of the run's dtype, or not finite) is replaced by zeros of the true input's shape and
+    raises an alert against s, unless the plan leaves s out (its messages are not used)."""
 
     def __init__(self, inner: Channel, verifier: Verifier) -> None:
         super().__init__(inner)
@@ -185,15 +185,16 @@ class Guard(ChannelWrapper):
         self._waiting: Frame | None = None
 
     def _checked(self, frame: Frame, true: torch.Tensor | None) -> Frame:
-        """``frame``, or zeros in its place: shaped like the true input where that comes from
-        the trusted stage 0 or where s is out of the path, or like the labels at the last
-        stage (elsewhere a true input of another size may be the lie, and the verifier sorts
-        it out)."""
+        """``frame``, or zeros in its place (a claim that is not a finite hidden state, or not
+        of its true input's size where that settles it): shaped like the true input where
+        that comes from the trusted stage 0 or where s is out of the path, or like the labels
+        at the last stage (elsewhere a true input of another size may be the lie, and the
+        verifier sorts it out)."""
         vf = self.verifier
         t = frame.tensor
         rows = vf.rows(frame.micro)  # at the last stage: the labels' shape
         alone = (t.dim() == 3 and t.shape[-1] == vf.hidden and t.dtype == vf.dtype
-                 and rows in (None, tuple(t.shape[:2])))
+                 and rows in (None, tuple(t.shape[:2])) and bool(torch.isfinite(t).all()))
         # the true input's shape decides where it comes from the trusted stage 0, or where the
         # plan leaves s out (what s sends is not used; its shape must not be either)
         trusted = true is not None and (vf.source(vf.plan())[0] == 0

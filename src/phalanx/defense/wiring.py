@@ -158,7 +158,7 @@ class Duplicate:
                     side[s + 1] = Inbox(out[s + 1], Kind.JUMP_GRAD, tag)
                 out.update({k: v for k, v in side.items() if k != s + 1})
                 gradcheck = GradCheck(side.get(s + 1, out[s + 1]), side, self.cfg, checks,
-                                      plan, n, self.timeout,
+                                      plan, n, self.timeout, tag,
                                       mend=self.coordinator.recovery.mends)
                 out[s + 1] = gradcheck
         if s - 1 in mid:  # s verifies s - 1
