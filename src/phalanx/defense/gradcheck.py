@@ -85,7 +85,7 @@ class GradCheck(ChannelWrapper):
     def _stray(self, frame: Frame) -> bool:
         """A gradient of another attempt than this one (honest c answers this attempt's
         activation only), or a second one for a micro-batch already let through: dropped,
-        never used unchecked (two signed ones of one content are the sender's proof)."""
+        never used unchecked (two signed ones of different contents prove equivocation)."""
         mark = (frame.step, frame.micro, frame.flags % TAGS)
         if mark[2] != self.tag() or mark in self.checked:
             log.warning("stage %d dropped a second or stray gradient of step %d, micro-batch "
