@@ -73,10 +73,7 @@ def test_an_evidence_sender_that_signs_the_honest_evidence_first_is_still_named(
         monkeypatch, six_layers):
     """The same with the evidence: stage 3 (replica of 2) sends stage 1 malformed evidence,
     after its honest bytes as a stray GRADIENT; 1's alert against 3 names 1."""
-    six = [f'model.name="{six_layers}"', "pipeline.stages=6"]
-    pipe = _hostile(monkeypatch, 3, _decoy_then_empty_evidence, six)
-    runs = attempts(pipe.runtime, pipe.attack, 0, BATCH, max_retries=3)
-    blamed = [Decision.decode(r.verdict.payload, 6).blamed for r, _ in runs]
+    blamed = _blamed_six(monkeypatch, six_layers, 3, _decoy_then_empty_evidence)
     assert blamed[0] == {3} and all(b <= {3} for b in blamed), blamed
 
 
@@ -102,19 +99,12 @@ def test_control_without_the_decoy_the_poisoner_is_named(monkeypatch):
 
 
 def test_control_without_the_decoy_the_evidence_sender_is_named(monkeypatch, six_layers):
-    six = [f'model.name="{six_layers}"', "pipeline.stages=6"]
-    pipe = _hostile(monkeypatch, 3, _empty_evidence_only, six)
-    runs = attempts(pipe.runtime, pipe.attack, 0, BATCH, max_retries=3)
-    assert Decision.decode(runs[0][0].verdict.payload, 6).blamed == {3}
+    assert _blamed_six(monkeypatch, six_layers, 3, _empty_evidence_only)[0] == {3}
 
 
-def test_under_repair_an_honest_checker_that_flags_a_malformed_replacement_gradient_is_not_named(
-        monkeypatch, six_layers):
-    """A second gap (``Coordinator.designated``, not the receipts): while stage 2 is repaired,
-    stage 1 takes the replica's gradient from stage 3 and alerts against 3 when it is
-    malformed (``GradCheck._check``), but no role in ``designated`` covers that accusation, so
-    the honest checker 1 is named. Stage 3 first gets 2 repaired by framing it forward (the
-    documented frame_predecessor limit), then sends an empty replacement gradient."""
+def _frame_then_replace(change):  # noqa: ANN001, ANN202
+    """Stage 3 of six frames 2 forward in the first attempt (the documented frame_predecessor
+    limit: 2 is named and repaired), then sends stage 1 ``change``d replacement gradients."""
     def fn(link, f):  # noqa: ANN001
         tag = f.flags % 128
         if f.kind is Kind.NORM and tag == 0:
@@ -122,13 +112,27 @@ def test_under_repair_an_honest_checker_that_flags_a_malformed_replacement_gradi
             t[1 + 6 + 2] = 2.0  # two alerts against stage 2 (its forward check)
             f = replace(f, tensor=t)
         if f.kind is Kind.JUMP_GRAD and link.peer == 1 and tag == 1:  # 2 repaired
-            f = replace(f, tensor=f.tensor[:0].clone())
+            f = replace(f, tensor=change(f.tensor))
         link.inner.send(f)
+    return fn
 
-    six = [f'model.name="{six_layers}"', "pipeline.stages=6"]
-    pipe = _hostile(monkeypatch, 3, fn, six)
+
+def _blamed_six(monkeypatch, six_layers, attacker: int, fn, extra=()):  # noqa: ANN001, ANN202
+    six = [f'model.name="{six_layers}"', "pipeline.stages=6", *extra]
+    pipe = _hostile(monkeypatch, attacker, fn, six)
     runs = attempts(pipe.runtime, pipe.attack, 0, BATCH, max_retries=3)
-    blamed = [Decision.decode(r.verdict.payload, 6).blamed for r, _ in runs]
+    return [Decision.decode(r.verdict.payload, 6).blamed for r, _ in runs]
+
+
+def test_under_repair_an_honest_checker_that_flags_a_malformed_replacement_gradient_is_not_named(
+        monkeypatch, six_layers):
+    """A gap in ``Coordinator.designated`` (fixed): while stage 2 is repaired, stage 1 takes
+    the replica's gradient from stage 3 and alerts against 3 when it is malformed
+    (``GradCheck._check``); no role covered that accusation, so the honest checker 1 was
+    named. It is designated now, and the malformed replacement is mended with 2's own
+    gradient, so that stage 0's check of 1 agrees."""
+    blamed = _blamed_six(monkeypatch, six_layers, 3,
+                         _frame_then_replace(lambda g: g[:0].clone()))
     assert blamed[0] == {2}  # (the documented limit of one replica)
     assert 1 not in blamed[1], blamed
 
@@ -171,10 +175,8 @@ def test_an_output_a_position_short_sent_alike_to_both_receivers_names_only_its_
     (``Verifier.before`` returns it) and sends stage 1 empty evidence; stage 1's backed alert
     against 3 (the empty evidence differs from 2's gradient) and the last stage's checks
     against the labels' shape name the honest stages 3 and 4 in every attempt."""
-    six = [f'model.name="{six_layers}"', "pipeline.stages=6", 'defense.recovery="skip"']
-    pipe = _hostile(monkeypatch, 2, _consistent(lambda t: t[:, 1:].clone()), six)
-    runs = attempts(pipe.runtime, pipe.attack, 0, BATCH, max_retries=3)
-    blamed = [Decision.decode(r.verdict.payload, 6).blamed for r, _ in runs]
+    blamed = _blamed_six(monkeypatch, six_layers, 2, _consistent(lambda t: t[:, 1:].clone()),
+                         ['defense.recovery="skip"'])
     assert blamed[0] == {2} and all(b <= {2} for b in blamed), blamed
 
 
@@ -187,20 +189,7 @@ def test_under_repair_a_poisoned_well_formed_replacement_gradient_names_no_hones
     checks only its form (``GradCheck._check``, c repaired); 3 sends it sign-flipped. 1's
     gradient then differs from 2's evidence (2's replica of 1 learns from 2's own, honest,
     input gradient): stage 0 names the honest stage 1, which no role of 3 covers."""
-    def fn(link, f):  # noqa: ANN001
-        tag = f.flags % 128
-        if f.kind is Kind.NORM and tag == 0:
-            t = f.tensor.clone()
-            t[1 + 6 + 2] = 2.0  # two alerts against stage 2 (its forward check)
-            f = replace(f, tensor=t)
-        if f.kind is Kind.JUMP_GRAD and link.peer == 1 and tag == 1:  # 2 repaired
-            f = replace(f, tensor=-f.tensor)
-        link.inner.send(f)
-
-    six = [f'model.name="{six_layers}"', "pipeline.stages=6"]
-    pipe = _hostile(monkeypatch, 3, fn, six)
-    runs = attempts(pipe.runtime, pipe.attack, 0, BATCH, max_retries=3)
-    blamed = [Decision.decode(r.verdict.payload, 6).blamed for r, _ in runs]
+    blamed = _blamed_six(monkeypatch, six_layers, 3, _frame_then_replace(lambda g: -g))
     assert blamed[0] == {2}  # (the documented limit of one replica)
     assert all(1 not in b for b in blamed), blamed
 
