@@ -203,7 +203,7 @@ def test_an_option_another_experiment_reads_is_refused_not_ignored(tmp_path, cap
 
 def test_a_session_frees_each_run_before_the_next(tmp_path, monkeypatch):
     """A run's stages, optimizers and hooks refer to each other: without a collection after
-    each run a session held every earlier run's tensors (3 GB a SmolLM2 run, OOM by run 56).
+    each run a session held every earlier run's tensors (3 GB a SmolLM2 run, OOM after 58 runs).
     The collector's own pace is taken out of the picture (disabled for the test)."""
     import gc
     import weakref

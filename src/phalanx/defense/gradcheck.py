@@ -15,9 +15,9 @@ A gradient is also checked against the activation b sent for the same micro-batc
 another shape or dtype is an alert against its sender, and so is evidence that is not a finite
 tensor of that shape (an alert against the replica holder). A gradient that fails its check is
 replaced by the replica's (``mend``; a malformed replacement for a repaired c by c's own; zeros
-where there is no valid one), so that the stages
-before b, whose checks compare with replicas that saw the honest gradient, do not raise alerts
-of their own against honest stages: the attempt is discarded anyway. Without recovery
+where there is no valid one), so that the stages before b, whose checks compare with replicas
+that saw the honest gradient, do not raise alerts of their own against honest stages: the
+attempt is discarded anyway. Without recovery
 (``mend=False``) the poison goes on, as the attack made it.
 """
 
@@ -77,7 +77,7 @@ class GradCheck(ChannelWrapper):
             return []
         return [c + 1, c + 2] if c in plan.bypassed and c + 1 < self.n - 1 else [c + 1]
 
-    def _checks(self, frame: Frame) -> bool:
+    def _ours(self, frame: Frame) -> bool:
         """Whether ``frame`` is a gradient for an activation b sent (any other is the
         worker's to refuse)."""
         return frame.kind is Kind.GRADIENT and (frame.step, frame.micro) in self.sent
@@ -102,12 +102,10 @@ class GradCheck(ChannelWrapper):
         while frame is None:
             frame = self.inner.recv(
                 None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if not self._checks(frame):
+            if not self._ours(frame):
                 return frame  # (a gradient for nothing b sent: the worker refuses it)
             if self._stray(frame):
                 frame = None
-        if not self._checks(frame):
-            return frame
         key, plan = (frame.step, frame.micro), self.plan()
         side = {k: self.side[k].take(key, timeout) for k in self.sources(plan)}
         return self._check(frame, side, plan)
@@ -115,7 +113,7 @@ class GradCheck(ChannelWrapper):
     def poll(self) -> Frame | None:
         while self._waiting is None:
             frame = self.inner.poll()
-            if frame is None or not self._checks(frame):
+            if frame is None or not self._ours(frame):
                 return frame
             if not self._stray(frame):
                 self._waiting = frame

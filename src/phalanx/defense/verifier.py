@@ -193,8 +193,7 @@ class Guard(ChannelWrapper):
         vf = self.verifier
         t = frame.tensor
         rows = vf.rows(frame.micro)  # at the last stage: the labels' shape
-        alone = (t.dim() == 3 and t.shape[-1] == vf.hidden and t.dtype == vf.dtype
-                 and rows in (None, tuple(t.shape[:2])) and bool(torch.isfinite(t).all()))
+        alone = well_formed(t, vf.hidden, vf.dtype) and rows in (None, tuple(t.shape[:2]))
         # the true input's shape decides where it comes from the trusted stage 0, or where the
         # plan leaves s out (what s sends is not used; its shape must not be either)
         trusted = true is not None and (vf.source(vf.plan())[0] == 0

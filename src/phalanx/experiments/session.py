@@ -115,7 +115,7 @@ def _run_all(runs: list[SessionRun], models: ModelCache,
         finally:
             trainer.close()
             # stages, optimizers and hooks refer to each other: left to the collector's own
-            # pace, the process grew by about 3 GB of SmolLM2 tensors a run (OOM by run 56)
+            # pace, the process grew by about 3 GB of SmolLM2 tensors a run (OOM after 58)
             del trainer
             gc.collect()
         if driver and summary is not None:
