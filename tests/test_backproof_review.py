@@ -166,8 +166,6 @@ def test_a_nan_in_an_output_sent_alike_to_both_receivers_names_only_its_sender(m
     assert blamed[0] == {1} and all(b <= {1} for b in blamed), blamed
 
 
-@pytest.mark.xfail(strict=True, reason="open: a middle stage's true input of another length "
-                   "than its claim cannot say which is wrong; the cascade names 3 and 4")
 def test_an_output_a_position_short_sent_alike_to_both_receivers_names_only_its_sender(
         monkeypatch, six_layers):
     """The ``short`` tactic without the equivocation: stage 2 of six sends its activation and

@@ -279,3 +279,35 @@ def test_a_jump_grad_comes_from_the_three_stages_after_the_reporter_only():
 def replace_signature(frame: Frame) -> Frame:
     frame.signature = bytes(len(frame.signature))
     return frame
+
+
+# ---- a signed output of another shape than the micro-batch's is its sender's own proof ----
+
+WANT = lambda m: ((2, 3, 4), torch.float32) if m == 0 else None  # noqa: E731
+
+
+@pytest.mark.parametrize("bad", [X[:, 1:], X.double(), X.reshape(2, 4, 3)],
+                         ids=["short", "float64", "reshaped"])
+def test_a_signed_output_not_shaped_like_the_micro_batch_names_its_signer(bad):
+    """Stage 2 sends its output a position short (or of another dtype, or shape) alike to its
+    successor and over the jump: no two contents, but its own signed header is the proof."""
+    slots = {3: _report(_signed(Kind.ACTIVATION, 2, 3, bad)),
+             4: _report(_signed(Kind.JUMP, 2, 4, bad))}
+    found = equivocators(slots, 0, 0, NOTARY, WANT)
+    assert found.malformed == {2} and not found.forgers and not found.equivocators
+    assert not equivocators(slots, 0, 0, NOTARY).malformed  # (the shape is what proves it)
+
+
+def test_a_well_shaped_output_or_one_outside_the_schedule_proves_nothing():
+    slots = {3: _report(_signed(Kind.ACTIVATION, 2, 3, X)),
+             4: _report(_signed(Kind.JUMP, 2, 4, X[:, 1:], micro=1))}
+    assert equivocators(slots, 0, 0, NOTARY, WANT) == equivocators({}, 0, 0, NOTARY)
+
+
+def test_a_malformed_receipt_nobody_signed_names_its_reporter_not_the_sender():
+    """Stage 3 makes up a short header for what stage 2 sent it, to have 2 named."""
+    honest = _signed(Kind.ACTIVATION, 2, 3, X)
+    fake = Frame(kind=Kind.ACTIVATION, step=0, micro=0, src=2, dst=3, tensor=X[:, 1:])
+    forged = Receipt(encode_header(fake, X[:, 1:].numel() * 4), honest.digest, honest.signature)
+    found = equivocators({3: pack([forged], 2)}, 0, 0, NOTARY, WANT)
+    assert found.forgers == {3} and not found.malformed

@@ -26,7 +26,11 @@ squared gradient norm. Everything a middle stage reports is the attacker's to ch
   than it was given) and, through the gradients and evidence mended from them, the checks
   before it. Only self-evident lies (reports and norms that are not numbers) are named beside
   it; the attempt is discarded, and its redo, without it, is judged in full. A receipt no key
-  signed, or one its reporter cannot have received, names its reporter.
+  signed, or one its reporter cannot have received, names its reporter. A validly signed
+  output of another shape or dtype than the micro-batch's (which stage 0 knows) names its
+  signer too, and its accusations in that attempt count for nothing: an honest stage sends
+  every output in that shape, and its receivers could neither check it nor answer for it
+  (the replica holder that got it sends empty evidence).
 - With signed links, a backward accusation (a stage against the gradient it checks, or its
   evidence) counts only with the proof that the two signed messages disagreed
   (:mod:`phalanx.defense.backproof`); without it, it names the accuser.
@@ -53,7 +57,7 @@ from phalanx.defense import second as second_replicas
 from phalanx.defense.compare import Checks
 from phalanx.defense.config import DefenseConfig
 from phalanx.defense.plan import Decision, Plan
-from phalanx.defense.receipts import WORDS, Findings, Notary, equivocators
+from phalanx.defense.receipts import WORDS, Expected, Findings, Notary, equivocators
 from phalanx.defense.recovery import Repair, Skip, strategy
 from phalanx.pipeline.verdict import Oversight, Verdict
 
@@ -102,6 +106,7 @@ class Coordinator:
         self.notary: Notary | None = None  # with signed links: what checks receipts
         self.receipt_slots = 0  # receipts per report
         self.back_slots = 0  # and receipts of gradients
+        self.expected: Expected = lambda m: None  # the outputs' shape, from the data owner
         self.checks = Checks(cfg.tolerances(num_stages))  # the norm cross-checks' tally
         self.reputation = [1.0] * num_stages  # EMA of "not blamed" per attempt
         self.blame_count = [0] * num_stages
@@ -120,7 +125,7 @@ class Coordinator:
         named |= (seen.invalid & middle) - plan.out  # (out of the path, its norm is not used)
         alerts, replica_norm = seen.reports[:, :n], seen.reports[:, n]
         proof, disputes = self.receipts(seen), self.disputes(seen)
-        named |= ((proof.equivocators | proof.forgers) & middle) - plan.out
+        named |= ((proof.equivocators | proof.forgers | proof.malformed) & middle) - plan.out
         named |= {r for r, d in disputes.items() if d.forged} & middle - plan.out
         judged = not proof.equivocators - plan.out  # else every check was fed by a liar
         for r in range(n):
@@ -129,6 +134,8 @@ class Coordinator:
                 named |= ({r} & middle) - plan.out
                 continue
             self.alerts_seen += int(row.sum())
+            if r in proof.malformed:  # its own signature shows it lied: its word counts for
+                continue  # nothing (its receivers could not check it, nor answer it)
             for x in torch.nonzero(row > 0).reshape(-1).tolist() if judged else ():
                 if not designated(r, x, plan, n, self.cfg.second == "replica"):
                     named |= ({r} & middle) - plan.out
@@ -154,7 +161,7 @@ class Coordinator:
         start = self.n + 1
         words = seen.reports[:, start:start + self.receipt_slots * WORDS]
         return equivocators({r: words[r] for r in range(self.n)}, seen.step, seen.tag,
-                            self.notary)
+                            self.notary, self.expected)
 
     def disputes(self, seen: Oversight) -> dict[int, backproof.Disputes]:
         """What each middle stage's gradient receipts prove (none without signed links)."""

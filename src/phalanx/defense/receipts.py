@@ -194,10 +194,17 @@ class Notary:
 @dataclass(frozen=True)
 class Findings:
     """What one attempt's receipts prove: the stages that signed two contents for one message,
-    and the stages that reported a receipt nobody signed."""
+    the stages that reported a receipt nobody signed, and the stages that signed an output of
+    another shape or dtype than the micro-batch's (:data:`Expected`)."""
 
     equivocators: frozenset[int] = frozenset()
     forgers: frozenset[int] = frozenset()
+    malformed: frozenset[int] = frozenset()
+
+
+Expected = Callable[[int], tuple[tuple[int, ...], torch.dtype] | None]
+"""The (shape, dtype) every stage's output of micro-batch m has in this attempt (the data
+owner's (batch, seq), the model's width and the run's dtype); ``None`` outside the schedule."""
 
 
 def _parsed(r: Receipt, reporter: int) -> Header | None:
@@ -212,11 +219,15 @@ def _parsed(r: Receipt, reporter: int) -> Header | None:
     return h
 
 
-def equivocators(slots: dict[int, torch.Tensor], step: int, tag: int, notary: Notary
-                 ) -> Findings:
+def equivocators(slots: dict[int, torch.Tensor], step: int, tag: int, notary: Notary,
+                 expected: Expected = lambda m: None) -> Findings:
     """Judge the receipts each stage reported (its report's receipt words) for attempt ``tag``
-    of ``step``, by the rules of the module docstring."""
+    of ``step``, by the rules of the module docstring; a validly signed output whose header
+    is not ``expected`` names its signer (honest stages send every output in the micro-batch's
+    shape: their receivers' checks replace what is not), one whose signature fails its
+    reporter."""
     forgers: set[int] = set()
+    malformed: set[int] = set()
     groups: dict[tuple[int, int], dict[tuple, list[tuple[int, Receipt]]]] = {}
     for reporter, words in slots.items():
         try:
@@ -233,6 +244,12 @@ def equivocators(slots: dict[int, torch.Tensor], step: int, tag: int, notary: No
                 continue
             if h.step != step or h.flags % TAGS != tag:
                 continue  # of another attempt: proves nothing about this one
+            want = expected(h.micro)
+            if want is not None and (h.shape, h.dtype) != want:
+                if notary.signed(r, h.src):
+                    malformed.add(h.src)
+                else:
+                    forgers.add(reporter)
             content = (r.digest, h.dtype, h.shape)
             groups.setdefault((h.src, h.micro), {}).setdefault(content, []).append((reporter, r))
     liars: set[int] = set()
@@ -246,4 +263,4 @@ def equivocators(slots: dict[int, torch.Tensor], step: int, tag: int, notary: No
             valid += any(good)
         if valid >= 2:
             liars.add(src)
-    return Findings(frozenset(liars), frozenset(forgers))
+    return Findings(frozenset(liars), frozenset(forgers), frozenset(malformed))

@@ -68,7 +68,10 @@ class Verifier:
         self.dtype = next(stage.parameters()).dtype
         self.position: Callable[[], Key] = lambda: (0, 0)  # the worker's, once attached
         self.window: Callable[[], tuple[int, int]] = lambda: (0, 0)  # (step, micro-batches)
-        self.rows: Callable[[int], tuple[int, ...] | None] = lambda m: None  # labels' shape
+        # (batch, seq) of a micro-batch: the labels' at the last stage, stage 0's announcement
+        # at the others that have one (:mod:`phalanx.defense.shapes`); and whether it is here
+        self.rows: Callable[[int], tuple[int, ...] | None] = lambda m: None
+        self.ready: Callable[[int], bool] = lambda m: True
         self._pending: dict[Key, torch.Tensor] = {}  # shadow outputs waiting for a gradient
         self.replaced: set[Key] = set()  # malformed claims the guard replaced
         self.second: SecondReplica | None = None  # the second replica of s - 1, if held
@@ -192,7 +195,7 @@ class Guard(ChannelWrapper):
         verifier sorts it out)."""
         vf = self.verifier
         t = frame.tensor
-        rows = vf.rows(frame.micro)  # at the last stage: the labels' shape
+        rows = vf.rows(frame.micro)  # the labels', or stage 0's announcement
         alone = well_formed(t, vf.hidden, vf.dtype) and rows in (None, tuple(t.shape[:2]))
         # the true input's shape decides where it comes from the trusted stage 0, or where the
         # plan leaves s out (what s sends is not used; its shape must not be either)
@@ -231,7 +234,8 @@ class Guard(ChannelWrapper):
             return frame
         vf = self.verifier
         _, inbox = vf.source(vf.plan())
-        if inbox.ready((frame.step, frame.micro), keep=True) is None:
-            self._waiting = frame  # the simulator: wait for the true input
+        if (inbox.ready((frame.step, frame.micro), keep=True) is None
+                or not vf.ready(frame.micro)):
+            self._waiting = frame  # the simulator: wait for the true input and the shape
             return None
         return self._checked(frame, vf.true_input((frame.step, frame.micro), keep=True))

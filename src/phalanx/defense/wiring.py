@@ -36,6 +36,7 @@ from phalanx.defense.links import Inbox, Outbound
 from phalanx.defense.plan import Decision, Plan
 from phalanx.defense.receipts import WORDS, Book, Notary, Receipted, output_of, pack
 from phalanx.defense.replica import SECOND, checked, replicated, shadow_params, squared_norm
+from phalanx.defense.shapes import Announce, Shapes, announced_to
 from phalanx.defense.tolerance import CHECKS
 from phalanx.defense.verifier import Guard, Verifier, well_formed
 from phalanx.errors import PhalanxError
@@ -62,6 +63,14 @@ def hidden_size(stage: StageModule) -> int:
     return int(getattr(conf, "hidden_size", None) or conf.n_embd)
 
 
+def expected_output(worker: StageWorker, m: int) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """The (shape, dtype) of every stage's output of micro-batch ``m`` of stage 0's attempt:
+    its token ids' (batch, seq), the model's width, the run's dtype."""
+    if not 0 <= m < len(worker.inputs):
+        return None
+    return ((*worker.inputs[m].shape, hidden_size(worker.stage)), worker.dtype)
+
+
 class Duplicate:
     """The duplicated block, jumping connection and coordinator for the stages of a process."""
 
@@ -80,6 +89,7 @@ class Duplicate:
         self.decision = Decision()  # the last verdict's
         self.workers: dict[int, StageWorker] = {}  # the stages of this process, once attached
         self.inboxes: dict[int, list[Inbox]] = {}  # each stage's side inboxes
+        self.shapes: dict[int, Shapes] = {}  # the data owner's shapes, where announced
         self.coordinator = Coordinator(cfg, num_stages)
 
     def notarize(self, notary: Notary) -> None:
@@ -182,6 +192,12 @@ class Duplicate:
                 verifier.forwards = lambda p, s=s: second.forwards(s, p, n)
             if gradcheck is not None:
                 gradcheck.feed = verifier.learn
+        if s == 0 and announced_to(n):
+            out[1] = Announce(out[1], {v: channels[v] for v in announced_to(n)}, tag)
+        if s in announced_to(n):
+            out[0] = Inbox(out[0], Kind.SHAPE, tag)
+            self.shapes[s] = Shapes(out[0], lambda: self.workers[s].step, self.timeout)
+            self.verifiers[s].ready = self.shapes[s].ready
         self.inboxes[s] = _inboxes(out)
         return out
 
@@ -221,11 +237,12 @@ class Duplicate:
             vf = self.verifiers[me]
             vf.position = lambda: worker.current
             vf.window = lambda: (worker.step, worker.micro)
-            vf.rows = worker.rows
+            vf.rows = self.shapes[me].rows if me in self.shapes else worker.rows
         for inbox in self.inboxes.get(me, []):
             inbox.refuse = worker._reject
         if me == 0:
             worker.coordinator = self.coordinator
+            self.coordinator.expected = lambda m: expected_output(worker, m)
 
     def _adopt(self, stage: int, verdict: Verdict) -> None:
         """The attempt is over for ``stage``: take the plan of the next one."""

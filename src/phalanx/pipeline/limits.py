@@ -23,5 +23,6 @@ def run_limits(*, micro_rows: int, seq_len: int, hidden: int, itemsize: int,
         Kind.NORM: max(CONTROL_BYTES, norm_bytes), Kind.NORM_TOTAL: CONTROL_BYTES,
         Kind.REPORT: CONTROL_BYTES,
         Kind.CONTROL: CONTROL_BYTES, Kind.VERDICT: CONTROL_BYTES, Kind.ATTEST: CONTROL_BYTES,
+        Kind.SHAPE: CONTROL_BYTES,
     }
     return Limits(per_kind={k: v + overhead if v else v for k, v in per_kind.items()})

@@ -46,6 +46,7 @@ class Kind(IntEnum):
     JUMP = 11  # stage i -> i+2, jumping connection: a copy of stage i's output
     JUMP_GRAD = 12  # stage i+1 -> i-1: its replica's gradient w.r.t. stage i's input
     ATTEST = 13  # split: a client stage <-> the server's enclave, the attestation handshake
+    SHAPE = 14  # stage 0 -> a middle stage that checks: (batch, seq) of a micro-batch
 
 
 DTYPE_CODES: dict[int, torch.dtype] = {
