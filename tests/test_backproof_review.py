@@ -117,10 +117,16 @@ def _frame_then_replace(change):  # noqa: ANN001, ANN202
     return fn
 
 
-def _blamed_six(monkeypatch, six_layers, attacker: int, fn, extra=()):  # noqa: ANN001, ANN202
+def _six(monkeypatch, six_layers, attacker: int, fn, extra=()):  # noqa: ANN001, ANN202
+    """The pipeline of six stages with ``attacker`` rewriting its frames with ``fn``, and the
+    attempts of its first iteration."""
     six = [f'model.name="{six_layers}"', "pipeline.stages=6", *extra]
     pipe = _hostile(monkeypatch, attacker, fn, six)
-    runs = attempts(pipe.runtime, pipe.attack, 0, BATCH, max_retries=3)
+    return pipe, attempts(pipe.runtime, pipe.attack, 0, BATCH, max_retries=3)
+
+
+def _blamed_six(monkeypatch, six_layers, attacker: int, fn, extra=()):  # noqa: ANN001, ANN202
+    _, runs = _six(monkeypatch, six_layers, attacker, fn, extra)
     return [Decision.decode(r.verdict.payload, 6).blamed for r, _ in runs]
 
 
@@ -178,18 +184,37 @@ def test_an_output_a_position_short_sent_alike_to_both_receivers_names_only_its_
     assert blamed[0] == {2} and all(b <= {2} for b in blamed), blamed
 
 
-@pytest.mark.xfail(strict=True, reason="open: after frame_predecessor, the framer's "
-                   "replacement gradient is unchecked under repair (README, not covered)")
 def test_under_repair_a_poisoned_well_formed_replacement_gradient_names_no_honest_stage(
         monkeypatch, six_layers):
     """The attacker at 3 frames 2 forward (the documented frame_predecessor limit: 2 is
     named and repaired). In the redo stage 1 takes 3's replica gradient in place of 2's and
     checks only its form (``GradCheck._check``, c repaired); 3 sends it sign-flipped. 1's
     gradient then differs from 2's evidence (2's replica of 1 learns from 2's own, honest,
-    input gradient): stage 0 names the honest stage 1, which no role of 3 covers."""
-    blamed = _blamed_six(monkeypatch, six_layers, 3, _frame_then_replace(lambda g: -g))
+    input gradient): stage 0 named the honest stage 1, which no role of 3 covers. Now 1's
+    receipts show 2's gradient and 3's replacement differ: the dispute names nobody, and the
+    stages whose gradients it fed (0 and 1, and their replicas at 1 and 2) keep their weights,
+    so the flipped gradient trains nothing."""
+    pipe, runs = _six(monkeypatch, six_layers, 3, _frame_then_replace(lambda g: -g))
+    blamed = [Decision.decode(r.verdict.payload, 6).blamed for r, _ in runs]
     assert blamed[0] == {2}  # (the documented limit of one replica)
     assert all(1 not in b for b in blamed), blamed
+    last = runs[-1][0].verdict
+    assert not last.discard and {0, 1} <= last.frozen
+    assert {1, 2} <= Decision.decode(last.payload, 6).replicas
+
+
+def test_a_repair_in_dispute_trains_none_of_the_stages_it_fed(monkeypatch, six_layers):
+    """The same attack: the weights of stages 0 and 1 after the iteration are theirs before
+    it (the flipped gradient reached them), while the stages after the repaired one step."""
+    six = [f'model.name="{six_layers}"', "pipeline.stages=6"]
+    pipe = _hostile(monkeypatch, 3, _frame_then_replace(lambda g: -g), six)
+    before = _weights(pipe)
+    attempts(pipe.runtime, pipe.attack, 0, BATCH, max_retries=3)
+    after = _weights(pipe)
+    for (stage, name), w in before.items():
+        same = bool((after[(stage, name)] == w).all())
+        tied = (stage, name) == (5, "head.weight")  # stage 0's embedding, tied
+        assert same == (stage <= 1 or tied), (stage, name)
 
 
 @pytest.mark.parametrize("which", ["copy", "next_attempt"])

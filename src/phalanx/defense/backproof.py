@@ -128,3 +128,17 @@ def backed(r: int, x: int, plan: Plan, found: Mapping[int, Disputes]) -> bool:
     d = found[r]
     return bool({g, e} & d.equivocators) or frozenset(
         ((g, used_kind(r, g)), (e, Kind.JUMP_GRAD))) in d.pairs
+
+
+def disputed_repairs(plan: Plan, found: Mapping[int, Disputes]) -> frozenset[int]:
+    """The stages whose gradients come from a repair in dispute: for each repaired stage c,
+    where the report of the stage b = c - 1 before it (which takes c + 1's replica gradient in
+    place of c's) holds c's gradient and c + 1's, validly signed and different, stages 0 to b
+    (the replacement, or the evidence c sent against b, is false, and one replica cannot tell
+    which)."""
+    front: set[int] = set()
+    for c in plan.repaired:
+        d = found.get(c - 1)
+        if d is not None and frozenset(((c, Kind.GRADIENT), (c + 1, Kind.JUMP_GRAD))) in d.pairs:
+            front |= set(range(c))
+    return frozenset(front)

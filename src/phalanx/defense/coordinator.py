@@ -34,6 +34,11 @@ squared gradient norm. Everything a middle stage reports is the attacker's to ch
 - With signed links, a backward accusation (a stage against the gradient it checks, or its
   evidence) counts only with the proof that the two signed messages disagreed
   (:mod:`phalanx.defense.backproof`); without it, it names the accuser.
+- Under repair, the stage b before a repaired stage c takes c + 1's replica gradient in place
+  of c's. Where b's receipts show the two differ, c or c + 1 lied and nothing here tells
+  which, so the gradients of b and every stage before it are in dispute: a backward
+  accusation or a norm check against one of them names nobody, and those stages and their
+  replicas keep their weights this update (:func:`~phalanx.defense.backproof.disputed_repairs`).
 
 The alert of one honest verifier names the culprit; a verifier that lies can name its honest
 neighbour instead (one replica cannot tell who lied): see the README's threat model.
@@ -107,6 +112,7 @@ class Coordinator:
         self.receipt_slots = 0  # receipts per report
         self.back_slots = 0  # and receipts of gradients
         self.expected: Expected = lambda m: None  # the outputs' shape, from the data owner
+        self.withheld: frozenset[int] = frozenset()  # the last attempt's: keep their weights
         self.checks = Checks(cfg.tolerances(num_stages))  # the norm cross-checks' tally
         self.reputation = [1.0] * num_stages  # EMA of "not blamed" per attempt
         self.blame_count = [0] * num_stages
@@ -125,6 +131,7 @@ class Coordinator:
         named |= (seen.invalid & middle) - plan.out  # (out of the path, its norm is not used)
         alerts, replica_norm = seen.reports[:, :n], seen.reports[:, n]
         proof, disputes = self.receipts(seen), self.disputes(seen)
+        front, self.withheld = backproof.disputed_repairs(plan, disputes), frozenset()
         named |= ((proof.equivocators | proof.forgers | proof.malformed) & middle) - plan.out
         named |= {r for r, d in disputes.items() if d.forged} & middle - plan.out
         judged = not proof.equivocators - plan.out  # else every check was fed by a liar
@@ -139,8 +146,10 @@ class Coordinator:
             for x in torch.nonzero(row > 0).reshape(-1).tolist() if judged else ():
                 if not designated(r, x, plan, n, self.cfg.second == "replica"):
                     named |= ({r} & middle) - plan.out
-                elif r < x and r in disputes and not backproof.backed(r, x, plan, disputes):
+                elif 0 < r < x and r in disputes and not backproof.backed(r, x, plan, disputes):
                     named.add(r)  # a backward accusation without its proof
+                elif r < x and x in front:
+                    self.withheld = front  # its gradient came from a repair in dispute
                 else:
                     named.add(x)
         for s in middle - plan.out if judged else ():
@@ -151,7 +160,10 @@ class Coordinator:
             if theirs < 0 or math.isinf(theirs):
                 named |= {v} & middle  # it holds the replica: its norm is a number
             elif not math.isnan(theirs) and not self.norms_agree(seen, s, theirs):
-                named.add(s)  # (NaN: the replica had nothing to learn from; it vouches for none)
+                if s in front:
+                    self.withheld = front
+                else:  # (NaN: the replica had nothing to learn from; it vouches for none)
+                    named.add(s)
         return frozenset(named)
 
     def receipts(self, seen: Oversight) -> Findings:
@@ -170,7 +182,7 @@ class Coordinator:
         start = self.n + 1 + self.receipt_slots * WORDS
         words = seen.reports[:, start:start + self.back_slots * WORDS]
         return {r: backproof.disputes(words[r], r, seen.step, seen.tag, self.notary)
-                for r in range(1, self.n - 1)}
+                for r in range(self.n - 1)}  # (stage 0's too: it may take a replacement)
 
     def norms_agree(self, seen: Oversight, s: int, theirs: float) -> bool:
         """Whether stage s's squared norm agrees with its replica's."""
@@ -210,6 +222,7 @@ class Coordinator:
             if theirs is None or not self.norms_agree(seen, s, theirs):
                 unvouched |= {s}
         frozen, replicas = self.frozen_for(plan, unvouched)
+        frozen, replicas = frozen | self.withheld, replicas | {s + 1 for s in self.withheld}
         decision = Decision(plan=self.plan, blamed=culprits,
                             quarantined=frozenset(self.quarantined), replicas=replicas)
         return Verdict(frozen=frozen, discard=response.discard,
