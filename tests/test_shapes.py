@@ -4,6 +4,11 @@ whole numbers is ignored (nothing is checked against it)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -46,3 +51,22 @@ def test_an_announcement_that_is_not_two_positive_whole_numbers_is_ignored(bad):
                                      tensor=bad))
     shapes = Shapes(Inbox(fabric.channels(3)[0], Kind.SHAPE, lambda: 0), lambda: 5, None)
     assert shapes.ready(0) and shapes.rows(0) is None
+
+
+@pytest.mark.slow
+def test_six_processes_announce_shapes_and_name_only_a_short_sender(tmp_path, six_layers):
+    """Six processes over torch.distributed (unsigned links): stage 2 sends its output a
+    position short; the announcements reach stages 3 and 4 across processes, and stage 2
+    alone is named in every iteration, the repaired redo kept."""
+    args = [f'model.name="{six_layers}"', "pipeline.stages=6", "pipeline.micro_batches=2",
+            "train.batch_size=4", "train.steps=2", "train.eval_batches=1",
+            "train.progress=false", "data.seq_len=16", 'pipeline.runtime="distributed"',
+            'defense.verify="duplicate"', 'defense.recovery="repair"', 'attack.adaptive="short"',
+            "attack.rate=1.0", "attack.stages=[2]", f'train.out_dir="{tmp_path}"']
+    out = subprocess.run([sys.executable, "-m", "phalanx.cli", "train", *args],
+                         capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    recs = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["redone"][0]["blamed"] for r in recs] == [[2], [2]]
+    assert [r["blamed"] for r in recs] == [[], []]
