@@ -86,6 +86,7 @@ class Disputes:
     pairs: frozenset[frozenset[Sent]] = frozenset()
     equivocators: frozenset[int] = frozenset()
     forged: bool = False
+    empty: frozenset[int] = frozenset()  # senders of an empty JUMP_GRAD (evidence) this attempt
 
 
 def disputes(words: torch.Tensor, reporter: int, step: int, tag: int,
@@ -93,6 +94,7 @@ def disputes(words: torch.Tensor, reporter: int, step: int, tag: int,
     """Judge the gradient receipts of ``reporter``'s report for attempt ``tag`` of ``step``."""
     held: dict[int, dict[Sent, tuple]] = {}  # micro -> (sender, kind) -> first content
     twice: set[int] = set()
+    empty: set[int] = set()
     try:
         receipts = [Receipt.from_words(w) for w in words.reshape(-1, WORDS)]
     except ValueError:
@@ -110,6 +112,8 @@ def disputes(words: torch.Tensor, reporter: int, step: int, tag: int,
             return Disputes(forged=True)
         if h.step == step and h.flags % TAGS == tag:
             content = (r.digest, h.dtype, h.shape)
+            if h.kind is Kind.JUMP_GRAD and 0 in h.shape:
+                empty.add(h.src)
             first = held.setdefault(h.micro, {}).setdefault((h.src, h.kind), content)
             if first != content:
                 twice.add(h.src)
@@ -118,7 +122,7 @@ def disputes(words: torch.Tensor, reporter: int, step: int, tag: int,
         for a, b in combinations(contents, 2):
             if a[0] != b[0] and contents[a] != contents[b]:
                 pairs.add(frozenset((a, b)))
-    return Disputes(frozenset(pairs), frozenset(twice))
+    return Disputes(frozenset(pairs), frozenset(twice), empty=frozenset(empty))
 
 
 def backed(r: int, x: int, plan: Plan, found: Mapping[int, Disputes]) -> bool:
@@ -133,12 +137,13 @@ def backed(r: int, x: int, plan: Plan, found: Mapping[int, Disputes]) -> bool:
 def disputed_repairs(plan: Plan, found: Mapping[int, Disputes]) -> frozenset[int]:
     """The stages whose gradients come from a repair in dispute: for each repaired stage c,
     where the report of the stage b = c - 1 before it (which takes c + 1's replica gradient in
-    place of c's) holds c's gradient and c + 1's, validly signed and different, stages 0 to b
-    (the replacement, or the evidence c sent against b, is false, and one replica cannot tell
-    which)."""
+    place of c's) holds c's gradient and c + 1's, validly signed and different, stages 0 to c.
+    c and its replica disagree on c's input gradient: the replacement is false, or c's own
+    (c lied, or stepped on a false gradient it took for its successor's: evidence mended in),
+    and one replica cannot tell which; every stage before c learns from one of the two."""
     front: set[int] = set()
     for c in plan.repaired:
         d = found.get(c - 1)
         if d is not None and frozenset(((c, Kind.GRADIENT), (c + 1, Kind.JUMP_GRAD))) in d.pairs:
-            front |= set(range(c))
+            front |= set(range(c + 1))
     return frozenset(front)

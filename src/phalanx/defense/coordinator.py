@@ -33,7 +33,10 @@ squared gradient norm. Everything a middle stage reports is the attacker's to ch
   (the replica holder that got it sends empty evidence).
 - With signed links, a backward accusation (a stage against the gradient it checks, or its
   evidence) counts only with the proof that the two signed messages disagreed
-  (:mod:`phalanx.defense.backproof`); without it, it names the accuser.
+  (:mod:`phalanx.defense.backproof`); without it, it names the accuser. An accusation of
+  evidence that was empty, by a stage that the evidence sender accused in its role of
+  checking it, names nobody: an honest replica holder sends empty evidence when its true
+  input (the accuser's jumped output) was malformed.
 - Under repair, the stage b before a repaired stage c takes c + 1's replica gradient in place
   of c's. Where b's receipts show the two differ, c or c + 1 lied and nothing here tells
   which, so the gradients of b and every stage before it are in dispute: a backward
@@ -150,6 +153,8 @@ class Coordinator:
                     named.add(r)  # a backward accusation without its proof
                 elif r < x and x in front:
                     self.withheld = front  # its gradient came from a repair in dispute
+                elif r < x and self.blinded(r, x, alerts, plan, disputes):
+                    continue  # x could not compute its evidence: r's own output was malformed
                 else:
                     named.add(x)
         for s in middle - plan.out if judged else ():
@@ -165,6 +170,17 @@ class Coordinator:
                 else:  # (NaN: the replica had nothing to learn from; it vouches for none)
                     named.add(s)
         return frozenset(named)
+
+    def blinded(self, r: int, x: int, alerts: torch.Tensor, plan: Plan,
+                disputes: dict[int, backproof.Disputes]) -> bool:
+        """Whether r's accusation of x's evidence is explained by r itself: x sent it empty
+        evidence (r's signed receipts show it: what an honest replica holder sends when its
+        true input, r's jumped output, is malformed) and x, in its role of checking r, accused
+        r in the same attempt. (A non-finite output shows in no signed header: this is the
+        proof an honest x can give.)"""
+        return (r in disputes and x in disputes[r].empty and bool(alerts[x, r] > 0)
+                and counts(alerts[x]) and designated(x, r, plan, self.n,
+                                                     self.cfg.second == "replica"))
 
     def receipts(self, seen: Oversight) -> Findings:
         """What the receipts in this attempt's reports prove."""
