@@ -38,10 +38,11 @@ squared gradient norm. Everything a middle stage reports is the attacker's to ch
   checking it, names nobody: an honest replica holder sends empty evidence when its true
   input (the accuser's jumped output) was malformed.
 - Under repair, the stage b before a repaired stage c takes c + 1's replica gradient in place
-  of c's. Where b's receipts show the two differ, c or c + 1 lied and nothing here tells
-  which, so the gradients of b and every stage before it are in dispute: a backward
-  accusation or a norm check against one of them names nobody, and those stages and their
-  replicas keep their weights this update (:func:`~phalanx.defense.backproof.disputed_repairs`).
+  of c's. Where b's receipts show the two differ, c and its replica disagree on c's input
+  gradient and nothing here tells which is false, so the gradients of stages 0..c are in
+  dispute: a backward accusation or a norm check against one of them names nobody, and those
+  stages and their replicas keep their weights this update
+  (:func:`~phalanx.defense.backproof.disputed_repairs`).
 
 The alert of one honest verifier names the culprit; a verifier that lies can name its honest
 neighbour instead (one replica cannot tell who lied): see the README's threat model.
