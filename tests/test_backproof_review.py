@@ -102,16 +102,18 @@ def test_control_without_the_decoy_the_evidence_sender_is_named(monkeypatch, six
     assert _blamed_six(monkeypatch, six_layers, 3, _empty_evidence_only)[0] == {3}
 
 
-def _frame_then_replace(change):  # noqa: ANN001, ANN202
-    """Stage 3 of six frames 2 forward in the first attempt (the documented frame_predecessor
-    limit: 2 is named and repaired), then sends stage 1 ``change``d replacement gradients."""
+def _frame_then_replace(change, n: int = 6, framed: int = 2, to: int = 1):  # noqa: ANN001, ANN202
+    """An attacker in n stages that accuses ``framed`` in the first attempt (by default stage
+    3 of six, 2's forward checker: the documented frame_predecessor limit, 2 is named and
+    repaired), then, in the redo, sends stage ``to`` its ``JUMP_GRAD`` ``change``d (by
+    default the replacement gradient of 2)."""
     def fn(link, f):  # noqa: ANN001
         tag = f.flags % 128
         if f.kind is Kind.NORM and tag == 0:
             t = f.tensor.clone()
-            t[1 + 6 + 2] = 2.0  # two alerts against stage 2 (its forward check)
+            t[1 + n + framed] = 2.0  # two alerts against the framed stage
             f = replace(f, tensor=t)
-        if f.kind is Kind.JUMP_GRAD and link.peer == 1 and tag == 1:  # 2 repaired
+        if f.kind is Kind.JUMP_GRAD and link.peer == to and tag == 1:  # it is left out
             f = replace(f, tensor=change(f.tensor))
         link.inner.send(f)
     return fn

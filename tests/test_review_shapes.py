@@ -13,8 +13,6 @@ and a repairer that shifts the output it repairs with (in training and in evalua
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -22,7 +20,7 @@ from phalanx.defense.plan import Decision
 from phalanx.train.attempts import attempts
 from phalanx.wire import Frame, Kind
 from tests.test_adaptive import BATCH, _blamed, _hostile, _pipe, _weights
-from tests.test_backproof_review import _consistent, _six
+from tests.test_backproof_review import _consistent, _frame_then_replace, _six
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,18 +39,9 @@ def _six_blamed(runs) -> list:  # noqa: ANN001
 # ---- d1ea9c6: a repair in dispute -----------------------------------------------------------
 
 
-def _frame_then_flip_replacement(link, f):  # noqa: ANN001
-    """Stage 2 of four: frames 1 forward in the first attempt (the documented
-    frame_predecessor limit), then, 1 repaired, sends stage 0 its replacement gradient
-    sign-flipped."""
-    tag = f.flags % 128
-    if f.kind is Kind.NORM and tag == 0:
-        t = f.tensor.clone()
-        t[1 + 4 + 1] = 2.0  # two alerts against stage 1 (its forward check)
-        f = replace(f, tensor=t)
-    if f.kind is Kind.JUMP_GRAD and link.peer == 0 and tag == 1:
-        f = replace(f, tensor=-f.tensor)
-    link.inner.send(f)
+_frame_then_flip_replacement = _frame_then_replace(lambda g: -g, n=4, framed=1, to=0)
+"""Stage 2 of four: frames 1 forward in the first attempt (the documented frame_predecessor
+limit), then, 1 repaired, sends stage 0 its replacement gradient sign-flipped."""
 
 
 @pytest.mark.xfail(strict=True, reason="open: where b is stage 0 nobody checks its gradient; "
@@ -84,18 +73,10 @@ def test_a_repair_in_dispute_before_stage_1_still_trains_stage_0_on_the_flipped_
     assert not bad, (bad[:3], [_blamed(r) for r, _ in runs], runs[-1][0].verdict.frozen)
 
 
-def _jump_framer_then_flipped_evidence(link, f):  # noqa: ANN001
-    """Stage 4 of six: frames 2 as the receiver of its jumped output in the first attempt
-    (a role ``designated`` gives it: r == x + 2), then, 2 repaired, sends stage 2 its evidence
-    for 3's gradient sign-flipped."""
-    tag = f.flags % 128
-    if f.kind is Kind.NORM and tag == 0:
-        t = f.tensor.clone()
-        t[1 + 6 + 2] = 2.0  # two alerts against stage 2 (its jumped output)
-        f = replace(f, tensor=t)
-    if f.kind is Kind.JUMP_GRAD and link.peer == 2 and tag == 1:
-        f = replace(f, tensor=-f.tensor)
-    link.inner.send(f)
+_jump_framer_then_flipped_evidence = _frame_then_replace(lambda g: -g, framed=2, to=2)
+"""Stage 4 of six: frames 2 as the receiver of its jumped output in the first attempt (a role
+``designated`` gives it: r == x + 2), then, 2 repaired, sends stage 2 its evidence for 3's
+gradient sign-flipped."""
 
 
 def test_the_dispute_keeps_an_attempt_in_which_a_repaired_stage_stepped_on_false_evidence(
