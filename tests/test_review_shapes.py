@@ -13,6 +13,8 @@ and a repairer that shifts the output it repairs with (in training and in evalua
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -222,3 +224,100 @@ def test_control_shape_frames_a_middle_stage_sends_on_its_own_links_change_nothi
     clean = _pipe([*six, 'defense.verify="none"'])
     ref = clean.runtime.train_step(0, BATCH)
     assert _six_blamed(runs) == [set()] and runs[-1][0].loss == ref.loss
+
+
+# ---- every field of what the attacker sends, against the two new mechanisms ----------------
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(t.shape[:2], dtype=torch.int64)
+
+
+# the fields of a SHAPE frame a middle stage can choose: payload, dtype, size, attempt tag
+# (low bits and the high bit), step, micro-batch
+SHAPE_LIES = {
+    "claims_its_short_shape": lambda f, t: {"tensor": _rows(t)},
+    "float_payload": lambda f, t: {"tensor": _rows(t).double()},
+    "three_words": lambda f, t: {"tensor": torch.tensor([*t.shape[:2], 1])},
+    "over_the_control_limit": lambda f, t: {"tensor": torch.ones(9000, dtype=torch.int64)},
+    "next_attempt": lambda f, t: {"tensor": _rows(t), "flags": (f.flags % 128 + 1) % 128},
+    "high_flag_bit": lambda f, t: {"tensor": _rows(t), "flags": f.flags | 0x80},
+    "next_step": lambda f, t: {"tensor": _rows(t), "step": f.step + 1},
+    "micro_out_of_schedule": lambda f, t: {"tensor": _rows(t), "micro": 99},
+}
+
+
+@pytest.mark.parametrize("lie", sorted(SHAPE_LIES))
+def test_a_short_sender_that_announces_shapes_itself_is_still_named_alone(
+        monkeypatch, six_layers, lie):
+    """Stage 2 sends its output a position short alike to 3 and over the jump to 4, and before
+    each copy a ``SHAPE`` frame of its own to the same stage, with each field it can choose
+    set to agree with its lie or to land elsewhere (another attempt, step, micro-batch, dtype,
+    size). Only the link from stage 0 is read for shapes: 2 alone is named in every
+    attempt."""
+    def fn(link, f):  # noqa: ANN001
+        if f.kind in (Kind.ACTIVATION, Kind.JUMP) and f.tensor.dim() == 3:
+            t = f.tensor[:, 1:].clone()
+            fields = {"kind": Kind.SHAPE, "step": f.step, "micro": f.micro, "flags": f.flags,
+                      **SHAPE_LIES[lie](f, t)}
+            link.inner.send(Frame(src=2, dst=link.peer, **fields))
+            f = replace(f, tensor=t)
+        link.inner.send(f)
+
+    _, runs = _six(monkeypatch, six_layers, 2, fn, ['defense.recovery="skip"'])
+    blamed = _six_blamed(runs)
+    assert blamed[0] == {2} and all(b <= {2} for b in blamed), blamed
+
+
+def _nan_at_one(g: torch.Tensor) -> torch.Tensor:
+    g = g.clone()
+    g.reshape(-1)[0] = float("nan")
+    return g
+
+
+# what the framer can put in the replacement gradient it owes the stage before the repaired
+# one: contents (flipped, doubled, zero, one NaN), dtype, shape
+REPLACEMENTS = {
+    "flipped": lambda g: -g, "doubled": lambda g: 2 * g, "zeros": torch.zeros_like,
+    "one_nan": _nan_at_one, "float64": lambda g: g.double(), "short": lambda g: g[:, 1:].clone(),
+}
+
+
+@pytest.mark.parametrize("change", sorted(REPLACEMENTS))
+def test_whatever_the_framer_puts_in_the_replacement_no_honest_stage_is_named_or_poisoned(
+        monkeypatch, six_layers, change):
+    """Stage 3 of six frames 2 (named and repaired: the documented limit), then sends stage 1
+    a replacement gradient changed in each field it controls. The honest stage 1 is never
+    named, and stages 0 to 2 end the iteration either with their weights of before it (the
+    dispute) or with the clean run's (a malformed replacement mended with 2's own gradient)."""
+    six = [f'model.name="{six_layers}"', "pipeline.stages=6"]
+    pipe = _hostile(monkeypatch, 3, _frame_then_replace(REPLACEMENTS[change]), six)
+    clean = _pipe([*six, 'defense.verify="none"'])
+    before = _weights(pipe)
+    runs = attempts(pipe.runtime, pipe.attack, 0, BATCH, max_retries=3)
+    clean.runtime.train_step(0, BATCH)
+    blamed = _six_blamed(runs)
+    assert blamed[0] == {2} and all(1 not in b for b in blamed), blamed
+    front = {k: w for k, w in before.items() if k[0] <= 2}
+    assert not _untouched_or_clean(front, _weights(pipe), _weights(clean))
+
+
+@pytest.mark.parametrize("count", [2.0, 0.5, float("nan"), -1.0])
+def test_empty_evidence_with_an_accusation_of_its_receiver_is_excused_only_for_whole_counts(
+        monkeypatch, six_layers, count):
+    """The price of the empty-evidence rule, and its edge: stage 4 of six (the replica holder
+    of 3) sends stage 2 empty evidence and accuses 2 (its jumped output's sender) with
+    ``count`` alerts. A whole count is a frame of 2 (the documented class: 2 is named, and
+    2's backed accusation of the empty evidence is excused); any other count is no report
+    and names 4, and then 2's accusation stands too."""
+    def fn(link, f):  # noqa: ANN001
+        if f.kind is Kind.NORM:
+            t = f.tensor.clone()
+            t[1 + 6 + 2] = count
+            f = replace(f, tensor=t)
+        if f.kind is Kind.JUMP_GRAD and link.peer == 2:
+            f = replace(f, tensor=f.tensor[:0].clone())
+        link.inner.send(f)
+
+    _, runs = _six(monkeypatch, six_layers, 4, fn, ['defense.recovery="skip"'])
+    assert _six_blamed(runs)[0] == ({2} if count == 2.0 else {4})
